@@ -267,6 +267,7 @@ def save_checkpoint(path, model, arch, num_classes, in_channels, args, acc, **ex
     os.close(fd)
     try:
         torch.save(ckpt, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
     finally:
         if os.path.exists(tmp):
