@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 #### Metadata: one table for every dataset a teacher can be trained on ####
+# train_size is |D_o|, the teacher's training-set size (the papers' rho and N are relative to it).
 # channels/size are the *model input* format (MNIST-family images are resized 28 -> 32 for LeNet-5, as in
 # DAFL/ZSKD); crop_pad/flip are the training augmentation of the teacher recipes.
 
@@ -34,22 +35,26 @@ SYNTHETIC_CLASSES = ("disk", "square", "ring", "plus", "x-cross", "triangle", "h
                      "two-dots")
 
 DATASETS = {
-    "mnist":        dict(num_classes=10, channels=1, size=32, mean=(0.1307,), std=(0.3081,), crop_pad=0, flip=False,
+    "mnist":        dict(num_classes=10, train_size=60000,
+                         channels=1, size=32, mean=(0.1307,), std=(0.3081,), crop_pad=0, flip=False,
                          classes=tuple(str(i) for i in range(10)), family="mnist"),
-    "fashionmnist": dict(num_classes=10, channels=1, size=32, mean=(0.2860,), std=(0.3530,), crop_pad=0, flip=False,
+    "fashionmnist": dict(num_classes=10, train_size=60000,
+                         channels=1, size=32, mean=(0.2860,), std=(0.3530,), crop_pad=0, flip=False,
                          classes=FASHION_CLASSES, family="mnist"),
-    "kmnist":       dict(num_classes=10, channels=1, size=32, mean=(0.1918,), std=(0.3483,), crop_pad=0, flip=False,
+    "kmnist":       dict(num_classes=10, train_size=60000,
+                         channels=1, size=32, mean=(0.1918,), std=(0.3483,), crop_pad=0, flip=False,
                          classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"), family="mnist"),
-    "cifar10":      dict(num_classes=10, channels=3, size=32, mean=(0.4914, 0.4822, 0.4465),
+    "cifar10":      dict(num_classes=10, train_size=50000, channels=3, size=32, mean=(0.4914, 0.4822, 0.4465),
                          std=(0.2470, 0.2435, 0.2616), crop_pad=4, flip=True, classes=CIFAR10_CLASSES, family="cifar"),
-    "cifar100":     dict(num_classes=100, channels=3, size=32, mean=(0.5071, 0.4865, 0.4409),
+    "cifar100":     dict(num_classes=100, train_size=50000, channels=3, size=32, mean=(0.5071, 0.4865, 0.4409),
                          std=(0.2673, 0.2564, 0.2762), crop_pad=4, flip=True, classes=None, family="cifar"),
-    "cinic10":      dict(num_classes=10, channels=3, size=32, mean=(0.4789, 0.4723, 0.4305),
+    "cinic10":      dict(num_classes=10, train_size=90000, channels=3, size=32, mean=(0.4789, 0.4723, 0.4305),
                          std=(0.2421, 0.2383, 0.2587), crop_pad=4, flip=True, classes=CIFAR10_CLASSES, family="cifar"),
-    "tinyimagenet": dict(num_classes=200, channels=3, size=64, mean=(0.4802, 0.4481, 0.3975),
+    "tinyimagenet": dict(num_classes=200, train_size=100000, channels=3, size=64, mean=(0.4802, 0.4481, 0.3975),
                          std=(0.2770, 0.2691, 0.2821), crop_pad=8, flip=True, classes=None, family="cifar"),
-    "synthetic":    dict(num_classes=10, channels=3, size=32, mean=(0.45, 0.45, 0.45), std=(0.30, 0.30, 0.30),
-                         crop_pad=2, flip=True, classes=SYNTHETIC_CLASSES, family="synthetic"),
+    "synthetic":    dict(num_classes=10, train_size=5000, channels=3, size=32, mean=(0.45, 0.45, 0.45),
+                         std=(0.30, 0.30, 0.30), crop_pad=2, flip=True, classes=SYNTHETIC_CLASSES,
+                         family="synthetic"),
 }
 
 
@@ -227,8 +232,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 
 def _decode(path, size):
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    img = decode_image(read_file(path), mode=ImageReadMode.RGB)  # grayscale files come back as 3 channels
+    # torchvision's own PIL loader (Pillow ships with torchvision); torchvision.io's decoders are deprecated.
+    from torchvision.datasets.folder import pil_loader
+    img = torch.from_numpy(np.asarray(pil_loader(path), dtype=np.uint8).copy()).permute(2, 0, 1)  # RGB (3, H, W)
     if size is not None and img.shape[-2:] != (size, size):
         img = _resize(img.unsqueeze(0), size)[0]
     return img

@@ -104,7 +104,7 @@ def format_seconds(s):
 
 class RunLog:
     """runs/<name>-<timestamp>/ with config.json (printed at start), metrics.jsonl (one line per epoch,
-    also printed as a progress line with images/s and ETA), results.json and a final RESULT line."""
+    also printed as a progress line with images/s and the ETA of the current loop), results.json and a final RESULT line."""
 
     def __init__(self, name, args, runs_dir="runs"):
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -130,8 +130,11 @@ class RunLog:
                   "images_per_s": round(num_images / max(seconds, 1e-9), 1), "epoch_s": round(seconds, 2)}
         with open(self.path("metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-        elapsed = time.time() - self.start
-        eta = elapsed / (epoch + 1) * (epochs - epoch - 1)
+        now = time.time()
+        if epoch == 0:  # a new training loop (e.g. HiDFD's GAN, then its student): the ETA is per loop
+            self.loop_start = now - seconds
+        elapsed, loop_elapsed = now - self.start, now - getattr(self, "loop_start", self.start)
+        eta = loop_elapsed / (epoch + 1) * (epochs - epoch - 1)
         shown = " ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k not in ("epoch", "epoch_s", "images_per_s")
                          and not isinstance(v, (list, dict)))
         print(f"epoch {epoch + 1}/{epochs} {shown} | {record['images_per_s']:.0f} img/s | "
