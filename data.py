@@ -81,6 +81,10 @@ MANUAL_SOURCES = {
 }
 
 
+# Where `apt-get install dataset-fashion-mnist` puts the IDX files; read when <root> has none.
+SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
 class DatasetNotFoundError(FileNotFoundError):
     pass
 
@@ -89,7 +93,7 @@ def _missing(name, path, files):
     if name in DOWNLOADABLE:
         how = f"run with --download (or data.download({name!r}, root)) to fetch it"
         if name == "fashionmnist":
-            how += ", or `apt-get install dataset-fashion-mnist` and use --data-root /usr/share/datasets"
+            how += f", or `apt-get install dataset-fashion-mnist` (read from {SYSTEM_FASHION_MNIST})"
     else:
         how = f"download it manually from {MANUAL_SOURCES.get(name, 'its official source')}"
     return DatasetNotFoundError(f"dataset {name!r} not found: expected {files} in {path}; {how}")
@@ -124,9 +128,12 @@ def _read_mnist_family(name, split, root):
     folders = [os.path.join(root, MNIST_FOLDERS[name], "raw")]
     if name == "fashionmnist":
         folders.append(os.path.join(root, "fashion-mnist"))  # Debian's dataset-fashion-mnist layout
+        folders.append(SYSTEM_FASHION_MNIST)  # ... installed system-wide: found whatever --data-root says
     for folder in folders:
         paths = [_find_file(folder, s) for s in stems]
         if all(paths):
+            if folder == SYSTEM_FASHION_MNIST:
+                print(f"reading Fashion-MNIST from the system install {folder} (not under {root})", flush=True)
             images, labels = read_idx(paths[0]), read_idx(paths[1])
             return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
     raise _missing(name, " or ".join(folders), [s + "[.gz]" for s in stems])

@@ -523,7 +523,7 @@ def distill(args, meta, teacher_model, collected_x, synthetic_x, device, log, te
     path = models.save_checkpoint(log.path("student.pt"), student, args.student_arch, meta["num_classes"],
                                   meta["channels"], args, test_acc, dataset=args.dataset, image_size=meta["size"])
     print(f"saved student to {path}", flush=True)
-    return test_acc, {"inflation_factor": N, "hybrid_size": len(indices), "alpha": alpha}
+    return test_acc, {"inflation_factor": N, "hybrid_size": len(indices), "alpha": alpha, "student_checkpoint": path}
 
 
 def run(args):

@@ -154,6 +154,14 @@ def test_idx_reader_gz_and_debian_layout(tmp_path):
     assert xs.shape == (5, 1, 32, 32)  # resized to LeNet-5's input
 
 
+def test_fashionmnist_falls_back_to_the_system_install(tmp_path, monkeypatch, capsys):
+    arrays = fake_idx_dataset(tmp_path / "system", compress=True)
+    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", str(tmp_path / "system"))
+    x, y = data.load_images("fashionmnist", "train", str(tmp_path / "empty-root"))
+    assert torch.equal(x[:, 0], torch.from_numpy(arrays["train"][0])) and y.tolist() == arrays["train"][1].tolist()
+    assert "system install" in capsys.readouterr().out
+
+
 def write_cifar10(folder, bytes_keys=False):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(1)
@@ -230,7 +238,8 @@ def test_folder_and_imagenet32_readers(tmp_path):
 @pytest.mark.parametrize("name,expected", [("fashionmnist", "--download"), ("cifar10", "cifar-10-batches-py"),
                                            ("tinyimagenet", "tiny-imagenet-200"), ("imagenet32", "Imagenet32_train_npz"),
                                            ("svhn", "train_32x32.mat")])
-def test_missing_dataset_error_names_path_and_remedy(tmp_path, name, expected):
+def test_missing_dataset_error_names_path_and_remedy(tmp_path, name, expected, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", str(tmp_path / "not-installed"))
     with pytest.raises(data.DatasetNotFoundError) as e:
         data.load_images(name, "train", str(tmp_path))
     msg = str(e.value)
@@ -905,6 +914,25 @@ def test_shared_classifier_and_folded_student_agree():
 
 
 ## CLI ##
+
+def test_cli_heterogeneous_pair_kd3_and_hidfd(synthetic_teacher, tmp_path):
+    # LeNet-5 teacher (84-d features) -> ShuffleNetV2 student (1024-d): both CLIs train through the connector
+    # and save a standalone student whose folded classifier reproduces the wrapped model's logits.
+    common = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--student-arch", "shufflenetv2",
+              "--device", "cpu", "--epochs", "1", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    runs = {}
+    for method, extra in (("kd3", ["--web", "shifted:synthetic:100"]),
+                          ("hidfd", ["--rho", "0.02", "--n-synthetic", "100", "--gan-epochs", "1"])):
+        out = run_cli([f"{method}.py"] + common + extra, cwd=tmp_path)
+        assert f"RESULT method={method} dataset=synthetic" in out
+        run_dir = out.split("run folder: ")[1].split("\n")[0]
+        with open(tmp_path / run_dir / "results.json") as f:
+            runs[method] = json.load(f)
+    assert runs["kd3"]["selected"] > 0 and runs["hidfd"]["hybrid_size"] == 200
+    for res in runs.values():
+        student, ckpt = models.load_checkpoint(str(tmp_path / res["student_checkpoint"]))  # relative to cwd
+        assert ckpt["arch"] == "shufflenetv2" and student.feat_dim == 1024 and ckpt["acc"] == res["student_acc"]
+
 
 def test_cli_two_stages_and_collected_only(synthetic_teacher, tmp_path):
     common = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
