@@ -1,0 +1,115 @@
+"""Shared plumbing of the experiment scripts in this folder: run CLI jobs, keep their small result files,
+write markdown tables. The scripts themselves only list jobs and table rows.
+
+A job is (name, seed, argv) for one of the repository's CLIs. Its run folder goes to experiments/runs/
+(ignored by git); its results.json and metrics.jsonl are copied to experiments/results/<table>/<name>-seed<k>/
+(committed). A job whose result files are already there is skipped, so an interrupted table resumes where it
+stopped, and re-running a script with more seeds only runs the new ones.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+RUNS = os.path.join(HERE, "runs")
+
+
+def base_parser(description, epochs):
+    """The flags every table script shares."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (mean ± std over them)")
+    p.add_argument("--epochs", type=int, default=epochs, help="student epochs of every run")
+    p.add_argument("--data-root", default="/usr/share/datasets", help="where Fashion-MNIST is")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--teacher", default=os.path.join("checkpoints", "fashionmnist-lenet5-seed0.pt"),
+                   help="one teacher for every run (trained by teacher.py if missing), so seeds vary the student only")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and the table so far; run nothing")
+    return p
+
+
+def ensure_teacher(args):
+    """The shared Fashion-MNIST LeNet-5 teacher (seed 0), trained once if it is not cached."""
+    if os.path.isfile(os.path.join(REPO, args.teacher)) or args.dry_run:
+        return
+    print(f"training the teacher {args.teacher} first", flush=True)
+    subprocess.run([sys.executable, "teacher.py", "--dataset", "fashionmnist", "--arch", "lenet5", "--seed", "0",
+                    "--data-root", args.data_root, "--device", args.device], cwd=REPO, check=True)
+
+
+def result_dir(table, name, seed):
+    return os.path.join(RESULTS, table, f"{name}-seed{seed}")
+
+
+def run_jobs(table, jobs, dry_run=False):
+    """Run every (name, seed, argv) job whose results are not kept yet; argv[0] is the CLI file."""
+    todo = [job for job in jobs if not os.path.isfile(os.path.join(result_dir(table, job[0], job[1]), "results.json"))]
+    print(f"{table}: {len(jobs) - len(todo)} of {len(jobs)} runs already done", flush=True)
+    for i, (name, seed, argv) in enumerate(todo):
+        cmd = [sys.executable] + argv + ["--seed", str(seed), "--runs-dir", RUNS]
+        print(f"[{i + 1}/{len(todo)}] {name} seed {seed}: python {' '.join(argv)} --seed {seed}", flush=True)
+        if dry_run:
+            continue
+        start = time.time()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{name} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        run_folder = proc.stdout.split("run folder: ")[1].split("\n")[0]
+        out = result_dir(table, name, seed)
+        os.makedirs(out, exist_ok=True)
+        for fname in ("results.json", "metrics.jsonl", "config.json"):
+            shutil.copy(os.path.join(REPO, run_folder, fname), out)
+        result = load(table, name, seed)
+        acc = result["student_acc"] if "student_acc" in result else result.get("teacher_acc")  # teacher.py runs
+        print(f"    test accuracy {acc} in {(time.time() - start) / 60:.1f} min", flush=True)
+
+
+def load(table, name, seed):
+    path = os.path.join(result_dir(table, name, seed), "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def mean_std(values):
+    """'m ± s (n)' over the finished seeds (sample std); '—' when none finished."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{m:.2f} (1 seed)"
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{m:.2f} ± {s:.2f} ({len(values)})"
+
+
+def write_table(table, header, rows, notes="", dry_run=False):
+    """rows: lists of cells; writes experiments/results/<table>.md (not on a dry run) and prints it."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    text = "\n".join(lines) + "\n" + (f"\n{notes}\n" if notes else "")
+    if dry_run:
+        print(text, flush=True)
+        return text
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{table}.md"), "w") as f:
+        f.write(text)
+    print(text, flush=True)
+    return text
+
+
+def field(table, name, seeds, key):
+    return [(load(table, name, s) or {}).get(key) for s in seeds]
+
+
+def wall_minutes(table, name, seeds):
+    walls = [w for w in field(table, name, seeds, "wall_time_s") if w is not None]
+    return f"{sum(walls) / len(walls) / 60:.1f}" if walls else "—"
