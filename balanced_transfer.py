@@ -17,7 +17,6 @@ histogram it reached; measured numbers on a 2-core CPU are in the README.
 """
 
 import argparse
-import math
 import sys
 import time
 
@@ -96,6 +95,8 @@ def build_parser():
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
     p.add_argument("--milestones", type=int, nargs="*", default=None, help="lr /10 at these epochs")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from "
+                   "RUN_DIR/state.pt and transfer_set.pt with its saved config.json (flags given now must match it)")
     return p
 
 
@@ -292,23 +293,34 @@ def print_composition(report, class_names):
 
 
 def run(args):
-    args = resolve_settings(args)
+    args = resolve_settings(teacher_lib.resume_config(args, build_parser(), "balanced_transfer.py"))
     device = teacher_lib.get_device(args.device)
     teacher_lib.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
-    if args.download:
+    if args.download and teacher_lib.is_main():
         data.download(args.dataset, args.data_root)
-    test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
+    teacher_lib.barrier()
     model_t, _ = teacher_lib.get_teacher(args.dataset, args.teacher_arch, args.seed, args.data_root, device,
                                          args.teacher, args.checkpoint_dir, args.download)
+    test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
     log = teacher_lib.RunLog(f"balanced_transfer-{args.dataset}", args, args.runs_dir)
     test_x, test_y = test_x.to(device), test_y.to(device)
     teacher_acc = teacher_lib.evaluate(model_t, test_x, test_y, meta["mean"], meta["std"])
     print(f"teacher {args.teacher_arch}: {teacher_acc:.2f}% test accuracy", flush=True)
 
-    start = time.time()
-    images, _, report = compose_transfer_set(model_t, args, device)
-    compose_s = time.time() - start
+    # The composed set is saved once in the run folder and read back by --resume: composing can take minutes
+    # of teacher forwards, and on a GPU the teacher's argmax is not guaranteed to repeat bit for bit.
+    if log.state:
+        saved = torch.load(log.path("transfer_set.pt"), map_location="cpu", weights_only=True)
+        images, report, compose_s = saved["images"].to(device), saved["report"], saved["compose_s"]
+        print(f"transfer set read from {log.path('transfer_set.pt')}", flush=True)
+    else:
+        start = time.time()
+        images, _, report = compose_transfer_set(model_t, args, device)
+        compose_s = time.time() - start
+        if teacher_lib.is_main():
+            models.atomic_save({"images": images.cpu(), "report": report, "compose_s": compose_s},
+                               log.path("transfer_set.pt"))
     print_composition(report, meta["classes"])
     print(f"composition took {teacher_lib.format_seconds(compose_s)}", flush=True)
     empty = [c for c, h in enumerate(report["histogram"]) if h == 0]
@@ -324,8 +336,8 @@ def run(args):
     cached = [] if args.augment else [teacher_lib.predict(model_t, images, meta["mean"], meta["std"], args.draw_batch)]
     loader = data.DeviceLoader(images, *cached, batch_size=args.batch_size, shuffle=True,  # x in [0, 1]
                                mean=(0.0,) * meta["channels"], std=(1.0,) * meta["channels"], device=device,
-                               seed=args.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+                               seed=args.seed, rank=teacher_lib.rank(), world_size=teacher_lib.world_size())
+    aug_gen = torch.Generator(device=device).manual_seed(teacher_lib.rank_seed(args.seed + 2))  # per rank
     student = teacher_lib.prepare_model(models.build_model(args.student_arch, meta["num_classes"], meta["channels"]),
                                         device)
     if args.optimizer == "sgd":
@@ -333,52 +345,74 @@ def run(args):
     else:
         opt = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(args.milestones), gamma=0.1)
+    first_epoch = 0
+    if log.state:
+        for name, module in (("student", student), ("opt", opt), ("sched", sched)):
+            module.load_state_dict(log.state[name])
+        teacher_lib.set_rng_state(log.state["rng"], device, aug=aug_gen, loader_order=loader.order_gen,
+                                  loader_aug=loader.aug_gen)
+        first_epoch, last = log.state["epoch"], log.state["last"]
 
-    for epoch in range(args.epochs):
-        student.train()
-        epoch_start = time.time()
-        loss_sum = torch.zeros((), device=device)
-        seen_hist = torch.zeros(meta["num_classes"], dtype=torch.int64, device=device)
-        for x, *cached_logits in loader:
-            if args.augment:
-                x = augment(x, aug_gen)  # a fresh augmentation each time; the teacher labels it afresh
-            x = (x - mean) / std
-            if cached_logits:
-                t_logits = cached_logits[0]
-            else:
-                with torch.inference_mode(), teacher_lib.autocast(device):
-                    t_logits = model_t(x).float()
-                t_logits = t_logits.clone()  # a normal tensor, usable by autograd
-            with teacher_lib.autocast(device):
-                loss = kd_loss(student(x).float(), t_logits, args.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(x)
-            seen_hist += torch.bincount(t_logits.argmax(1), minlength=meta["num_classes"])
-        sched.step()
-        seconds = time.time() - epoch_start
-        kd = (loss_sum / loader.num_samples).item()  # the one sync of the epoch
-        if not math.isfinite(kd):
-            raise RuntimeError(f"distillation diverged: non-finite KD loss at epoch {epoch + 1}")
-        student_acc = teacher_lib.evaluate(student, test_x, test_y, meta["mean"], meta["std"])
-        log.log_epoch(epoch, args.epochs, {"kd_loss": kd, "test_acc": student_acc, "teacher_histogram": seen_hist},
-                      loader.num_samples, seconds)
-    path = models.save_checkpoint(log.path("student.pt"), student, args.student_arch, meta["num_classes"],
-                                  meta["channels"], args, student_acc, dataset=args.dataset, image_size=meta["size"])
+    with log.stop_cleanly("balanced_transfer.py"):
+        for epoch in range(first_epoch, args.epochs):
+            student.train()
+            epoch_start = time.time()
+            loss_sum = torch.zeros((), device=device)
+            seen_hist = torch.zeros(meta["num_classes"], dtype=torch.int64, device=device)
+            seen = 0
+            for x, *cached_logits in loader:
+                if args.augment:
+                    x = augment(x, aug_gen)  # a fresh augmentation each time; the teacher labels it afresh
+                x = (x - mean) / std
+                if cached_logits:
+                    t_logits = cached_logits[0]
+                else:
+                    with torch.inference_mode(), teacher_lib.autocast(device):
+                        t_logits = model_t(x).float()
+                    t_logits = t_logits.clone()  # a normal tensor, usable by autograd
+                with teacher_lib.autocast(device):
+                    loss = kd_loss(student(x).float(), t_logits, args.temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                teacher_lib.average_gradients(student.parameters())
+                opt.step()
+                loss_sum += loss.detach() * len(x)
+                seen_hist += torch.bincount(t_logits.argmax(1), minlength=meta["num_classes"])
+                seen += len(x)
+            sched.step()
+            seconds = time.time() - epoch_start
+            totals = teacher_lib.epoch_sums({"kd": loss_sum, "hist": seen_hist, "seen": seen})  # the one sync
+            log.check_finite(f"epoch {epoch + 1}", {"kd_loss": totals["kd"] / totals["seen"]})
+            teacher_lib.average_buffers(student)
+            student_acc = teacher_lib.evaluate(student, test_x, test_y, meta["mean"], meta["std"])
+            last = {"student_acc": student_acc, "augmented_histogram": [int(v) for v in totals["hist"]]}
+            log.log_epoch(epoch, args.epochs, {"kd_loss": totals["kd"] / totals["seen"], "test_acc": student_acc,
+                                               "teacher_histogram": last["augmented_histogram"]},
+                          totals["seen"], seconds)
+            log.save_state({"epoch": epoch + 1, "student": student.state_dict(), "opt": opt.state_dict(),
+                            "sched": sched.state_dict(), "last": last,
+                            "rng": teacher_lib.rng_state(device, aug=aug_gen, loader_order=loader.order_gen,
+                                                         loader_aug=loader.aug_gen)},
+                           f"epoch {epoch + 1}/{args.epochs}")
+    path = log.path("student.pt")
+    if teacher_lib.is_main():
+        models.save_checkpoint(path, student, args.student_arch, meta["num_classes"], meta["channels"], args,
+                               last["student_acc"], dataset=args.dataset, image_size=meta["size"])
     print(f"saved student to {path}", flush=True)
     return log.finish("balanced_transfer", args.dataset, {
-        "teacher_acc": teacher_acc, "student_acc": student_acc, "balanced": args.balanced, "augment": args.augment,
-        "source": args.source, **report, "augmented_histogram": seen_hist.tolist(), "compose_s": round(compose_s, 1),
-        "student_checkpoint": path})
+        "teacher_acc": teacher_acc, "student_acc": last["student_acc"], "balanced": args.balanced,
+        "augment": args.augment, "source": args.source, **report, "augmented_histogram": last["augmented_histogram"],
+        "compose_s": round(compose_s, 1), "student_checkpoint": path})
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (data.DatasetNotFoundError, ValueError) as e:
+    except (data.DatasetNotFoundError, ValueError, teacher_lib.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        teacher_lib.cleanup_distributed()
 
 
 if __name__ == "__main__":

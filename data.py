@@ -487,7 +487,8 @@ def parse_source(spec):
 
 def load_source(spec, split, root, channels, size, seed=0):
     """A comma-separated list of sources ('svhn,noise-uniform:5000'), each converted to (channels, size) and
-    concatenated. An ':N' suffix takes N images (a seeded random subset for datasets; N draws for noise).
+    concatenated; a source that needed converting is named in one printed line with its original shape. An ':N'
+    suffix takes N images (a seeded random subset for datasets; N draws for noise).
     Returns (images uint8 (N, C, H, W), labels int64 (N,) in each source's own classes, source_index (N,))."""
     spec = ",".join(NAMED_MIXES.get(s.strip(), s.strip()) for s in spec.split(","))
     all_images, all_labels, all_index = [], [], []
@@ -497,6 +498,9 @@ def load_source(spec, split, root, channels, size, seed=0):
         if count is not None and count < len(images):
             keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + i))[:count]
             images, labels = images[keep], labels[keep]
+        if tuple(images.shape[1:]) != (channels, size, size):
+            print(f"source {part}: converted {'x'.join(map(str, images.shape[1:]))} images to "
+                  f"{channels}x{size}x{size}", flush=True)
         all_images.append(to_shape(images, channels, size))
         all_labels.append(labels)
         all_index.append(torch.full((len(images),), i, dtype=torch.int64))
@@ -558,19 +562,28 @@ class DeviceLoader:
     DeviceLoader(images, labels, probs, batch_size=256, ...) yields (x, labels_batch, probs_batch): any extra
     tensors aligned with `images` are gathered with the same indices. `indices` restricts to a subset.
     Shuffling and augmentation are seeded; each pass over the loader draws a new order.
+
+    Sharding (rank, world_size; for multi-process training): every rank draws the same seeded order and takes
+    every world_size-th sample from position `rank`, in batches of batch_size // world_size, so step i of the
+    ranks together covers the single-process batch i. Without drop_last the order is first padded by repeating
+    its head to a multiple of world_size (as torch's DistributedSampler does), so every rank has as many batches
+    of the same sizes. Each rank augments with its own stream; rank 0's is the single-process one.
     """
 
     def __init__(self, images, *tensors, batch_size=256, shuffle=True, drop_last=False, crop_pad=0, flip=False,
-                 mean=(0.5,), std=(0.5,), device="cpu", seed=0, indices=None):
+                 mean=(0.5,), std=(0.5,), device="cpu", seed=0, indices=None, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} processes")
         device = torch.device(device)
         self.images = images.to(device)
         self.tensors = [t.to(device) for t in tensors]
         self.indices = None if indices is None else indices.to(device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.rank, self.world_size, self.local_batch_size = rank, world_size, batch_size // world_size
         self.crop_pad, self.flip = crop_pad, flip
         self.mean, self.std, self.device = mean, std, device
         self.order_gen = torch.Generator().manual_seed(seed)
-        self.aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        self.aug_gen = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * rank)
         self.channels_last = device.type == "cuda"
 
     @property
@@ -584,11 +597,16 @@ class DeviceLoader:
     def __iter__(self):
         n = self.num_samples
         order = torch.randperm(n, generator=self.order_gen) if self.shuffle else torch.arange(n)
+        if self.world_size > 1:
+            if not self.drop_last and n:
+                order = order[torch.arange(math.ceil(n / self.world_size) * self.world_size) % n]
+            order = order[self.rank::self.world_size]
         order = order.to(self.device)
         if self.indices is not None:
             order = self.indices[order]
+        b = self.local_batch_size
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = order[i * b:(i + 1) * b]
             x = self.images[idx]
             if self.crop_pad or self.flip:
                 x = augment_batch(x, self.crop_pad, self.flip, self.aug_gen)

@@ -102,6 +102,8 @@ def build_parser():
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum (paper: 0.9)")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay (paper: 5e-4)")
     p.add_argument("--milestones", type=int, nargs="*", default=None, help="lr /10 at these epochs (150 180 210)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run (GAN or distill "
+                   "stage) from RUN_DIR/state.pt with its saved config.json (flags given now must match it)")
     return p
 
 
@@ -351,8 +353,9 @@ def save_sample_grid(generator, z, y, path):
     save_image(images, path, nrow=int((y == y[0]).sum()), padding=2, pad_value=1.0)
 
 
-def train_gan(args, meta, teacher_model, real_x, real_y, real_t_feat, device, log):
-    """Module 1 (Algorithm A-1, lines 3-9): L_D and L_G of Eq. (13), one D step and one G step per batch."""
+def train_gan(args, meta, teacher_model, real_x, real_y, real_t_feat, device, log, state=None):
+    """Module 1 (Algorithm A-1, lines 3-9): L_D and L_G of Eq. (13), one D step and one G step per batch.
+    `state`: a GAN-stage state.pt to continue from."""
     num_classes, bs = meta["num_classes"], args.gan_batch_size
     if len(real_x) < bs:
         raise ValueError(f"|D_c| = {len(real_x)} is smaller than --gan-batch-size {bs}")
@@ -363,20 +366,31 @@ def train_gan(args, meta, teacher_model, real_x, real_y, real_t_feat, device, lo
     opt_d = torch.optim.Adam(D.parameters(), lr=args.d_lr, betas=tuple(args.betas))
     half = (0.5,) * meta["channels"]  # uint8 -> [-1, 1], the generator's range
     loader = data.DeviceLoader(real_x, real_y, real_t_feat, batch_size=bs, shuffle=True, drop_last=True,
-                               mean=half, std=half, device=device, seed=args.seed)
+                               mean=half, std=half, device=device, seed=args.seed, rank=teacher_lib.rank(),
+                               world_size=teacher_lib.world_size())
+    fake_bs = loader.local_batch_size  # under torchrun each rank makes its share of the fake batch
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
 
     def teacher_view(x):  # [-1, 1] -> the teacher's normalised input
         return (to_unit_range(x) - mean) / std
 
-    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    # each rank draws its own noise and labels (and its own p of Eq. (8)); rank 0's are the single-process ones
+    gen = torch.Generator(device=device).manual_seed(teacher_lib.rank_seed(args.seed + 2))
     grid_y = torch.arange(min(num_classes, 10), device=device).repeat_interleave(10)
     grid_z = torch.randn(len(grid_y), args.z_dim, device=device, generator=gen)
     # Eq. (10): n_c^0 is a constant, here the uniform share of one batch
     class_freq = torch.full((num_classes,), bs / num_classes, device=device)
     names = ("d_loss", "g_loss", "adv_d", "cls_d", "blend", "trans", "blend_on", "adv_g", "cls_g", "reg")
-    for epoch in range(args.gan_epochs):
+    first_epoch = 0
+    if state:
+        for name, module in (("G", G), ("D", D), ("opt_g", opt_g), ("opt_d", opt_d)):
+            module.load_state_dict(state[name])
+        class_freq = state["class_freq"].to(device)
+        teacher_lib.set_rng_state(state["rng"], device, gen=gen, loader_order=loader.order_gen,
+                                  loader_aug=loader.aug_gen)
+        first_epoch, metrics = state["epoch"], state["metrics"]
+    for epoch in range(first_epoch, args.gan_epochs):
         start = time.time()
         sums = {k: torch.zeros((), device=device) for k in names}
         hist = torch.zeros(num_classes, dtype=torch.long, device=device)
@@ -384,8 +398,8 @@ def train_gan(args, meta, teacher_model, real_x, real_y, real_t_feat, device, lo
         steps = 0
         for x_real, y_real, t_real in loader:                                    # (B, C, H, W), (B,), (B, D_T)
             # Discriminator step: L_D = L_adc_d + lambda_d (I(p > q) L_blend + L_trans), Eq. (13)
-            y_fake = torch.randint(0, num_classes, (bs,), device=device, generator=gen)
-            z = torch.randn(bs, args.z_dim, device=device, generator=gen)
+            y_fake = torch.randint(0, num_classes, (fake_bs,), device=device, generator=gen)
+            z = torch.randn(fake_bs, args.z_dim, device=device, generator=gen)
             with torch.no_grad(), teacher_lib.autocast(device):
                 x_fake = G(z, y_fake)
                 t_fake = teacher_model.features(teacher_view(x_fake)).float()    # no path to G through L_D
@@ -401,12 +415,13 @@ def train_gan(args, meta, teacher_model, real_x, real_y, real_t_feat, device, lo
             d_loss = adv_d + cls_d + args.lambda_d * (blend_on * blend + trans)
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
+            teacher_lib.average_gradients(D.parameters())
             opt_d.step()
 
             # Generator step: L_G = L_adc_g + lambda_g L_reg, Eq. (13); gradients reach G through D and the
             # frozen teacher (its parameters have requires_grad=False, so it is not updated)
-            y_fake = torch.randint(0, num_classes, (bs,), device=device, generator=gen)
-            z = torch.randn(bs, args.z_dim, device=device, generator=gen)
+            y_fake = torch.randint(0, num_classes, (fake_bs,), device=device, generator=gen)
+            z = torch.randn(fake_bs, args.z_dim, device=device, generator=gen)
             with teacher_lib.autocast(device):
                 x_fake = G(z, y_fake)
                 adv_f, cls_f, _ = D(x_fake)
@@ -417,27 +432,39 @@ def train_gan(args, meta, teacher_model, real_x, real_y, real_t_feat, device, lo
             g_loss = adv_g + cls_g + args.lambda_g * reg
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
+            teacher_lib.average_gradients(G.parameters())
             opt_g.step()
 
             predicted = t_logits.detach().argmax(1)
             counts = torch.bincount(predicted, minlength=num_classes)
-            # Eq. (10): the counts of this iteration give n^{t+1}
-            class_freq = update_class_frequency(class_freq, counts, args.gamma)
             hist += counts
+            # Eq. (10): the counts of this iteration give n^{t+1} (under torchrun: of the whole batch, all ranks)
+            class_freq = update_class_frequency(class_freq, teacher_lib.all_reduce_sum(counts), args.gamma)
             agree += (predicted == y_fake).sum()
             for k, v in zip(names, (d_loss, g_loss, adv_d, cls_d, blend, trans, blend_on, adv_g, cls_g, reg)):
                 sums[k] += v.detach()
             steps += 1
         seconds = time.time() - start
-        metrics = {"stage": "gan", **{k: (v / steps).item() for k, v in sums.items()},
-                   "teacher_agree": (agree / (steps * bs)).item() * 100, "teacher_hist": hist.tolist()}
+        totals = teacher_lib.epoch_sums({**sums, "agree": agree, "hist": hist, "steps": steps})  # the one sync
+        metrics = {"stage": "gan", **{k: totals[k] / totals["steps"] for k in names},
+                   "teacher_agree": totals["agree"] / (steps * bs) * 100,
+                   "teacher_hist": [int(v) for v in totals["hist"]]}
+        log.check_finite(f"GAN epoch {epoch + 1}", {k: metrics[k] for k in names})
+        teacher_lib.average_buffers(G)
+        teacher_lib.average_buffers(D)
         log.log_epoch(epoch, args.gan_epochs, metrics, 3 * steps * bs, seconds)  # D: real + fake, G: fake
-        print(f"  generated, teacher-predicted classes: {hist.tolist()}", flush=True)
-        if (epoch + 1) % args.sample_every == 0 or epoch + 1 == args.gan_epochs:
+        print(f"  generated, teacher-predicted classes: {metrics['teacher_hist']}", flush=True)
+        if ((epoch + 1) % args.sample_every == 0 or epoch + 1 == args.gan_epochs) and teacher_lib.is_main():
             save_sample_grid(G, grid_z, grid_y, log.path(f"samples-gan-epoch{epoch + 1:03d}.png"))
-    models.save_checkpoint(args.generator, G, "hidfd-generator", num_classes, meta["channels"], args, None,
-                           image_size=meta["size"], z_dim=args.z_dim, width=args.gan_width, dataset=args.dataset,
-                           teacher_agree=metrics["teacher_agree"])
+        log.save_state({"stage": "gan", "epoch": epoch + 1, "G": G.state_dict(), "D": D.state_dict(),
+                        "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "class_freq": class_freq,
+                        "metrics": metrics, "rng": teacher_lib.rng_state(device, gen=gen, loader_order=loader.order_gen,
+                                                                         loader_aug=loader.aug_gen)},
+                       f"GAN epoch {epoch + 1}/{args.gan_epochs}")
+    if teacher_lib.is_main():
+        models.save_checkpoint(args.generator, G, "hidfd-generator", num_classes, meta["channels"], args, None,
+                               image_size=meta["size"], z_dim=args.z_dim, width=args.gan_width, dataset=args.dataset,
+                               teacher_agree=metrics["teacher_agree"])
     print(f"saved generator to {args.generator} (samples in {log.dir})", flush=True)
     return G, {"gan_epochs": args.gan_epochs, "gan_teacher_agree": metrics["teacher_agree"],
                "gan_teacher_hist": metrics["teacher_hist"]}
@@ -474,8 +501,9 @@ def generate(G, n, num_classes, z_dim, seed, device, batch_size=1000):
     return images, labels
 
 
-def distill(args, meta, teacher_model, collected_x, synthetic_x, device, log, test_x, test_y):
-    """Module 2 (Algorithm A-1, lines 10-16): hybrid data D = N x D_c + D_s, L_align of Eq. (14)."""
+def distill(args, meta, teacher_model, collected_x, synthetic_x, device, log, test_x, test_y, resume_with):
+    """Module 2 (Algorithm A-1, lines 10-16): hybrid data D = N x D_c + D_s, L_align of Eq. (14).
+    `resume_with`: saved with every epoch's state (what `run` needs to rebuild D_s and its results)."""
     n_c, n_s = len(collected_x), len(synthetic_x)
     N = inflation_factor(n_c, args.n_synthetic)
     images = torch.cat([collected_x.to(device), synthetic_x.to(device)])
@@ -485,7 +513,7 @@ def distill(args, meta, teacher_model, collected_x, synthetic_x, device, log, te
           flush=True)
     loader = data.DeviceLoader(images, batch_size=args.batch_size, shuffle=True, crop_pad=meta["crop_pad"],
                                flip=meta["flip"], mean=meta["mean"], std=meta["std"], device=device, seed=args.seed,
-                               indices=indices)
+                               indices=indices, rank=teacher_lib.rank(), world_size=teacher_lib.world_size())
     student = models.build_model(args.student_arch, meta["num_classes"], meta["channels"])
     model = teacher_lib.prepare_model(SharedClassifierStudent(student, teacher_model.classifier), device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -494,11 +522,18 @@ def distill(args, meta, teacher_model, collected_x, synthetic_x, device, log, te
     else:
         opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(args.milestones), gamma=0.1)
-    for epoch in range(args.epochs):
+    first_epoch = 0
+    if log.state and log.state["stage"] == "distill":
+        for name, module in (("model", model), ("opt", opt), ("sched", sched)):
+            module.load_state_dict(log.state[name])
+        teacher_lib.set_rng_state(log.state["rng"], device, loader_order=loader.order_gen, loader_aug=loader.aug_gen)
+        first_epoch, test_acc = log.state["epoch"], log.state["test_acc"]
+    for epoch in range(first_epoch, args.epochs):
         model.train()
         start = time.time()
         loss_sum = torch.zeros((), device=device)
         agree = torch.zeros((), device=device)
+        seen = 0
         for (x,) in loader:
             with torch.no_grad(), teacher_lib.autocast(device):
                 t_feat = teacher_model.features(x).float()                        # (B, D_T)
@@ -507,37 +542,45 @@ def distill(args, meta, teacher_model, collected_x, synthetic_x, device, log, te
             loss = align_loss(s_feat, t_feat)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            teacher_lib.average_gradients(params)
             opt.step()
             loss_sum += loss.detach() * len(x)
             agree += (model.classifier(s_feat.detach()).argmax(1) == teacher_model.classifier(t_feat).argmax(1)).sum()
+            seen += len(x)
         sched.step()
-        n = loader.num_samples
         seconds = time.time() - start
+        totals = teacher_lib.epoch_sums({"align": loss_sum, "agree": agree, "seen": seen})  # the one sync
+        log.check_finite(f"distill epoch {epoch + 1}", {"align": totals["align"] / totals["seen"]})
+        teacher_lib.average_buffers(model)
         test_acc = teacher_lib.evaluate(model, test_x, test_y, meta["mean"], meta["std"])
-        align = (loss_sum / n).item()
-        if not math.isfinite(align):
-            raise RuntimeError(f"distillation diverged: non-finite L_align at epoch {epoch + 1}")
-        log.log_epoch(epoch, args.epochs, {"stage": "distill", "align": align, "teacher_agree": (agree / n).item() * 100,
-                                           "test_acc": test_acc, "lr": sched.get_last_lr()[0]}, n, seconds)
-    student = model.folded()
-    path = models.save_checkpoint(log.path("student.pt"), student, args.student_arch, meta["num_classes"],
-                                  meta["channels"], args, test_acc, dataset=args.dataset, image_size=meta["size"])
+        log.log_epoch(epoch, args.epochs, {"stage": "distill", "align": totals["align"] / totals["seen"],
+                                           "teacher_agree": totals["agree"] / totals["seen"] * 100,
+                                           "test_acc": test_acc, "lr": sched.get_last_lr()[0]}, totals["seen"], seconds)
+        log.save_state({"stage": "distill", "epoch": epoch + 1, "test_acc": test_acc, "model": model.state_dict(),
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), **resume_with,
+                        "rng": teacher_lib.rng_state(device, loader_order=loader.order_gen, loader_aug=loader.aug_gen)},
+                       f"distill epoch {epoch + 1}/{args.epochs}")
+    path = log.path("student.pt")
+    if teacher_lib.is_main():
+        models.save_checkpoint(path, model.folded(), args.student_arch, meta["num_classes"], meta["channels"], args,
+                               test_acc, dataset=args.dataset, image_size=meta["size"])
     print(f"saved student to {path}", flush=True)
     return test_acc, {"inflation_factor": N, "hybrid_size": len(indices), "alpha": alpha, "student_checkpoint": path}
 
 
 def run(args):
-    args = resolve_settings(args)
+    args = resolve_settings(teacher_lib.resume_config(args, build_parser(), "hidfd.py"))
     device = teacher_lib.get_device(args.device)
     teacher_lib.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
-    if args.download:
+    if args.download and teacher_lib.is_main():
         data.download(args.dataset, args.data_root)
+    teacher_lib.barrier()
     variant = "collected-only" if args.no_synthetic else "hidfd"
-    log = teacher_lib.RunLog(f"hidfd-{args.dataset}" + ("-collected-only" if args.no_synthetic else ""), args,
-                             args.runs_dir)
     teacher_model, _ = teacher_lib.get_teacher(args.dataset, args.teacher_arch, args.seed, args.data_root, device,
                                                args.teacher, args.checkpoint_dir, args.download)
+    log = teacher_lib.RunLog(f"hidfd-{args.dataset}" + ("-collected-only" if args.no_synthetic else ""), args,
+                             args.runs_dir)
     test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
     test_x, test_y = test_x.to(device), test_y.to(device)
     teacher_acc = teacher_lib.evaluate(teacher_model, test_x, test_y, meta["mean"], meta["std"])
@@ -545,29 +588,44 @@ def run(args):
     collected_x, collected_y, collected_feat, info = load_collected(args, meta, teacher_model)
     results = {"variant": variant, "teacher_acc": teacher_acc, "student_acc": None, "collected": args.collected,
                "rho": args.rho, **info}
+    # a run resumed in its distill stage rebuilds G from its state.pt (not from the --generator file, which a
+    # later run may have overwritten) and regenerates the same D_s from it
+    in_distill = log.state is not None and log.state["stage"] == "distill"
 
     G = None
-    if args.stage in ("gan", "all") and not args.no_synthetic:
-        G, gan_info = train_gan(args, meta, teacher_model, collected_x, collected_y, collected_feat, device, log)
-        results.update(gan_info, generator=args.generator)
-    if args.stage in ("distill", "all"):
-        synthetic_x = torch.zeros((0,) + tuple(collected_x.shape[1:]), dtype=torch.uint8)
-        if not args.no_synthetic:
-            if G is None:
-                G, ckpt = load_generator(args.generator, meta, device)
-                results.update(generator=args.generator, gan_epochs=ckpt["args"].get("gan_epochs"))
-            synthetic_x, synthetic_y = generate(G, args.n_synthetic, meta["num_classes"], G.z_dim, args.seed, device)
-            predicted = teacher_lib.predict(teacher_model, synthetic_x, meta["mean"], meta["std"]).argmax(1)
-            results["synthetic_teacher_agree"] = (predicted == synthetic_y).float().mean().item() * 100
-            results["synthetic_teacher_hist"] = torch.bincount(predicted, minlength=meta["num_classes"]).tolist()
-            print(f"D_s: {len(synthetic_x)} images; teacher agrees with the conditioning label on "
-                  f"{results['synthetic_teacher_agree']:.1f}%; teacher-predicted classes "
-                  f"{results['synthetic_teacher_hist']}", flush=True)
-        student_acc, distill_info = distill(args, meta, teacher_model, collected_x, synthetic_x, device, log,
-                                            test_x, test_y)
-        results.update(distill_info, student_acc=student_acc, n_synthetic=len(synthetic_x))
-        if args.no_synthetic:
-            results["collected_only_acc"] = student_acc
+    with log.stop_cleanly("hidfd.py"):
+        if args.stage in ("gan", "all") and not args.no_synthetic and not in_distill:
+            G, gan_info = train_gan(args, meta, teacher_model, collected_x, collected_y, collected_feat, device, log,
+                                    log.state)
+            results.update(gan_info, generator=args.generator)
+        if args.stage in ("distill", "all"):
+            synthetic_x = torch.zeros((0,) + tuple(collected_x.shape[1:]), dtype=torch.uint8)
+            if in_distill:
+                results = log.state["results"]
+                if not args.no_synthetic:
+                    G = Generator(meta["num_classes"], meta["channels"], meta["size"], **log.state["generator_shape"])
+                    G.load_state_dict(log.state["generator"])
+                    G = teacher_lib.prepare_model(G, device)
+            if not args.no_synthetic:
+                if G is None:
+                    G, ckpt = load_generator(args.generator, meta, device)
+                    results.update(generator=args.generator, gan_epochs=ckpt["args"].get("gan_epochs"))
+                synthetic_x, synthetic_y = generate(G, args.n_synthetic, meta["num_classes"], G.z_dim, args.seed,
+                                                    device)
+                predicted = teacher_lib.predict(teacher_model, synthetic_x, meta["mean"], meta["std"]).argmax(1)
+                results["synthetic_teacher_agree"] = (predicted == synthetic_y).float().mean().item() * 100
+                results["synthetic_teacher_hist"] = torch.bincount(predicted, minlength=meta["num_classes"]).tolist()
+                print(f"D_s: {len(synthetic_x)} images; teacher agrees with the conditioning label on "
+                      f"{results['synthetic_teacher_agree']:.1f}%; teacher-predicted classes "
+                      f"{results['synthetic_teacher_hist']}", flush=True)
+            resume_with = {"results": results}
+            if G is not None:
+                resume_with.update(generator=G.state_dict(), generator_shape={"z_dim": G.z_dim, "width": G.width})
+            student_acc, distill_info = distill(args, meta, teacher_model, collected_x, synthetic_x, device, log,
+                                                test_x, test_y, resume_with)
+            results.update(distill_info, student_acc=student_acc, n_synthetic=len(synthetic_x))
+            if args.no_synthetic:
+                results["collected_only_acc"] = student_acc
     return log.finish("hidfd", args.dataset, results)
 
 
@@ -575,8 +633,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (data.DatasetNotFoundError, ValueError) as e:
+    except (data.DatasetNotFoundError, ValueError, teacher_lib.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        teacher_lib.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -95,6 +95,8 @@ def build_parser():
     p.add_argument("--contrastive", default="paper", choices=["paper", "ntxent"], help="Eqs. (15)-(16) with "
                    "j != i in the denominator (paper), or the positive kept there as in the authors' code (ntxent)")
     p.add_argument("--grid-size", type=int, default=64, help="images per selected/rejected PNG grid")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from "
+                   "RUN_DIR/state.pt with its saved config.json (flags given now must match it)")
     return p
 
 
@@ -322,13 +324,14 @@ def select_epoch(epoch, args, p_teacher_web, model, web_x, meta, generator):
 
 
 def save_selection_grids(web_x, idx, path_prefix, grid_size, generator):
-    """PNG grids of (up to grid_size) random selected and rejected web images."""
+    """PNG grids of (up to grid_size) random selected and rejected web images. Every rank draws the order (the
+    generator stays the same on all ranks); only rank 0 writes."""
     selected = torch.zeros(len(web_x), dtype=torch.bool)
     selected[idx.cpu()] = True
     order = torch.randperm(len(web_x), generator=generator)
     for name, keep in (("selected", selected[order]), ("rejected", ~selected[order])):
         chosen = order[keep][:grid_size]
-        if len(chosen):
+        if len(chosen) and teacher_lib.is_main():
             save_image(web_x[chosen.to(web_x.device)].float().cpu() / 255, f"{path_prefix}-{name}.png", nrow=8)
 
 
@@ -350,13 +353,14 @@ def variant_name(args):
 
 
 def run(args):
-    args = resolve_settings(args)
+    args = resolve_settings(teacher_lib.resume_config(args, build_parser(), "kd3.py"))
     device = teacher_lib.get_device(args.device)
     teacher_lib.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
     num_classes = meta["num_classes"]
-    if args.download:
+    if args.download and teacher_lib.is_main():
         data.download(args.dataset, args.data_root)
+    teacher_lib.barrier()
     teacher_model, _ = teacher_lib.get_teacher(args.dataset, args.teacher_arch, args.seed, args.data_root, device,
                                                args.teacher, args.checkpoint_dir, args.download)
     student = models.build_model(args.student_arch, num_classes, meta["channels"])
@@ -383,65 +387,88 @@ def run(args):
         opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-    select_gen = torch.Generator().manual_seed(args.seed)
-    empty_epochs = 0
-    for epoch in range(args.epochs):
-        lr = args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)  # /10 at each milestone (Sec. 4)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        start = time.time()
-        alpha_t, idx, pred = select_epoch(epoch, args, p_teacher_web, model, web_x, meta, select_gen)
-        k = len(idx)
-        per_class = torch.bincount(pred[idx], minlength=num_classes).tolist()
-        per_source = torch.bincount(web_source[idx], minlength=num_sources).tolist()
-        if epoch in (0, args.epochs - 1):
-            save_selection_grids(web_x, idx, log.path(f"epoch{epoch + 1}"), args.grid_size, select_gen)
-        select_s = time.time() - start
-        model.train()
-        head_s.train()
-        head_t.train()
-        sums = {}
-        start = time.time()
-        if k == 0:
-            empty_epochs += 1
-            print(f"epoch {epoch + 1}: no web instance selected (alpha(t) {alpha_t:.3f}, V_th {args.v_th}); "
-                  f"skipping the update, training continues", flush=True)
-        loader = data.DeviceLoader(web_x, batch_size=args.batch_size, shuffle=True, crop_pad=meta["crop_pad"],
-                                   flip=meta["flip"], mean=meta["mean"], std=meta["std"], device=device,
-                                   seed=args.seed + epoch, indices=idx)
-        for (x,) in loader:
-            loss, terms = kd3_losses(model, teacher_model, head_s, head_t, x, args)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0) + value * len(x)
-        seconds = time.time() - start
-        means = {name: (value / k).item() for name, value in sums.items()}  # the one sync of the epoch
-        if any(not math.isfinite(v) for v in means.values()):
-            raise RuntimeError(f"KD3 diverged: non-finite loss at epoch {epoch + 1}: {means}")
-        test_acc = teacher_lib.evaluate(model, test_x, test_y, meta["mean"], meta["std"])
-        log.log_epoch(epoch, args.epochs, {"alpha_t": alpha_t, "selected": k, **means, "test_acc": test_acc,
-                                           "lr": lr, "select_s": round(select_s, 2),
-                                           "selected_per_class": per_class, "selected_per_source": per_source},
-                      k, seconds)
+    if teacher_lib.rank() > 0:  # same initial weights on every rank (above); its own MixDistribution draws below
+        torch.manual_seed(teacher_lib.rank_seed(args.seed))
+    select_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: the same random selection
+    empty_epochs, first_epoch, last = 0, 0, {}
+    if log.state:
+        for name, module in (("model", model), ("head_s", head_s), ("head_t", head_t), ("opt", opt)):
+            module.load_state_dict(log.state[name])
+        teacher_lib.set_rng_state(log.state["rng"], device, select=select_gen)
+        empty_epochs, first_epoch, last = log.state["empty_epochs"], log.state["epoch"], log.state["last"]
+    with log.stop_cleanly("kd3.py"):
+        for epoch in range(first_epoch, args.epochs):
+            lr = args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)  # /10 at each milestone (Sec. 4)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            start = time.time()
+            alpha_t, idx, pred = select_epoch(epoch, args, p_teacher_web, model, web_x, meta, select_gen)
+            k = len(idx)
+            per_class = torch.bincount(pred[idx], minlength=num_classes).tolist()
+            per_source = torch.bincount(web_source[idx], minlength=num_sources).tolist()
+            if epoch in (0, args.epochs - 1):
+                save_selection_grids(web_x, idx, log.path(f"epoch{epoch + 1}"), args.grid_size, select_gen)
+            select_s = time.time() - start
+            model.train()
+            head_s.train()
+            head_t.train()
+            sums, seen = {}, 0
+            start = time.time()
+            if k == 0:
+                empty_epochs += 1
+                print(f"epoch {epoch + 1}: no web instance selected (alpha(t) {alpha_t:.3f}, V_th {args.v_th}); "
+                      f"skipping the update, training continues", flush=True)
+            loader = data.DeviceLoader(web_x, batch_size=args.batch_size, shuffle=True, crop_pad=meta["crop_pad"],
+                                       flip=meta["flip"], mean=meta["mean"], std=meta["std"], device=device,
+                                       seed=args.seed + epoch, indices=idx, rank=teacher_lib.rank(),
+                                       world_size=teacher_lib.world_size())
+            for (x,) in loader:
+                loss, terms = kd3_losses(model, teacher_model, head_s, head_t, x, args)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                teacher_lib.average_gradients(params)
+                opt.step()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0) + value * len(x)
+                seen += len(x)
+            seconds = time.time() - start
+            totals = teacher_lib.epoch_sums({**sums, "seen": seen}) if k else {}  # the one sync of the epoch
+            means = {name: totals[name] / totals["seen"] for name in sums}
+            log.check_finite(f"epoch {epoch + 1}", means)
+            teacher_lib.average_buffers(model)
+            test_acc = teacher_lib.evaluate(model, test_x, test_y, meta["mean"], meta["std"])
+            log.log_epoch(epoch, args.epochs, {"alpha_t": alpha_t, "selected": k, **means, "test_acc": test_acc,
+                                               "lr": lr, "select_s": round(select_s, 2),
+                                               "selected_per_class": per_class, "selected_per_source": per_source},
+                          k, seconds)
+            last = {"selected": k, "test_acc": test_acc, "selected_per_class": per_class,
+                    "selected_per_source": per_source}
+            log.save_state({"epoch": epoch + 1, "model": model.state_dict(), "head_s": head_s.state_dict(),
+                            "head_t": head_t.state_dict(), "opt": opt.state_dict(), "empty_epochs": empty_epochs,
+                            "last": last, "rng": teacher_lib.rng_state(device, select=select_gen)},
+                           f"epoch {epoch + 1}/{args.epochs}")
 
-    path = models.save_checkpoint(log.path("student.pt"), model.folded(), args.student_arch, num_classes,
-                                  meta["channels"], args, test_acc, dataset=args.dataset, image_size=meta["size"])
+    path = log.path("student.pt")
+    if teacher_lib.is_main():
+        models.save_checkpoint(path, model.folded(), args.student_arch, num_classes, meta["channels"], args,
+                               last["test_acc"], dataset=args.dataset, image_size=meta["size"])
     print(f"saved student to {path} (connector and shared classifier folded into its classifier)", flush=True)
     return log.finish("kd3", args.dataset, {
-        "variant": variant, "teacher_acc": teacher_acc, "student_acc": test_acc, "web": args.web,
-        "web_size": len(web_x), "teacher_web_hist": teacher_web_hist, "selected": k,
-        "selected_frac": k / len(web_x), "selected_per_class": per_class, "selected_per_source": per_source,
-        "epochs_without_selection": empty_epochs, "student_checkpoint": path})
+        "variant": variant, "teacher_acc": teacher_acc, "student_acc": last["test_acc"], "web": args.web,
+        "web_size": len(web_x), "teacher_web_hist": teacher_web_hist, "selected": last["selected"],
+        "selected_frac": last["selected"] / len(web_x), "selected_per_class": last["selected_per_class"],
+        "selected_per_source": last["selected_per_source"], "epochs_without_selection": empty_epochs,
+        "student_checkpoint": path})
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (data.DatasetNotFoundError, ValueError) as e:
+    except (data.DatasetNotFoundError, ValueError, teacher_lib.NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        teacher_lib.cleanup_distributed()
 
 
 if __name__ == "__main__":

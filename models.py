@@ -582,6 +582,23 @@ def _plain(value):
     return str(value)
 
 
+def atomic_save(obj, path):
+    """torch.save to a temporary file next to `path`, then rename: readers (and a run killed mid-write) see the
+    old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
+        os.replace(tmp, path)  # atomic on POSIX
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def save_checkpoint(path, model, arch, num_classes, in_channels, args, acc, **extra):
     """Write {"arch", "num_classes", "in_channels", "state_dict", "args", "acc", **extra} atomically."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
@@ -589,18 +606,7 @@ def save_checkpoint(path, model, arch, num_classes, in_channels, args, acc, **ex
     args = vars(args) if hasattr(args, "__dict__") else (args or {})
     ckpt = {"arch": arch, "num_classes": int(num_classes), "in_channels": int(in_channels), "state_dict": state,
             "args": _plain(args), "acc": None if acc is None else float(acc), **_plain(extra)}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_save(ckpt, path)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -315,6 +315,26 @@ def test_device_loader_seeded_shuffle_and_subset():
     assert sorted(seen.tolist()) == [2, 5, 7]
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_device_loader_shards_make_up_the_single_process_batches(drop_last):
+    # 11 samples, global batch 4, 2 ranks: step i of the two ranks together is the single-process batch i
+    images = torch.zeros(11, 1, 1, 1, dtype=torch.uint8)
+    ids = torch.arange(100, 111)
+    kw = dict(batch_size=4, seed=5, drop_last=drop_last, indices=torch.arange(11))
+    single = [b[1].tolist() for b in data.DeviceLoader(images, ids, **kw)]
+    shards = [[b[1].tolist() for b in data.DeviceLoader(images, ids, rank=r, world_size=2, **kw)] for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == len(single) == (2 if drop_last else 3)
+    for i, batch in enumerate(single):
+        assert [len(s[i]) for s in shards] == [len(shards[0][i])] * 2  # the same batch sizes on every rank
+        if i < 2:
+            assert sorted(shards[0][i] + shards[1][i]) == sorted(batch)
+    if not drop_last:  # 11 -> padded to 12 with the order's first sample; the last step covers batch 2 plus it
+        last = shards[0][2] + shards[1][2]
+        assert sorted(last[:3]) == sorted(single[2]) and last[3] == single[0][0]
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        data.DeviceLoader(images, batch_size=4, rank=0, world_size=3)
+
+
 def test_augmentation_crop_and_flip_are_windows_of_the_input():
     torch.manual_seed(0)
     x = torch.randint(1, 256, (64, 2, 6, 5), dtype=torch.uint8)
@@ -1118,3 +1138,213 @@ def test_cli_unbalanced_short_source_and_strict(synthetic_teacher, tmp_path):
     proc = subprocess.run([sys.executable, f"{HERE}/balanced_transfer.py"] + common[1:] + ["--source", "synthetic:5",
                           "--strict"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "error: --strict: classes" in proc.stderr
+
+
+#### Long runs: resume, faults, multi-process ####
+# Ctrl-C is simulated by a KeyboardInterrupt raised while the state of epoch k + 1 is being saved: the worst
+# moment, after that epoch's metrics line was written, so the resumed run must also drop that line.
+
+TIMING_KEYS = ("images_per_s", "epoch_s", "select_s", "wall_time_s", "compose_s")
+
+
+def only_run(runs_dir):
+    (name,) = os.listdir(runs_dir)
+    return os.path.join(runs_dir, name)
+
+
+def run_records(run_dir):
+    """metrics.jsonl without its timing fields."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
+
+
+def interrupt_at(monkeypatch, save_number):
+    real_save_state = teacher.RunLog.save_state
+    labels = []
+
+    def save_state(self, state, label):
+        labels.append(label)
+        if len(labels) == save_number:
+            raise KeyboardInterrupt
+        real_save_state(self, state, label)
+    monkeypatch.setattr(teacher.RunLog, "save_state", save_state)
+
+
+def assert_resume_matches(module, argv, save_number, tmp_path, monkeypatch, capsys, whole=None):
+    """Run `argv` uninterrupted (unless `whole` is given) and interrupted at save `save_number`, resume the
+    latter; both must end with the same metrics, results and weights. Returns (whole, cut) run folders."""
+    script = module.__name__ + ".py"
+
+    def fresh(name):
+        return argv + ["--runs-dir", str(tmp_path / name), "--checkpoint-dir", str(tmp_path / f"{name}-ckpt")]
+    if whole is None:
+        module.main(fresh("whole"))
+        whole = only_run(tmp_path / "whole")
+    runs = f"cut{save_number}"
+    with monkeypatch.context() as m:
+        interrupt_at(m, save_number)
+        with pytest.raises(SystemExit) as stop:
+            module.main(fresh(runs))
+    cut = only_run(tmp_path / runs)
+    out = capsys.readouterr().out
+    assert stop.value.code == 130 and f"resume with: python {script} --resume {cut}\n" in out
+    state = torch.load(os.path.join(cut, "state.pt"), weights_only=True)
+    assert state["metrics_lines"] == save_number - 1 and len(run_records(cut)) == save_number  # one line too many
+    assert f"interrupted: the state after {state['label']} is in {cut}/state.pt" in out
+
+    module.main(["--resume", cut])
+    assert run_records(cut) == run_records(whole)
+    with open(os.path.join(whole, "results.json")) as f:
+        expected = json.load(f)
+    with open(os.path.join(cut, "results.json")) as f:
+        got = json.load(f)
+    paths = ("student_checkpoint", "checkpoint", "generator")
+    assert {k: v for k, v in got.items() if k not in TIMING_KEYS + paths} == \
+        {k: v for k, v in expected.items() if k not in TIMING_KEYS + paths}
+    for key in paths:
+        if key in expected:
+            a = torch.load(expected[key], weights_only=True)["state_dict"]
+            b = torch.load(got[key], weights_only=True)["state_dict"]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), key
+    return whole, cut
+
+
+def test_resume_teacher(tmp_path, monkeypatch, capsys):
+    argv = ["--dataset", "synthetic", "--epochs", "2", "--batch-size", "256", "--device", "cpu"]
+    assert_resume_matches(teacher, argv, 2, tmp_path, monkeypatch, capsys)
+
+
+def test_resume_kd3_and_what_resume_refuses(synthetic_teacher, tmp_path, monkeypatch, capsys):
+    argv = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
+            "--web", "shifted:synthetic:300,noise-uniform:100", "--epochs", "3"]
+    whole, cut = assert_resume_matches(kd3, argv, 2, tmp_path, monkeypatch, capsys)
+    assert [r["selected"] for r in run_records(whole)][:2] != [0, 0]  # the compared epochs did train
+    with pytest.raises(SystemExit, match="has finished"):
+        kd3.main(["--resume", cut])
+    os.remove(os.path.join(cut, "results.json"))
+    with pytest.raises(SystemExit, match=r"contradict the run's config.json: --epochs 5 \(saved: 3\)"):
+        kd3.main(["--resume", cut, "--epochs", "5"])
+    with pytest.raises(SystemExit, match="not written by hidfd.py"):
+        hidfd.main(["--resume", cut])
+    os.remove(os.path.join(cut, "state.pt"))
+    with pytest.raises(SystemExit, match=f"--resume {cut}: expected state.pt .* found none"):
+        kd3.main(["--resume", cut])
+    with pytest.raises(SystemExit, match="no such run folder"):
+        kd3.main(["--resume", str(tmp_path / "absent")])
+
+
+def test_resume_hidfd_in_both_stages(synthetic_teacher, tmp_path, monkeypatch, capsys):
+    argv = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu", "--rho", "0.02",
+            "--collected", "shifted:synthetic:200", "--n-synthetic", "200", "--gan-epochs", "2", "--epochs", "2"]
+    # saves: GAN epochs 1, 2, then distill epochs 1, 2
+    whole, cut = assert_resume_matches(hidfd, argv, 2, tmp_path, monkeypatch, capsys)
+    assert "resuming after GAN epoch 1/2" in capsys.readouterr().out
+    assert_resume_matches(hidfd, argv, 4, tmp_path, monkeypatch, capsys, whole=whole)
+    assert "resuming after distill epoch 1/2" in capsys.readouterr().out
+
+
+def test_resume_balanced_transfer(synthetic_teacher, tmp_path, monkeypatch, capsys):
+    argv = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu", "--max-draws", "1000",
+            "--source", "noise-uniform,shifted:synthetic:600", "--transfer-size", "500", "--epochs", "2"]
+    whole, cut = assert_resume_matches(bt, argv, 2, tmp_path, monkeypatch, capsys)
+    assert "transfer set read from" in capsys.readouterr().out
+
+
+def test_rng_state_refuses_another_world_size_or_device():
+    state = teacher.rng_state(torch.device("cpu"), extra=torch.Generator().manual_seed(1))
+    g = torch.Generator()
+    teacher.set_rng_state([state], torch.device("cpu"), extra=g)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(1).get_state())
+    with pytest.raises(ValueError, match="written by 2 process"):
+        teacher.set_rng_state([state, state], torch.device("cpu"), extra=g)
+    with pytest.raises(ValueError, match="written on cuda"):
+        teacher.set_rng_state([{**state, "device": "cuda"}], torch.device("cpu"), extra=g)
+
+
+NAN_CASES = {  # script: (extra flags, (module, loss function), term, where it stops, last good state)
+    "teacher": (["--epochs", "2", "--batch-size", "256"], (teacher.F, "cross_entropy"), "cross_entropy",
+                "epoch 2", "epoch 1/2"),
+    "kd3": (["--web", "shifted:synthetic:300", "--epochs", "3"], (kd3, "weighted_feature_alignment"), "wfa",
+            "epoch 2", "epoch 1/3"),
+    "hidfd-gan": (["--stage", "gan", "--rho", "0.02", "--collected", "shifted:synthetic:200", "--gan-epochs", "2"],
+                  (hidfd, "reg_loss"), "reg", "GAN epoch 2", "GAN epoch 1/2"),
+    "hidfd-distill": (["--stage", "distill", "--no-synthetic", "--rho", "0.02", "--collected",
+                       "shifted:synthetic:200", "--epochs", "2"], (hidfd, "align_loss"), "align", "distill epoch 2",
+                      "distill epoch 1/2"),
+    "balanced_transfer": (["--max-draws", "1000", "--source", "noise-uniform", "--transfer-size", "300",
+                           "--epochs", "2"], (bt, "kd_loss"), "kd_loss", "epoch 2", "epoch 1/2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NAN_CASES))
+def test_non_finite_loss_stops_with_the_last_good_state(case, synthetic_teacher, tmp_path, monkeypatch):
+    flags, (owner, loss_name), term, where, kept = NAN_CASES[case]
+    module = {"teacher": teacher, "kd3": kd3, "hidfd": hidfd, "balanced_transfer": bt}[case.split("-")[0]]
+    real_loss, real_save_state, saved = getattr(owner, loss_name), teacher.RunLog.save_state, []
+
+    def loss_turning_nan(*args, **kwargs):  # NaN from the first batch after the first saved epoch
+        return real_loss(*args, **kwargs) * (float("nan") if saved else 1.0)
+
+    def save_state(self, state, label):
+        real_save_state(self, state, label)
+        saved.append(label)
+    monkeypatch.setattr(owner, loss_name, loss_turning_nan)
+    monkeypatch.setattr(teacher.RunLog, "save_state", save_state)
+    runs = tmp_path / "runs"
+    common = ["--dataset", "synthetic", "--device", "cpu", "--runs-dir", str(runs)]
+    with pytest.raises(SystemExit) as stop:
+        module.main(common + ([] if module is teacher else ["--teacher", synthetic_teacher]) + flags
+                    + ["--checkpoint-dir", str(tmp_path / "ckpt")])
+    message, run = str(stop.value.code), only_run(runs)
+    assert message.startswith(f"error: non-finite loss at {where}: ") and f"{term}=nan" in message
+    assert f"the last good state ({kept}) is in {run}/state.pt" in message
+    assert torch.load(os.path.join(run, "state.pt"), weights_only=True)["label"] == kept
+    assert len(run_records(run)) == 1 and not os.path.exists(os.path.join(run, "results.json"))
+
+
+def test_check_teacher_names_what_does_not_fit():
+    fits = {"num_classes": 10, "in_channels": 3, "image_size": 32}
+    teacher.check_teacher(fits, "synthetic")
+    for change, expected in ((dict(num_classes=100), "has 100 classes and 3 input channels"),
+                             (dict(in_channels=1), "has 10 classes and 1 input channels"),
+                             (dict(image_size=64), "trained on 64x64 images, synthetic uses 32x32")):
+        with pytest.raises(ValueError, match=expected):
+            teacher.check_teacher({**fits, **change}, "synthetic")
+
+
+@pytest.mark.parametrize("module", [kd3, hidfd, bt], ids=["kd3", "hidfd", "balanced_transfer"])
+def test_every_method_rejects_a_mismatched_teacher_before_training(module, synthetic_teacher, tmp_path):
+    ckpt = torch.load(synthetic_teacher, weights_only=True)
+    ckpt["image_size"] = 64
+    torch.save(ckpt, tmp_path / "teacher64.pt")
+    with pytest.raises(SystemExit, match="error: teacher .*teacher64.pt was trained on 64x64 images, synthetic uses"):
+        module.main(["--dataset", "synthetic", "--teacher", str(tmp_path / "teacher64.pt"), "--device", "cpu",
+                     "--runs-dir", str(tmp_path / "runs")])
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_converted_sources_are_logged_once_each(capsys):
+    data.load_source("synthetic:20,noise-uniform:10", "train", "unused", channels=1, size=28)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "converted" in line]
+    assert lines == ["source synthetic:20: converted 3x32x32 images to 1x28x28"]  # noise is drawn at 1x28x28
+    data.load_source("synthetic:20", "train", "unused", channels=3, size=32)
+    assert "converted" not in capsys.readouterr().out
+
+
+def test_two_process_gloo_run_selects_like_one_process(synthetic_teacher, tmp_path):
+    argv = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
+            "--web", "shifted:synthetic:300,noise-uniform:100", "--epochs", "2"]
+    kd3.main(argv + ["--runs-dir", str(tmp_path / "one")])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "kd3.py")] + argv + ["--runs-dir", str(tmp_path / "two")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("RESULT method=kd3") == 1  # only rank 0 prints
+    one, two = run_records(only_run(tmp_path / "one")), run_records(only_run(tmp_path / "two"))
+    # epoch 1 selects with the initial student (the same weights on both ranks, predictions assembled from
+    # both shards); later epochs follow students trained on other per-rank augmentations, so they may differ
+    assert two[0]["selected_per_class"] == one[0]["selected_per_class"] and two[0]["selected"] > 0
+    state = torch.load(os.path.join(only_run(tmp_path / "two"), "state.pt"), weights_only=True)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["label"] == "epoch 2/2"
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank its own draws
