@@ -551,8 +551,8 @@ def augment_batch(x, crop_pad=0, flip=False, generator=None):
 
 def normalize(x_uint8, mean, std):
     """uint8 (B, C, H, W) -> float (x / 255 - mean) / std."""
-    mean = torch.tensor(mean, device=x_uint8.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=x_uint8.device).view(1, -1, 1, 1)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x_uint8.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x_uint8.device).view(1, -1, 1, 1)
     return (x_uint8.float() / 255 - mean) / std
 
 
@@ -581,7 +581,10 @@ class DeviceLoader:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.rank, self.world_size, self.local_batch_size = rank, world_size, batch_size // world_size
         self.crop_pad, self.flip = crop_pad, flip
-        self.mean, self.std, self.device = mean, std, device
+        self.device = device
+        # on the device once: a host-to-device copy per batch would stall the GPU queue
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=device)
         self.order_gen = torch.Generator().manual_seed(seed)
         self.aug_gen = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * rank)
         self.channels_last = device.type == "cuda"

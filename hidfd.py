@@ -436,7 +436,7 @@ def train_gan(args, meta, teacher_model, real_x, real_y, real_t_feat, device, lo
             opt_g.step()
 
             predicted = t_logits.detach().argmax(1)
-            counts = torch.bincount(predicted, minlength=num_classes)
+            counts = F.one_hot(predicted, num_classes).sum(0)  # bincount would sync with the host on a GPU
             hist += counts
             # Eq. (10): the counts of this iteration give n^{t+1} (under torchrun: of the whole batch, all ranks)
             class_freq = update_class_frequency(class_freq, teacher_lib.all_reduce_sum(counts), args.gamma)

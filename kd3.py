@@ -264,8 +264,8 @@ def contrastive_view(x, no_md, mix_delta):
         # here, as the issue asks, by standard crop + flip, which keeps each positive pair one image.
         return data.augment_batch(x, crop_pad=max(1, x.shape[-1] // 8), flip=True)
     b = len(x)
-    lam = torch.distributions.Beta(torch.full((b,), mix_delta, device=x.device),
-                                   torch.full((b,), mix_delta, device=x.device)).sample()
+    concentration = torch.full((b,), mix_delta, device=x.device)
+    lam = torch.distributions.Beta(concentration, concentration, validate_args=False).sample()  # no host sync
     return mix_distribution(x, lam, torch.randperm(b, device=x.device))
 
 

@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import balanced_transfer as bt
+import bench
 import data
 import hidfd
 import kd3
@@ -1348,3 +1349,64 @@ def test_two_process_gloo_run_selects_like_one_process(synthetic_teacher, tmp_pa
     state = torch.load(os.path.join(only_run(tmp_path / "two"), "state.pt"), weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["label"] == "epoch 2/2"
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank its own draws
+
+
+#### bench.py ####
+
+# Hand counts (multiply-adds) at 1x32x32, 10 classes. LeNet5: conv1 6*1*25*28*28 = 117,600; conv2 16*6*25*10*10
+# = 240,000; conv3 120*16*25 = 48,000; fc 120*84 = 10,080 (features: 415,680); classifier 84*10 = 840.
+# LeNet5-half: 3*1*25*784 = 58,800; 8*3*25*100 = 60,000; 60*8*25 = 12,000; 60*42 = 2,520 (features: 133,320);
+# classifier 42*10 = 420; KD3/HiDFD connector 42*84 = 3,528; KD3 projection head 84*128 = 10,752 (x2 heads).
+LENET5_FEATURES, LENET5_FORWARD = 2 * 415_680, 2 * (415_680 + 840)
+HALF_FEATURES, HALF_FORWARD = 2 * 133_320, 2 * (133_320 + 420)
+CONNECTOR, HEAD = 2 * 3_528, 2 * 10_752
+
+
+def test_bench_flops_are_hand_counts():
+    torch.manual_seed(0)
+    lenet = models.build_model("lenet5", 10, 1)
+    assert bench.forward_flops(lenet, "forward", torch.zeros(1, 1, 32, 32)) == LENET5_FORWARD == 833_040
+    assert bench.forward_flops(lenet, "features", torch.zeros(1, 1, 32, 32)) == LENET5_FEATURES
+    assert lenet.training  # forward_flops counts in eval mode and restores the mode
+    args, device = bench.resolve_settings(bench.build_parser().parse_args(
+        ["--device", "cpu", "--quick", "--arch-pair", "lenet5:lenet5_half:mnist", "--batch", "4", "--pool", "8"]))
+    b = 4
+    expected = {  # the documented convention: 1x no-grad forward, 3x trained network, per image through it
+        "kd3": 2 * b * (LENET5_FEATURES + 3 * (HALF_FEATURES + CONNECTOR + 2 * HEAD)),  # clean + MD views
+        "hidfd-distill": b * (LENET5_FEATURES + 3 * (HALF_FEATURES + CONNECTOR)),
+        "bt-kd": b * (LENET5_FORWARD + 3 * HALF_FORWARD),
+        "bt-label": b * LENET5_FORWARD,
+    }
+    for step, flops in expected.items():
+        assert bench.BUILDERS[step](args.pairs[0], args, device).flops == flops, step
+    # bad input: unknown names are reported by the registries, --device cuda without CUDA is refused
+    for argv, message in ((["--arch-pair", "resnet34:nosuchnet"], "unknown architecture 'nosuchnet'"),
+                          (["--arch-pair", "lenet5:lenet5_half:nosuchdata"], "unknown dataset 'nosuchdata'"),
+                          (["--device", "cpu", "--batch", "64", "--pool", "32"], "must hold at least one batch")):
+        with pytest.raises(SystemExit, match=message):
+            bench.main(argv)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            bench.main(["--device", "cuda"])
+
+
+def test_bench_quick_table_has_every_step_and_real_timings(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = bench.run(bench.build_parser().parse_args(
+        ["--device", "cpu", "--quick", "--arch-pair", "lenet5:lenet5_half:mnist", "--batch", "4", "--pool", "8",
+         "--repeats", "2", "--out", str(out)]))
+    printed = capsys.readouterr().out
+    rows = results["rows"]
+    assert [r["step"] for r in rows] == list(bench.STEPS)
+    assert json.loads(out.read_text())["rows"] == rows
+    for r in rows:
+        assert (r["pair"], r["input"], r["batch"]) == ("lenet5->lenet5_half", "1x32x32", 4)
+        assert len(r["fast_ms_runs"]) == len(r["naive_ms_runs"]) == 2
+        assert all(0 < ms < 60_000 for ms in r["fast_ms_runs"] + r["naive_ms_runs"])
+        assert r["fast_img_s"] == pytest.approx(4 / (r["fast_ms"] / 1e3))
+        assert r["fast_over_naive"] == pytest.approx(r["naive_ms"] / r["fast_ms"])
+        assert r["fast_tflop_s"] == pytest.approx(r["gflop_per_step"] / r["fast_ms"])  # GFLOP/ms = TFLOP/s
+        assert r["gflop_per_step"] > 0
+        assert r["mfu"] is None  # no peak on CPU unless --peak-tflops is given
+        assert f"{r['step']} " in printed and f"{r['fast_over_naive']:.2f}x" in printed
+    assert results["threads"] == torch.get_num_threads() and results["naive_workers"] == 0
