@@ -340,10 +340,7 @@ def run(args):
     aug_gen = torch.Generator(device=device).manual_seed(teacher_lib.rank_seed(args.seed + 2))  # per rank
     student = teacher_lib.prepare_model(models.build_model(args.student_arch, meta["num_classes"], meta["channels"]),
                                         device)
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = teacher_lib.make_optimizer(student.parameters(), args)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(args.milestones), gamma=0.1)
     first_epoch = 0
     if log.state:

@@ -202,13 +202,6 @@ def compile_method(args, module, method):
         setattr(module, method, torch.compile(getattr(module, method)))
 
 
-def make_optimizer(params, margs):
-    """The method files' choice: SGD with momentum (CIFAR-like recipes) or Adam (MNIST family)."""
-    if margs.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=margs.lr, momentum=margs.momentum, weight_decay=margs.weight_decay)
-    return torch.optim.Adam(params, lr=margs.lr, weight_decay=margs.weight_decay)
-
-
 #### The naive data pipeline: per-sample torchvision transforms on PIL images ####
 
 class NaiveImages(Dataset):
@@ -331,7 +324,8 @@ def build_kd3(pair, args, device):
     head_t = kd3.ProjectionHead(teacher.feat_dim, margs.proj_dim)
     naive_heads = copy.deepcopy(head_s).to(device), copy.deepcopy(head_t).to(device)
     head_s, head_t = head_s.to(device), head_t.to(device)
-    opt = make_optimizer([p for m in (model, head_s, head_t) for p in m.parameters() if p.requires_grad], margs)
+    opt = teacher_lib.make_optimizer([p for m in (model, head_s, head_t) for p in m.parameters() if p.requires_grad],
+                                     margs)
 
     b = args.batch
     f_t = forward_flops(teacher, "features", one)
@@ -359,8 +353,8 @@ def build_kd3(pair, args, device):
 
     naive_model = kd3.KD3Student(naive_backbone, naive_teacher.classifier).to(device)
     teacher_ids = {id(p) for p in naive_teacher.parameters()}
-    naive_opt = make_optimizer([p for m in (naive_model, *naive_heads) for p in m.parameters()
-                                if p.requires_grad and id(p) not in teacher_ids], margs)
+    naive_opt = teacher_lib.make_optimizer([p for m in (naive_model, *naive_heads) for p in m.parameters()
+                                            if p.requires_grad and id(p) not in teacher_ids], margs)
     naive_batches = endless(naive_loader(NaiveImages(images, crop_flip_transform(meta, meta["size"])), args))
     kw = dict(tau=margs.tau, reduction=margs.mdcl_reduction, positive_in_denominator=margs.contrastive == "ntxent")
     losses = []
@@ -513,7 +507,7 @@ def build_hidfd_distill(pair, args, device):
     student = models.build_model(pair[1], meta["num_classes"], meta["channels"])
     naive_student = copy.deepcopy(student)
     model = teacher_lib.prepare_model(hidfd.SharedClassifierStudent(student, teacher.classifier), device)
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], margs)
+    opt = teacher_lib.make_optimizer([p for p in model.parameters() if p.requires_grad], margs)
 
     b = args.batch
     f_t = forward_flops(teacher, "features", one)
@@ -543,7 +537,7 @@ def build_hidfd_distill(pair, args, device):
                              teacher.classifier(t_feat).argmax(1)).sum())
 
     naive_model = hidfd.SharedClassifierStudent(naive_student, naive_teacher.classifier).to(device)
-    naive_opt = make_optimizer([p for p in naive_model.parameters() if p.requires_grad], margs)
+    naive_opt = teacher_lib.make_optimizer([p for p in naive_model.parameters() if p.requires_grad], margs)
     naive_batches = endless(naive_loader(NaiveImages(images, crop_flip_transform(meta, meta["size"])), args))
     losses = []
 
@@ -572,7 +566,7 @@ def build_bt_kd(pair, args, device):
     student = models.build_model(pair[1], num_classes, channels)
     naive_student = copy.deepcopy(student).to(device)
     student = teacher_lib.prepare_model(student, device)
-    opt = make_optimizer(student.parameters(), margs)
+    opt = teacher_lib.make_optimizer(student.parameters(), margs)
 
     f_t = forward_flops(teacher, "forward", one)
     f_s = forward_flops(student, "forward", one)
@@ -604,7 +598,7 @@ def build_bt_kd(pair, args, device):
         stats["loss"].add_(loss.detach() * len(x))
         stats["hist"].add_(torch.bincount(t_logits.argmax(1), minlength=num_classes))
 
-    naive_opt = make_optimizer(naive_student.parameters(), margs)
+    naive_opt = teacher_lib.make_optimizer(naive_student.parameters(), margs)
     naive_batches = endless(naive_loader(NaiveImages(images, bt_transform(meta)), args))
     losses = []
 

@@ -517,10 +517,7 @@ def distill(args, meta, teacher_model, collected_x, synthetic_x, device, log, te
     student = models.build_model(args.student_arch, meta["num_classes"], meta["channels"])
     model = teacher_lib.prepare_model(SharedClassifierStudent(student, teacher_model.classifier), device)
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = teacher_lib.make_optimizer(params, args)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(args.milestones), gamma=0.1)
     first_epoch = 0
     if log.state and log.state["stage"] == "distill":

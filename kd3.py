@@ -383,10 +383,7 @@ def run(args):
     head_s = ProjectionHead(model.feat_dim, args.proj_dim).to(device)
     head_t = ProjectionHead(teacher_model.feat_dim, args.proj_dim).to(device)
     params = [p for m in (model, head_s, head_t) for p in m.parameters() if p.requires_grad]
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = teacher_lib.make_optimizer(params, args)
     if teacher_lib.rank() > 0:  # same initial weights on every rank (above); its own MixDistribution draws below
         torch.manual_seed(teacher_lib.rank_seed(args.seed))
     select_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: the same random selection

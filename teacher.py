@@ -63,6 +63,14 @@ def get_device(name="auto"):
     return torch.device(name)
 
 
+def make_optimizer(params, args):
+    """The recipes' optimiser: SGD with momentum (CIFAR-like) or Adam (MNIST family), from args.optimizer, lr,
+    momentum and weight_decay."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -499,10 +507,7 @@ def train_teacher(args):
           + (f", {world_size()} processes" if world_size() > 1 else ""), flush=True)
 
     model = prepare_model(models.build_model(args.arch, meta["num_classes"], meta["channels"]), device)
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = make_optimizer(model.parameters(), args)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(args.milestones), gamma=0.1)
     loader = data.DeviceLoader(train_x, train_y, batch_size=args.batch_size, shuffle=True, crop_pad=meta["crop_pad"],
                                flip=meta["flip"], mean=meta["mean"], std=meta["std"], device=device, seed=args.seed,
