@@ -1410,3 +1410,34 @@ def test_bench_quick_table_has_every_step_and_real_timings(tmp_path, capsys):
         assert r["mfu"] is None  # no peak on CPU unless --peak-tflops is given
         assert f"{r['step']} " in printed and f"{r['fast_over_naive']:.2f}x" in printed
     assert results["threads"] == torch.get_num_threads() and results["naive_workers"] == 0
+
+
+#### experiments/: the reproduction tables' plumbing ####
+
+def _runner(monkeypatch, tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+    import runner  # experiments/runner.py (not a package: the table scripts import it by name)
+    monkeypatch.setattr(runner, "RESULTS", str(tmp_path))
+    return runner
+
+
+def test_experiments_mean_std_matches_statistics(monkeypatch, tmp_path):
+    import statistics
+    runner = _runner(monkeypatch, tmp_path)
+    values = [76.54, 77.9, 75.02]
+    assert runner.mean_std(values) == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (3)"
+    assert runner.mean_std([1.25, None]) == "1.25 (1 seed)"  # unfinished seeds are left out, and say so
+    assert runner.mean_std([-0.5, 1.5], signed=True) == f"+0.50 ± {statistics.stdev([-0.5, 1.5]):.2f} (2)"
+    assert runner.mean_std([None, None]) == "—"
+
+
+def test_experiments_pending_jobs_skip_kept_results_and_go_seed_major(monkeypatch, tmp_path):
+    runner = _runner(monkeypatch, tmp_path)
+    jobs = [(name, seed, ["kd3.py"]) for name in ("a", "b") for seed in (2, 0, 1)]  # row-major, odd seed order
+    kept = tmp_path / "t" / "b-seed2"
+    kept.mkdir(parents=True)
+    (kept / "results.json").write_text(json.dumps({"student_acc": 50.0}))
+    todo = [(name, seed) for name, seed, _ in runner.pending_jobs("t", jobs)]
+    assert todo == [("a", 2), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert runner.load("t", "b", 2) == {"student_acc": 50.0} and runner.load("t", "a", 2) is None
+    assert runner.field("t", "b", [2, 0], "student_acc") == [50.0, None]

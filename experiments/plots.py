@@ -22,26 +22,30 @@ def read_jsonl(path):
 
 
 def accuracy_curves(table):
-    """One line per run (colour per variant, one line per seed); student epochs only (HiDFD's GAN epochs
-    have no test accuracy)."""
+    """Test accuracy per student epoch, one colour per variant: the mean over its seeds as a line and the
+    seeds' min..max as a band (HiDFD's GAN epochs have no test accuracy and are left out)."""
     folder = os.path.join(RESULTS, table)
     runs = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, "metrics.jsonl")))
     if not runs:
         return None
-    variants = sorted({r.rsplit("-seed", 1)[0] for r in runs})
-    colours = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
-    fig, ax = plt.subplots(figsize=(8, 5))
-    labelled = set()
+    curves = {}  # variant -> list of per-seed accuracy lists
     for run in runs:
-        variant = run.rsplit("-seed", 1)[0]
         records = [r for r in read_jsonl(os.path.join(folder, run, "metrics.jsonl")) if "test_acc" in r]
-        label = None if variant in labelled else variant  # one legend entry per variant
-        labelled.add(variant)
-        ax.plot(range(1, len(records) + 1), [r["test_acc"] for r in records], color=colours[variant], label=label,
-                alpha=0.8)
+        curves.setdefault(run.rsplit("-seed", 1)[0], []).append([r["test_acc"] for r in records])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (variant, seeds) in enumerate(sorted(curves.items())):
+        n = min(len(c) for c in seeds)  # epochs every seed has (all of them for finished runs)
+        epochs = range(1, n + 1)
+        per_epoch = list(zip(*[c[:n] for c in seeds]))
+        mean = [sum(v) / len(v) for v in per_epoch]
+        colour = plt.cm.tab10(i % 10)
+        ax.plot(epochs, mean, color=colour, label=f"{variant} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+        if len(seeds) > 1:
+            ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], color=colour,
+                            alpha=0.15, linewidth=0)
     ax.set_xlabel("student epoch")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{table}: test accuracy per epoch (one line per seed)")
+    ax.set_title(f"{table}: test accuracy per epoch (mean over seeds, band = min..max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     path = os.path.join(RESULTS, f"{table}-accuracy.png")
@@ -52,7 +56,9 @@ def accuracy_curves(table):
 
 
 def transfer_histograms():
-    """Kept class histogram of each balanced-transfer variant (first seed found), side by side."""
+    """Teacher-labelled class histograms of the balanced-transfer runs (first seed kept): the composed transfer
+    set of each composition (unbalanced / balanced) and, for the augmented runs, the stream the student actually
+    sees (the teacher's labels of the last epoch's augmented images). Log scale: the counts span 1..50,000."""
     folder = os.path.join(RESULTS, "balanced_transfer")
     if not os.path.isdir(folder):
         return None
@@ -63,18 +69,26 @@ def transfer_histograms():
         if variant not in results and os.path.isfile(path):
             with open(path) as f:
                 results[variant] = json.load(f)
-    if not results:
+    bars = {}  # label -> histogram
+    for variant, res in sorted(results.items(), key=lambda kv: (kv[1]["balanced"], kv[1]["augment"])):
+        composition = "balanced" if res["balanced"] else "unbalanced"
+        label = f"{composition} set ({res['transfer_size']:,} of {res['draws']:,} draws)"
+        bars.setdefault(label, res["histogram"])
+        if res["augment"] and res.get("augmented_histogram"):
+            bars[f"{composition}, augmented stream (last epoch)"] = res["augmented_histogram"]
+    if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(results)
-    for i, (variant, res) in enumerate(sorted(results.items())):
-        hist = res["histogram"]
-        ax.bar([c + i * width for c in range(len(hist))], hist, width=width, label=variant)
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width = 0.8 / len(bars)
+    for i, (label, hist) in enumerate(bars.items()):
+        ax.bar([c + i * width for c in range(len(hist))], [max(h, 0.8) for h in hist], width=width, label=label)
+    ax.set_yscale("log")
     ax.set_xticks([c + 0.4 - width / 2 for c in range(10)])
     ax.set_xticklabels(["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                         "boot"], rotation=30)
-    ax.set_ylabel("images in the transfer set")
-    ax.set_title("teacher-labelled class histogram of each transfer set")
+    ax.set_ylabel("images (log scale)")
+    ax.set_title("uniform noise as Fashion-MNIST: the teacher's argmax histogram of each transfer set")
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     path = os.path.join(RESULTS, "balanced_transfer-histograms.png")
     fig.tight_layout()

@@ -48,27 +48,42 @@ def result_dir(table, name, seed):
     return os.path.join(RESULTS, table, f"{name}-seed{seed}")
 
 
+def pending_jobs(table, jobs):
+    """The jobs whose results.json is not kept yet, in seed-major order: every row gets its first seed before
+    any row gets its second, so a table stopped early still has every row (with fewer seeds) rather than
+    some rows complete and others empty. Within a seed the given order is kept."""
+    todo = [job for job in jobs if not os.path.isfile(os.path.join(result_dir(table, job[0], job[1]), "results.json"))]
+    seed_rank = {s: i for i, s in enumerate(dict.fromkeys(job[1] for job in jobs))}
+    return sorted(todo, key=lambda job: seed_rank[job[1]])  # sorted() is stable
+
+
 def run_jobs(table, jobs, dry_run=False):
     """Run every (name, seed, argv) job whose results are not kept yet; argv[0] is the CLI file."""
-    todo = [job for job in jobs if not os.path.isfile(os.path.join(result_dir(table, job[0], job[1]), "results.json"))]
+    todo = pending_jobs(table, jobs)
     print(f"{table}: {len(jobs) - len(todo)} of {len(jobs)} runs already done", flush=True)
+    os.makedirs(RUNS, exist_ok=True)
     for i, (name, seed, argv) in enumerate(todo):
         cmd = [sys.executable] + argv + ["--seed", str(seed), "--runs-dir", RUNS]
         print(f"[{i + 1}/{len(todo)}] {name} seed {seed}: python {' '.join(argv)} --seed {seed}", flush=True)
         if dry_run:
             continue
         start = time.time()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        log_path = os.path.join(RUNS, f"{table}-{name}-seed{seed}.log")  # the run's own progress lines, live
+        print(f"    progress: tail -f {os.path.relpath(log_path, REPO)}", flush=True)
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        with open(log_path) as log:
+            output = log.read()
         if proc.returncode != 0:
-            sys.exit(f"{name} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        run_folder = proc.stdout.split("run folder: ")[1].split("\n")[0]
+            sys.exit(f"{name} seed {seed} failed (exit {proc.returncode}):\n{output[-3000:]}")
+        run_folder = output.split("run folder: ")[1].split("\n")[0]
         out = result_dir(table, name, seed)
         os.makedirs(out, exist_ok=True)
         for fname in ("results.json", "metrics.jsonl", "config.json"):
             shutil.copy(os.path.join(REPO, run_folder, fname), out)
         result = load(table, name, seed)
         acc = result["student_acc"] if "student_acc" in result else result.get("teacher_acc")  # teacher.py runs
-        print(f"    test accuracy {acc} in {(time.time() - start) / 60:.1f} min", flush=True)
+        print(f"    test accuracy {acc:.2f}% in {(time.time() - start) / 60:.1f} min", flush=True)
 
 
 def load(table, name, seed):
@@ -79,16 +94,17 @@ def load(table, name, seed):
         return json.load(f)
 
 
-def mean_std(values):
-    """'m ± s (n)' over the finished seeds (sample std); '—' when none finished."""
+def mean_std(values, signed=False):
+    """'m ± s (n)' over the finished seeds (sample std); '—' when none finished. signed: '+m' for differences."""
     values = [v for v in values if v is not None]
     if not values:
         return "—"
     m = sum(values) / len(values)
+    mean = f"{m:+.2f}" if signed else f"{m:.2f}"
     if len(values) == 1:
-        return f"{m:.2f} (1 seed)"
+        return f"{mean} (1 seed)"
     s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{m:.2f} ± {s:.2f} ({len(values)})"
+    return f"{mean} ± {s:.2f} ({len(values)})"
 
 
 def write_table(table, header, rows, notes="", dry_run=False):
