@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from runner import RESULTS  # noqa: E402
 
@@ -43,6 +44,7 @@ def accuracy_curves(table):
         if len(seeds) > 1:
             ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], color=colour,
                             alpha=0.15, linewidth=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("student epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{table}: test accuracy per epoch (mean over seeds, band = min..max)")

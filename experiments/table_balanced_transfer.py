@@ -36,12 +36,13 @@ def main():
     for name, balance, aug in rows:
         first = runner.load(TABLE, name, args.seeds[0]) or {}
         table.append([balance, aug, runner.mean_std(runner.field(TABLE, name, args.seeds, "student_acc")),
-                      PAPER[(balance, aug)], first.get("transfer_size", "—"), first.get("draws", "—"),
+                      PAPER[(balance, aug)], f"{first['transfer_size']:,}" if first else "—",
+                      f"{first['draws']:,}" if first else "—",
                       first.get("histogram", "—"), runner.wall_minutes(TABLE, name, args.seeds)])
-    teacher = runner.field(TABLE, rows[0][0], args.seeds[:1], "teacher_acc")[0]
+    teacher = runner.field(TABLE, rows[0][0], args.seeds[:1], "teacher_acc")[0] or float("nan")
     runner.write_table(TABLE, ["transfer set", "augmentation", "student acc (ours)", "paper", "size", "noise draws",
                                f"class histogram (seed {args.seeds[0]})", "wall (min)"], table,
-                       f"Teacher LeNet-5: {teacher}% (paper 90.84%). Source {args.source}, {args.epochs} student "
+                       f"Teacher LeNet-5: {teacher:.2f}% (paper 90.84%). Source {args.source}, {args.epochs} student "
                        f"epochs, balanced rows capped at {args.max_draws:,} draws; seeds {args.seeds}.", dry_run=args.dry_run)
 
 
