@@ -55,10 +55,13 @@ def main():
         b = runner.field(TABLE, gan, args.seeds, "student_acc")
         agree = runner.field(TABLE, gan, args.seeds, "synthetic_teacher_agree")
         gains = [y - x for x, y in zip(a, b) if x is not None and y is not None]
-        table.append([rho, f"{gan_epochs} ({gan_epochs * math.ceil(rho * TRAIN_SIZE / GAN_BATCH):,})", runner.mean_std(a), runner.mean_std(b), runner.mean_std(gains, signed=True),
+        iterations = gan_epochs * math.ceil(rho * TRAIN_SIZE / GAN_BATCH)
+        table.append([rho, f"{gan_epochs} ({iterations:,})", runner.mean_std(a), runner.mean_std(b),
+                      runner.mean_std(gains, signed=True),
                       runner.mean_std(agree), runner.wall_minutes(TABLE, only, args.seeds),
                       runner.wall_minutes(TABLE, gan, args.seeds)])
-    runner.write_table(TABLE, ["rho", "GAN epochs (iterations)", "collection only", "HiDFD", "gain (points)", "teacher agrees with G's label (%)",
+    runner.write_table(TABLE, ["rho", "GAN epochs (iterations)", "collection only", "HiDFD", "gain (points)",
+                               "teacher agrees with G's label (%)",
                                "wall, collection only (min)", "wall, HiDFD (min)"], table,
                        f"Collection `{args.collected}`; GAN width {args.gan_width}, batch {GAN_BATCH}; "
                        f"student {args.epochs} epochs; seeds {args.seeds}.", dry_run=args.dry_run)
