@@ -1415,7 +1415,7 @@ def test_bench_quick_table_has_every_step_and_real_timings(tmp_path, capsys):
 #### experiments/: the reproduction tables' plumbing ####
 
 def _runner(monkeypatch, tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
     import runner  # experiments/runner.py (not a package: the table scripts import it by name)
     monkeypatch.setattr(runner, "RESULTS", str(tmp_path))
     return runner

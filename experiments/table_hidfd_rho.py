@@ -37,9 +37,10 @@ def main():
               "--data-root", args.data_root, "--device", args.device, "--epochs", str(args.epochs)]
     jobs, rows = [], []
     for rho in args.rhos:
+        iterations_per_epoch = math.ceil(rho * TRAIN_SIZE / GAN_BATCH)  # |D_c| / batch 100 (hidfd.py's default)
         gan_epochs = args.gan_epochs
-        if args.gan_iterations is not None:  # iterations per GAN epoch: |D_c| / batch 100 (hidfd.py's default)
-            gan_epochs = math.ceil(args.gan_iterations / (rho * TRAIN_SIZE / GAN_BATCH))
+        if args.gan_iterations is not None:
+            gan_epochs = math.ceil(args.gan_iterations / iterations_per_epoch)
         only = f"rho{rho}-collected-only-e{args.epochs}"
         gan = f"rho{rho}-hidfd-gan{gan_epochs}w{args.gan_width}-e{args.epochs}"
         for s in args.seeds:
@@ -47,15 +48,14 @@ def main():
             jobs.append((only, s, common + ["--rho", str(rho), "--no-synthetic"]))
             jobs.append((gan, s, common + ["--rho", str(rho), "--gan-epochs", str(gan_epochs),
                                            "--gan-width", str(args.gan_width), "--generator", generator]))
-        rows.append((rho, only, gan, gan_epochs))
+        rows.append((rho, only, gan, gan_epochs, gan_epochs * iterations_per_epoch))
     runner.run_jobs(TABLE, jobs, args.dry_run)
     table = []
-    for rho, only, gan, gan_epochs in rows:
+    for rho, only, gan, gan_epochs, iterations in rows:
         a = runner.field(TABLE, only, args.seeds, "student_acc")
         b = runner.field(TABLE, gan, args.seeds, "student_acc")
         agree = runner.field(TABLE, gan, args.seeds, "synthetic_teacher_agree")
         gains = [y - x for x, y in zip(a, b) if x is not None and y is not None]
-        iterations = gan_epochs * math.ceil(rho * TRAIN_SIZE / GAN_BATCH)
         table.append([rho, f"{gan_epochs} ({iterations:,})", runner.mean_std(a), runner.mean_std(b),
                       runner.mean_std(gains, signed=True),
                       runner.mean_std(agree), runner.wall_minutes(TABLE, only, args.seeds),
