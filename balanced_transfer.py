@@ -6,18 +6,17 @@ Algorithm 1 composes a "target-class balanced" set: go through sources D_1..D_M 
 only while its teacher-predicted class holds fewer than N/C samples. The student then learns from the
 teacher's temperature-softened outputs alone, Eq. (2), optionally on augmented images (Sec. 4.2).
 
-    python balanced_transfer.py --dataset fashionmnist --source noise-uniform --data-root /usr/share/datasets
-    python balanced_transfer.py --dataset fashionmnist --source noise-uniform --unbalanced --no-augment
+    python balanced_transfer.py --epochs 10     # Fashion-MNIST, LeNet-5 -> LeNet-5-half on uniform noise, ~4 min on 2 cores
+    python balanced_transfer.py --unbalanced --no-augment          # Table 1's first row
     python balanced_transfer.py --dataset cifar10 --source svhn,tinyimagenet     # AlexNet -> AlexNet-half
 
-Expected (Table 1, FMNIST, LeNet-5 -> LeNet-5-half, teacher 90.84%): noise unbalanced 33.49 / 38.37 and
-balanced 70.15 / 74.33 (without / with augmentation). Uniform noise cannot fill every class quota of a
-Fashion-MNIST teacher in a sensible number of draws, so the composer stops at --max-draws and reports the
-histogram it reached; measured numbers on a 2-core CPU are in the README.
+Paper (Table 1, FMNIST, teacher 90.84%): noise unbalanced 33.49 / 38.37, balanced 70.15 / 74.33 (without /
+with augmentation). Uniform noise cannot fill every class quota of our Fashion-MNIST teacher in a sensible
+number of draws, so the composer stops at --max-draws (or --max-minutes) and reports the histogram it reached;
+measured runs: docs/balanced_transfer.md.
 """
 
 import argparse
-import sys
 import time
 
 import torch
@@ -25,84 +24,106 @@ import torch.nn.functional as F
 
 import data
 import models
-import teacher as teacher_lib
+import pictures
+import runtime
+from teacher import get_teacher
 
-#### Settings: defaults per dataset family (every value is also a CLI flag) ####
+#### Settings: defaults per dataset family (every value is also a CLI flag; --help shows them) ####
 # The paper gives architectures and sources (Sec. 4, Table 1) but no student optimiser, epochs or batch size.
-# mnist: LeNet-5 -> LeNet-5-half, uniform noise; the repository's MNIST-family recipe (Adam 1e-3, 40 epochs).
-#        max_draws 1M: ~3.5 min of teacher forwards on a busy 2-core CPU; more draws barely help (see the docs).
-# cifar: AlexNet -> AlexNet-half (Table 1 / Table 2-left), SVHN then TinyImageNet (Sec. 4.1); the repository's
-#        CIFAR recipe (SGD 0.05, 240 epochs, /10 at 150/180/210).
+# mnist: LeNet-5 -> LeNet-5-half, uniform noise; the MNIST-family teacher recipe (Adam 1e-3, 40 epochs).
+#        max_draws 1M: ~1.5 min of teacher forwards on a 2-core CPU.
+# cifar: AlexNet -> AlexNet-half (Table 1 / Table 2-left), SVHN then TinyImageNet (Sec. 4.1); the CIFAR recipe
+#        (SGD 0.05, 240 epochs, /10 at 150/180/210).
 # synthetic: tiny settings so that the end-to-end tests take seconds; noise, then style-shifted shapes (two
 #        sources, so Algorithm 1 switches source).
 SETTINGS = {
-    "mnist": dict(teacher_arch="lenet5", student_arch="lenet5_half", source="noise-uniform", optimizer="adam",
-                  lr=1e-3, momentum=0.0, weight_decay=0.0, epochs=40, milestones=(), batch_size=256,
-                  max_draws=1_000_000, draw_batch=8192),
     "cifar": dict(teacher_arch="alexnet", student_arch="alexnet_half", source="svhn,tinyimagenet", optimizer="sgd",
                   lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=240, milestones=(150, 180, 210), batch_size=128,
+                  max_draws=1_000_000, draw_batch=8192),
+    "mnist": dict(teacher_arch="lenet5", student_arch="lenet5_half", source="noise-uniform", optimizer="adam",
+                  lr=1e-3, momentum=0.0, weight_decay=0.0, epochs=40, milestones=(), batch_size=256,
                   max_draws=1_000_000, draw_batch=8192),
     "synthetic": dict(teacher_arch="lenet5", student_arch="lenet5_half", source="noise-uniform,shifted:synthetic",
                       optimizer="adam", lr=2e-3, momentum=0.0, weight_decay=0.0, epochs=2, milestones=(),
                       batch_size=128, max_draws=4000, draw_batch=2048),
 }
 
-# Generated sources are drawn on the fly by the streaming composer. uniform and gaussian are the paper's
-# (Sec. 4: U[0,1] per pixel; N(0.5, 0.1) clipped for CIFAR-100); lowfreq and brightness are additions that
-# reach far more teacher classes per draw (IMPLEMENTATION_NOTES) and are never a default.
+# Generated sources, drawn on the fly by the streaming composer. uniform and gaussian are the paper's (Sec. 4:
+# U[0,1] per pixel; N(0.5, 0.1) clipped for CIFAR-100). The others are additions, never a default: lowfreq
+# (uniform 8x8 noise upsampled) and brightness (uniform x a per-image brightness) reach more teacher classes per
+# draw; uniform-normalised (U[-1, 1]) and normal-normalised (N(0, 1)) are drawn in the teacher's normalised input
+# space, mapped back to pixels and clipped to [0, 1].
 NOISE_SOURCES = {"noise-uniform": "uniform", "noise-gaussian": "gaussian", "noise-lowfreq": "lowfreq",
-                 "noise-brightness": "brightness"}
+                 "noise-brightness": "brightness", "noise-uniform-normalised": "uniform-normalised",
+                 "noise-normal-normalised": "normal-normalised"}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="KD on a class-balanced arbitrary transfer set (WACV 2021). "
-                                            "Defaults per family: see SETTINGS.")
+    p = argparse.ArgumentParser(description="KD on a class-balanced arbitrary transfer set (WACV 2021).",
+                                formatter_class=runtime.HelpFormatter)
     p.add_argument("--dataset", default="fashionmnist", choices=sorted(data.DATASETS), help="the teacher's task")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: cached/trained by teacher.py)")
-    p.add_argument("--teacher-arch", default=None, help="Sec. 4: lenet5 (MNIST/FMNIST), alexnet (CIFAR-10; "
-                   "resnet34 for Table 2-right)")
-    p.add_argument("--student-arch", default=None, help="Sec. 4: lenet5_half, alexnet_half (resnet18 for resnet34)")
-    p.add_argument("--data-root", default="data")
+    p.add_argument("--source", default=None, help="arbitrary sources D_1..D_M in order: any data.py source list, or "
+                   f"generated noise ({', '.join(NOISE_SOURCES)}) (Sec. 4.1: noise, Clevr+Mid-Air, SVHN+TinyImageNet); "
+                   + runtime.family_default(SETTINGS, "source"))
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the cache of teacher.py, trained "
+                   "with its recipe when missing)")
+    p.add_argument("--teacher-arch", default=None, help="Sec. 4 (resnet34 for Table 2-right); "
+                   + runtime.family_default(SETTINGS, "teacher_arch"))
+    p.add_argument("--student-arch", default=None, help="Sec. 4 (resnet18 for resnet34); "
+                   + runtime.family_default(SETTINGS, "student_arch"))
+    p.add_argument("--data-root", default="data", help="where the datasets' files are (docs/data.md)")
     p.add_argument("--download", action="store_true", help="fetch the teacher's dataset with torchvision first")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--checkpoint-dir", default="checkpoints")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws, the student and the augmentation")
+    p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
+    p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
     # Transfer set (Algorithm 1, Sec. 4.1)
-    p.add_argument("--source", default=None, help="arbitrary sources D_1..D_M in order, any data.py source list "
-                   "or noise-uniform/-gaussian/-lowfreq/-brightness (Sec. 4.1: noise, Clevr+Mid-Air, "
-                   "SVHN+TinyImageNet)")
     balance = p.add_mutually_exclusive_group()
     balance.add_argument("--balanced", dest="balanced", action="store_true", default=True,
-                         help="compose with Algorithm 1 (default)")
+                         help="compose with Algorithm 1 (default: on)")
     balance.add_argument("--unbalanced", dest="balanced", action="store_false",
                          help="Table 1 'X' rows: a random composition of the same size N")
+    p.add_argument("--transfer-size", type=int, default=None, help="N of Algorithm 1 (Sec. 4.1: the teacher's "
+                   "training-set size; default: data.DATASETS train_size, 60000 for FMNIST)")
+    p.add_argument("--max-draws", type=int, default=None, help="cap on draws per generated source (a ':N' suffix "
+                   "overrides it); the paper draws until balanced; " + runtime.family_default(SETTINGS, "max_draws"))
+    p.add_argument("--max-minutes", type=float, default=None, help="time cap on drawing from a generated source "
+                   "(default: none)")
+    p.add_argument("--draw-batch", type=int, default=None, help="noise images per teacher forward while composing; "
+                   + runtime.family_default(SETTINGS, "draw_batch"))
+    p.add_argument("--strict", type=float, nargs="?", const=0.0, default=None, metavar="FRACTION",
+                   help="refuse a transfer set where a class holds no image, or fewer than FRACTION of its quota "
+                        "N/C (default: off)")
+    # Distillation (Eq. 2, Sec. 4.2)
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="Sec. 4.2: scaling, rotation, flip, gaussian and salt-and-pepper noise during KD")
-    p.add_argument("--transfer-size", type=int, default=None, help="N of Algorithm 1 (Sec. 4.1: the teacher's "
-                   "training-set size, 60000 for FMNIST)")
-    p.add_argument("--max-draws", type=int, default=None, help="cap on draws per generated source (a ':N' suffix "
-                   "overrides it); the paper draws until balanced, which uniform noise never reaches for FMNIST")
-    p.add_argument("--draw-batch", type=int, default=None, help="noise images per teacher forward while composing")
-    p.add_argument("--strict", action="store_true", help="stop with an error if some class gets no sample at all")
-    # Distillation (Eq. 2)
+    p.add_argument("--aug-labels", default="relabel", choices=["relabel", "fixed", "with-originals"],
+                   help="targets of augmented images: the teacher labels each augmented image afresh (relabel, "
+                        "Sec. 4.2 as written); the teacher's outputs on the composed image (fixed); or every batch "
+                        "holds the composed images beside their augmented copies, each labelled afresh "
+                        "(with-originals)")
     p.add_argument("--temperature", type=float, default=20.0, help="tau of Eq. (2); not given in the paper: 20 as "
                    "in the same group's ZSKD and DeGAN")
-    p.add_argument("--epochs", type=int, default=None, help="student epochs (not in the paper; 40 MNIST family)")
-    p.add_argument("--batch-size", type=int, default=None, help="student batch size (256 MNIST family, 128 CIFAR)")
-    p.add_argument("--lr", type=float, default=None, help="student lr (Adam 1e-3 MNIST family; SGD 0.05 CIFAR)")
-    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"], help="student optimizer")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
-    p.add_argument("--milestones", type=int, nargs="*", default=None, help="lr /10 at these epochs")
+    p.add_argument("--epochs", type=int, default=None, help="student epochs (not in the paper); "
+                   + runtime.family_default(SETTINGS, "epochs"))
+    p.add_argument("--batch-size", type=int, default=None, help="student batch size; "
+                   + runtime.family_default(SETTINGS, "batch_size"))
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"], help="student optimiser; "
+                   + runtime.family_default(SETTINGS, "optimizer"))
+    p.add_argument("--lr", type=float, default=None, help="student lr; " + runtime.family_default(SETTINGS, "lr"))
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum; "
+                   + runtime.family_default(SETTINGS, "momentum"))
+    p.add_argument("--weight-decay", type=float, default=None, help=runtime.family_default(SETTINGS, "weight_decay"))
+    p.add_argument("--milestones", type=int, nargs="*", default=None, help="lr / 10 at these epochs; "
+                   + runtime.family_default(SETTINGS, "milestones"))
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from "
                    "RUN_DIR/state.pt and transfer_set.pt with its saved config.json (flags given now must match it)")
     return p
 
 
 def resolve_settings(args):
-    """Fill every None flag from SETTINGS[family] (visible above); N defaults to |D_o|,
-    the teacher's training-set size (Sec. 4.1), so the original data is never read."""
+    """Fill every None flag from SETTINGS[family] (visible above); N defaults to |D_o|, the teacher's
+    training-set size (Sec. 4.1), so the original data is never read."""
     for key, value in SETTINGS[data.DATASETS[args.dataset]["family"]].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -111,7 +132,15 @@ def resolve_settings(args):
     if args.transfer_size < data.DATASETS[args.dataset]["num_classes"]:
         raise ValueError("--transfer-size must be at least the number of classes (quota N // C >= 1)")
     if min(args.epochs, args.batch_size, args.max_draws, args.draw_batch) < 1 or args.temperature <= 0:
-        raise ValueError("epochs, batch sizes and --max-draws must be >= 1 and --temperature > 0")
+        raise ValueError("--epochs, --batch-size, --max-draws and --draw-batch must be >= 1 and --temperature > 0")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
+    if args.strict is not None and not 0 <= args.strict <= 1:
+        raise ValueError(f"--strict FRACTION must be in [0, 1], got {args.strict}")
+    for spec in (s.strip() for s in args.source.split(",")):
+        name, count = data.parse_source(spec)
+        if count == 0:
+            raise ValueError(f"--source {spec!r} asks for 0 images — drop it or give a count >= 1")
     return args
 
 
@@ -149,10 +178,9 @@ def kd_loss(student_logits, teacher_logits, T):
                     reduction="batchmean") * T ** 2
 
 
-def random_noise(n, shape, kind, generator):
-    """n noise images (n, *shape) in [0, 1] on the generator's device.
-    uniform: U[0, 1] per pixel (Sec. 4, MNIST/FMNIST/CIFAR-10). gaussian: N(0.5, 0.1) clipped (Sec. 4, CIFAR-100).
-    lowfreq: uniform 8x8 noise upsampled (nearest) to the image size. brightness: uniform x a per-image U[0, 1]."""
+def random_noise(n, shape, kind, generator, mean=None, std=None):
+    """n noise images (n, *shape) in [0, 1] on the generator's device (see NOISE_SOURCES).
+    mean/std: the teacher's input normalisation, for the kinds drawn in its normalised space."""
     device = generator.device
     c, h, w = shape
     if kind == "uniform":
@@ -165,7 +193,15 @@ def random_noise(n, shape, kind, generator):
     if kind == "brightness":
         return torch.rand((n, c, h, w), generator=generator, device=device) * \
             torch.rand((n, 1, 1, 1), generator=generator, device=device)
-    raise ValueError(f"unknown noise kind {kind!r} (uniform, gaussian, lowfreq, brightness)")
+    if kind in ("uniform-normalised", "normal-normalised"):
+        if kind == "uniform-normalised":
+            z = 2 * torch.rand((n, c, h, w), generator=generator, device=device) - 1
+        else:
+            z = torch.randn((n, c, h, w), generator=generator, device=device)
+        m = torch.as_tensor(mean, dtype=z.dtype, device=device).view(1, -1, 1, 1)
+        s = torch.as_tensor(std, dtype=z.dtype, device=device).view(1, -1, 1, 1)
+        return (z * s + m).clamp(0, 1)
+    raise ValueError(f"unknown noise kind {kind!r} ({', '.join(NOISE_SOURCES.values())})")
 
 
 def augment(x, generator, p=0.5, max_scale=0.2, max_degrees=15.0, noise_std=0.05, salt_pepper=0.05):
@@ -188,7 +224,7 @@ def augment(x, generator, p=0.5, max_scale=0.2, max_degrees=15.0, noise_std=0.05
     theta = torch.stack([torch.stack([cos * flip, -sin, torch.zeros_like(cos)], 1),
                          torch.stack([sin * flip, cos, torch.zeros_like(cos)], 1)], 1)    # (B, 2, 3)
     grid = F.affine_grid(theta, (b, c, h, w), align_corners=False)
-    # reflection padding: black corners would move noise images into other teacher classes (IMPLEMENTATION_NOTES)
+    # reflection padding: black corners would move noise images into other teacher classes
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     gauss = chosen().view(b, 1, 1, 1)
     x = x + gauss * noise_std * torch.randn(x.shape, generator=generator, device=dev)
@@ -199,7 +235,7 @@ def augment(x, generator, p=0.5, max_scale=0.2, max_degrees=15.0, noise_std=0.05
     return x.clamp(0, 1)
 
 
-#### Training ####
+#### One step of Algorithm 1 ####
 
 def to_uint8(x):
     # DEVIATION: noise is quantised to 256 levels — the transfer set is stored as uint8 like every other source
@@ -207,34 +243,57 @@ def to_uint8(x):
     return (x * 255).round().to(torch.uint8)
 
 
-def teacher_labels(model, images, mean, std, batch_size):
-    return teacher_lib.predict(model, images, mean, std, batch_size).argmax(1)
+def teacher_labels(teacher, images, mean, std, batch_size):
+    return runtime.predict(teacher, images, mean, std, batch_size).argmax(1)
 
 
-def compose_generated(model, kind, shape, counts, quota, draws, args, mean, std, generator, balanced):
-    """Streaming Algorithm 1 for a generated source: draw batches, label them with the teacher, keep what fills
-    the quotas (balanced) or everything (unbalanced); stop when every class is full or after `draws` draws.
+def compose_generated(teacher, kind, shape, counts, quota, draws, args, mean, std, generator, balanced,
+                      progress=None):
+    """Lines 3-14 of Algorithm 1 for a generated source, streaming: draw batches, label them with the teacher, keep
+    what fills the quotas (balanced) or everything (unbalanced); stop when every class is full, after `draws`
+    draws, or after --max-minutes. progress(made, counts): called after every batch (prints a line now and then).
     Returns (kept uint8 images, their teacher labels, updated counts, draws made, histogram of all draws)."""
     kept_x, kept_y = [], []
     raw_hist = torch.zeros_like(counts)
-    made = 0
-    while made < draws:
-        x = to_uint8(random_noise(min(args.draw_batch, draws - made), shape, kind, generator))  # (B, C, H, W)
-        labels = teacher_labels(model, x, mean, std, args.draw_batch)
+    made, start = 0, time.time()
+    deadline = start + 60 * args.max_minutes if args.max_minutes else float("inf")
+    while made < draws and time.time() < deadline:
+        x = to_uint8(random_noise(min(args.draw_batch, draws - made), shape, kind, generator, mean, std))
+        labels = teacher_labels(teacher, x, mean, std, args.draw_batch)                     # line 7
         made += len(x)
         raw_hist += torch.bincount(labels, minlength=len(counts))
         if balanced:
-            keep, counts = class_fill(labels, counts, quota)  # Algorithm 1, lines 5-10
+            keep, counts = class_fill(labels, counts, quota)                                # lines 8-10
         else:
             keep = torch.ones_like(labels, dtype=torch.bool)
         kept_x.append(x[keep])
         kept_y.append(labels[keep])
-        if balanced and bool((counts >= quota).all()):  # Algorithm 1, line 13
+        if progress:
+            progress(made, counts if balanced else raw_hist)
+        if balanced and bool((counts >= quota).all()):                                      # line 13
             break
     return torch.cat(kept_x), torch.cat(kept_y), counts, made, raw_hist
 
 
-def compose_transfer_set(model, args, device):
+class Progress:
+    """One line every `every` seconds while a source is drawn: draws, draws/s, per-class fill, ETA to the cap."""
+
+    def __init__(self, name, cap, quota, every=5.0):
+        self.name, self.cap, self.quota, self.every = name, cap, quota, every
+        self.start = self.shown = time.time()
+
+    def __call__(self, made, counts):
+        now = time.time()
+        if now - self.shown < self.every:
+            return
+        self.shown = now
+        rate = made / max(now - self.start, 1e-9)
+        print(f"  {self.name}: {made:,} of {self.cap:,} draws, {rate:,.0f} draws/s, per-class fill "
+              f"{counts.tolist()} of {self.quota} | ETA to the draw cap {runtime.format_seconds((self.cap - made) / rate)}",
+              flush=True)
+
+
+def compose_transfer_set(teacher, args, device):
     """The transfer set D-bar: Algorithm 1 over args.source in order (balanced) or a random composition of N
     samples (unbalanced). Returns (uint8 images, teacher labels, report dict)."""
     meta = data.DATASETS[args.dataset]
@@ -245,22 +304,23 @@ def compose_transfer_set(model, args, device):
     counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
     raw_hist = torch.zeros_like(counts)
     parts_x, parts_y, per_source = [], [], []
-    for i, spec in enumerate(s.strip() for s in args.source.split(",") if s.strip()):
-        if args.balanced and bool((counts >= quota).all()):  # Algorithm 1, line 13: later sources are not needed
+    for i, spec in enumerate(s.strip() for s in args.source.split(",") if s.strip()):  # line 3
+        if args.balanced and bool((counts >= quota).all()):  # line 13: later sources are not needed
             per_source.append({"source": spec, "examined": 0, "kept": 0})
             continue
         name, count = data.parse_source(spec)
         if name in NOISE_SOURCES:
-            # DEVIATION: at most --max-draws draws per generated source, then we train on what was found — the
-            # paper draws until balanced, which for uniform noise on FMNIST takes far beyond 20 M draws.
+            # DEVIATION: at most --max-draws draws (and --max-minutes) per generated source, then we train on what
+            # was found — the paper draws until balanced, which for uniform noise on FMNIST takes ~10^8 draws.
             draws = count or (args.max_draws if args.balanced else n_total)
-            x, y, counts, examined, hist = compose_generated(model, NOISE_SOURCES[name], shape, counts, quota, draws,
-                                                             args, meta["mean"], meta["std"], generator, args.balanced)
+            x, y, counts, examined, hist = compose_generated(
+                teacher, NOISE_SOURCES[name], shape, counts, quota, draws, args, meta["mean"], meta["std"], generator,
+                args.balanced, Progress(spec, draws, quota if args.balanced else n_total))
         else:
             x = data.load_source(spec, "train", args.data_root, shape[0], shape[1], args.seed + i)[0].to(device)
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed + i))
-            x = x[order.to(device)]  # Algorithm 1, line 5: sample x_k from D_i at random
-            y = teacher_labels(model, x, meta["mean"], meta["std"], args.draw_batch)
+            x = x[order.to(device)]  # line 5: sample x_k from D_i at random
+            y = teacher_labels(teacher, x, meta["mean"], meta["std"], args.draw_batch)
             examined, hist = len(x), torch.bincount(y, minlength=num_classes)
             if args.balanced:
                 keep, counts = class_fill(y, counts, quota)  # lines 4-12, vectorised as in balanced_indices
@@ -283,6 +343,55 @@ def compose_transfer_set(model, args, device):
     return images, labels, report
 
 
+def kd_step(trained, teacher, x, cached_logits, opt, aug_gen, normalize, args):
+    """Line 15, Eq. (2), on one batch x (B, C, H, W) in [0, 1] of the transfer set: augment (Sec. 4.2), the
+    teacher's soft outputs as targets, one update of the student. cached_logits: the teacher's logits of the
+    composed images (B, C), or None. Returns the batch's terms, with the histogram of the targets' argmax."""
+    if args.augment:
+        augmented = augment(x, aug_gen)  # a fresh augmentation each time
+        if args.aug_labels == "with-originals":
+            x, cached_logits = torch.cat([x, augmented]), None
+        else:
+            x = augmented
+    x = normalize(x)
+    if cached_logits is not None:  # no augmentation, or --aug-labels fixed: the composed images' outputs
+        t_logits = cached_logits
+    else:
+        with torch.inference_mode(), runtime.autocast(x.device):
+            t_logits = teacher(x).float()
+        t_logits = t_logits.clone()  # a normal tensor, usable by autograd
+    with runtime.autocast(x.device):
+        loss = kd_loss(trained(x).float(), t_logits, args.temperature)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    num_classes = t_logits.shape[1]
+    return {"kd_loss": loss, "teacher_hist": F.one_hot(t_logits.argmax(1), num_classes).sum(0)}  # no host sync
+
+
+#### Training ####
+
+def train(args, teacher, student, transfer_x, transfer_logits, test, log):
+    """Line 15 of Algorithm 1: distil on the composed transfer set for args.epochs epochs."""
+    meta, device = data.DATASETS[args.dataset], transfer_x.device
+    loader = data.DeviceLoader(transfer_x, *transfer_logits, batch_size=args.batch_size, shuffle=True,
+                               mean=(0.0,) * meta["channels"], std=(1.0,) * meta["channels"],  # x in [0, 1]
+                               device=device, seed=args.seed, rank=runtime.rank(), world_size=runtime.world_size())
+    aug_gen = torch.Generator(device=device).manual_seed(runtime.rank_seed(args.seed + 2))
+    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
+    opt = runtime.make_optimizer(student.parameters(), args)
+    training = runtime.Training(log, args.epochs, save={"student": student, "opt": opt},
+                                rngs={"aug": aug_gen, "loader": loader}, optimizer=opt, lr=args.lr,
+                                milestones=args.milestones)
+    trained = runtime.distribute(student)
+    for epoch in training.epochs():
+        for x, *cached in loader:
+            training.record(len(x), **kd_step(trained, teacher, x, cached[0] if cached else None, opt, aug_gen,
+                                              lambda v: (v - mean) / std, args))
+        training.end_epoch(test_acc=runtime.evaluate(student, *test, meta["mean"], meta["std"]))
+
+
 def print_composition(report, class_names):
     print(f"transfer set: {report['transfer_size']} images, quota N/C = {report['quota']}, "
           f"{report['draws']} noise draws; per source: {report['per_source']}", flush=True)
@@ -290,126 +399,90 @@ def print_composition(report, class_names):
         name = class_names[c] if class_names else str(c)
         note = f"  SHORT by {report['short'][c]}" if c in report["short"] else ""
         print(f"  class {c:3d} {name:>12s}: kept {h:6d} (teacher labelled {raw:8d} of all examined){note}", flush=True)
+    if report["short"]:
+        print("short of their quota: " + ", ".join(
+            f"{class_names[c] if class_names else c} by {s} ({100 * s / report['quota']:.0f}%)"
+            for c, s in report["short"].items()), flush=True)
+
+
+def check_composition(report, args, class_names):
+    """Refuse a transfer set that cannot be trained on (empty) or that --strict does not accept."""
+    if not report["transfer_size"]:
+        raise ValueError(f"the sources {args.source!r} gave no transfer image at all — add a source or more draws")
+    if args.strict is None:
+        return
+    low = [c for c, h in enumerate(report["histogram"]) if h == 0 or h < args.strict * report["quota"]]
+    if low:
+        names = ", ".join(f"{class_names[c] if class_names else c} ({report['histogram'][c]})" for c in low)
+        raise ValueError(f"--strict {args.strict}: classes below {args.strict:.0%} of the quota {report['quota']} "
+                         f"(or empty): {names} — raise --max-draws/--max-minutes or add a source")
+
+
+def save_composition_pictures(images, labels, report, meta, log):
+    """A grid of the composed set (a labelled row per teacher class) and, with matplotlib, its histogram."""
+    rows, row_labels = pictures.per_class_examples(images, labels, meta["num_classes"], per_class=10)
+    pictures.class_rows(rows, row_labels, meta["classes"], log.path("transfer_set.png"),
+                        title="transfer set: row = the teacher's class (blank: no image)")
+    pictures.histogram_plot(report["histogram"], meta["classes"], log.path("transfer_histogram.png"),
+                            f"teacher-predicted classes of the transfer set (quota {report['quota']})")
 
 
 def run(args):
-    args = resolve_settings(teacher_lib.resume_config(args, build_parser(), "balanced_transfer.py"))
-    device = teacher_lib.get_device(args.device)
-    teacher_lib.seed_everything(args.seed)
+    args = resolve_settings(runtime.resume_config(args, build_parser(), "balanced_transfer.py"))
+    device = runtime.get_device(args.device)
+    runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
-    if args.download and teacher_lib.is_main():
-        data.download(args.dataset, args.data_root)
-    teacher_lib.barrier()
-    model_t, _ = teacher_lib.get_teacher(args.dataset, args.teacher_arch, args.seed, args.data_root, device,
-                                         args.teacher, args.checkpoint_dir, args.download)
+    runtime.download_if_asked(args)
+    teacher, _ = get_teacher(args.dataset, args.teacher_arch, args.seed, args.data_root, device, args.teacher,
+                             args.checkpoint_dir, args.download)
     test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
-    log = teacher_lib.RunLog(f"balanced_transfer-{args.dataset}", args, args.runs_dir)
-    test_x, test_y = test_x.to(device), test_y.to(device)
-    teacher_acc = teacher_lib.evaluate(model_t, test_x, test_y, meta["mean"], meta["std"])
+    log = runtime.RunLog(f"balanced_transfer-{args.dataset}", args, args.runs_dir)
+    test = (test_x.to(device), test_y.to(device))
+    teacher_acc = runtime.evaluate(teacher, *test, meta["mean"], meta["std"])
     print(f"teacher {args.teacher_arch}: {teacher_acc:.2f}% test accuracy", flush=True)
 
     # The composed set is saved once in the run folder and read back by --resume: composing can take minutes
     # of teacher forwards, and on a GPU the teacher's argmax is not guaranteed to repeat bit for bit.
     if log.state:
         saved = torch.load(log.path("transfer_set.pt"), map_location="cpu", weights_only=True)
-        images, report, compose_s = saved["images"].to(device), saved["report"], saved["compose_s"]
+        images, labels, report, compose_s = (saved["images"].to(device), saved["labels"].to(device), saved["report"],
+                                             saved["compose_s"])
         print(f"transfer set read from {log.path('transfer_set.pt')}", flush=True)
     else:
         start = time.time()
-        images, _, report = compose_transfer_set(model_t, args, device)
+        images, labels, report = compose_transfer_set(teacher, args, device)
         compose_s = time.time() - start
-        if teacher_lib.is_main():
-            models.atomic_save({"images": images.cpu(), "report": report, "compose_s": compose_s},
-                               log.path("transfer_set.pt"))
+        if runtime.is_main():
+            models.atomic_save({"images": images.cpu(), "labels": labels.cpu(), "report": report,
+                                "compose_s": compose_s}, log.path("transfer_set.pt"))
     print_composition(report, meta["classes"])
-    print(f"composition took {teacher_lib.format_seconds(compose_s)}", flush=True)
-    empty = [c for c, h in enumerate(report["histogram"]) if h == 0]
-    if not len(images):
-        raise ValueError(f"the sources {args.source!r} gave no transfer image at all")
-    if empty and args.strict:
-        raise ValueError(f"--strict: classes {empty} received no transfer sample from {args.source!r} "
-                         f"(raise --max-draws or add a source)")
+    print(f"composition took {runtime.format_seconds(compose_s)}", flush=True)
+    check_composition(report, args, meta["classes"])
+    if runtime.is_main():
+        save_composition_pictures(images, labels, report, meta, log)
 
-    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-    # Without augmentation every image is seen unchanged, so the teacher's logits are computed once.
-    cached = [] if args.augment else [teacher_lib.predict(model_t, images, meta["mean"], meta["std"], args.draw_batch)]
-    loader = data.DeviceLoader(images, *cached, batch_size=args.batch_size, shuffle=True,  # x in [0, 1]
-                               mean=(0.0,) * meta["channels"], std=(1.0,) * meta["channels"], device=device,
-                               seed=args.seed, rank=teacher_lib.rank(), world_size=teacher_lib.world_size())
-    aug_gen = torch.Generator(device=device).manual_seed(teacher_lib.rank_seed(args.seed + 2))  # per rank
-    student = teacher_lib.prepare_model(models.build_model(args.student_arch, meta["num_classes"], meta["channels"]),
-                                        device)
-    opt = teacher_lib.make_optimizer(student.parameters(), args)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(args.milestones), gamma=0.1)
-    first_epoch = 0
-    if log.state:
-        for name, module in (("student", student), ("opt", opt), ("sched", sched)):
-            module.load_state_dict(log.state[name])
-        teacher_lib.set_rng_state(log.state["rng"], device, aug=aug_gen, loader_order=loader.order_gen,
-                                  loader_aug=loader.aug_gen)
-        first_epoch, last = log.state["epoch"], log.state["last"]
+    # The composed images' teacher logits, computed once: the targets without augmentation or with fixed labels.
+    fixed = not args.augment or args.aug_labels == "fixed"
+    transfer_logits = [runtime.predict(teacher, images, meta["mean"], meta["std"], args.draw_batch)] if fixed else []
+    student = runtime.prepare_model(models.build_model(args.student_arch, meta["num_classes"], meta["channels"]),
+                                    device)
+    train(args, teacher, student, images, transfer_logits, test, log)
 
-    with log.stop_cleanly("balanced_transfer.py"):
-        for epoch in range(first_epoch, args.epochs):
-            student.train()
-            epoch_start = time.time()
-            loss_sum = torch.zeros((), device=device)
-            seen_hist = torch.zeros(meta["num_classes"], dtype=torch.int64, device=device)
-            seen = 0
-            for x, *cached_logits in loader:
-                if args.augment:
-                    x = augment(x, aug_gen)  # a fresh augmentation each time; the teacher labels it afresh
-                x = (x - mean) / std
-                if cached_logits:
-                    t_logits = cached_logits[0]
-                else:
-                    with torch.inference_mode(), teacher_lib.autocast(device):
-                        t_logits = model_t(x).float()
-                    t_logits = t_logits.clone()  # a normal tensor, usable by autograd
-                with teacher_lib.autocast(device):
-                    loss = kd_loss(student(x).float(), t_logits, args.temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                teacher_lib.average_gradients(student.parameters())
-                opt.step()
-                loss_sum += loss.detach() * len(x)
-                seen_hist += F.one_hot(t_logits.argmax(1), meta["num_classes"]).sum(0)  # no host sync, unlike bincount
-                seen += len(x)
-            sched.step()
-            seconds = time.time() - epoch_start
-            totals = teacher_lib.epoch_sums({"kd": loss_sum, "hist": seen_hist, "seen": seen})  # the one sync
-            log.check_finite(f"epoch {epoch + 1}", {"kd_loss": totals["kd"] / totals["seen"]})
-            teacher_lib.average_buffers(student)
-            student_acc = teacher_lib.evaluate(student, test_x, test_y, meta["mean"], meta["std"])
-            last = {"student_acc": student_acc, "augmented_histogram": [int(v) for v in totals["hist"]]}
-            log.log_epoch(epoch, args.epochs, {"kd_loss": totals["kd"] / totals["seen"], "test_acc": student_acc,
-                                               "teacher_histogram": last["augmented_histogram"]},
-                          totals["seen"], seconds)
-            log.save_state({"epoch": epoch + 1, "student": student.state_dict(), "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "last": last,
-                            "rng": teacher_lib.rng_state(device, aug=aug_gen, loader_order=loader.order_gen,
-                                                         loader_aug=loader.aug_gen)},
-                           f"epoch {epoch + 1}/{args.epochs}")
+    last = log.last_record
     path = log.path("student.pt")
-    if teacher_lib.is_main():
+    if runtime.is_main():
         models.save_checkpoint(path, student, args.student_arch, meta["num_classes"], meta["channels"], args,
-                               last["student_acc"], dataset=args.dataset, image_size=meta["size"])
+                               last["test_acc"], dataset=args.dataset, image_size=meta["size"])
     print(f"saved student to {path}", flush=True)
     return log.finish("balanced_transfer", args.dataset, {
-        "teacher_acc": teacher_acc, "student_acc": last["student_acc"], "balanced": args.balanced,
-        "augment": args.augment, "source": args.source, **report, "augmented_histogram": last["augmented_histogram"],
+        "teacher_acc": teacher_acc, "student_acc": last["test_acc"], "balanced": args.balanced,
+        "augment": args.augment, "aug_labels": args.aug_labels, "source": args.source, **report,
+        "trained_histogram": last["teacher_hist"], "images_seen": sum(last["teacher_hist"]) * args.epochs,
         "compose_s": round(compose_s, 1), "student_checkpoint": path})
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (data.DatasetNotFoundError, ValueError, teacher_lib.NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        teacher_lib.cleanup_distributed()
+    runtime.cli(run, build_parser(), "balanced_transfer.py", argv)
 
 
 if __name__ == "__main__":

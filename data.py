@@ -62,8 +62,10 @@ DATASETS = {
 # fashionmnist-web: a Fashion-MNIST-like "webly collected" set with a distribution shift: 30,000 training
 # images (disjoint from the teacher's test set) under `style_shift`, mixed with 10,000 unrelated procedural
 # shapes (grayscaled `synthetic`) and 10,000 uniform-noise images. 60% in-distribution content, all shifted.
+# kmnist-web: the same recipe for KMNIST. Both are offline proxies of web data, not web data.
 NAMED_MIXES = {
     "fashionmnist-web": "shifted:fashionmnist:30000,synthetic:10000,noise-uniform:10000",
+    "kmnist-web": "shifted:kmnist:30000,synthetic:10000,noise-uniform:10000",
 }
 
 # Sources that can be read (teacher datasets above, plus web / transfer sources).
@@ -588,6 +590,10 @@ class DeviceLoader:
         self.order_gen = torch.Generator().manual_seed(seed)
         self.aug_gen = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * rank)
         self.channels_last = device.type == "cuda"
+
+    def generators(self):
+        """Its random generators (shuffling order, augmentation), for saving and restoring a run's state."""
+        return {"order": self.order_gen, "aug": self.aug_gen}
 
     @property
     def num_samples(self):

@@ -1,77 +1,82 @@
 """KD3: Knowledge Distillation between Different Distributions (Tang, Chen, Niu, Sugiyama, Gong, ICCV 2023).
 
 The teacher's training data is unavailable; a large "webly collected" set with a distribution shift is.
-Every epoch, KD3 (1) selects web images whose combined teacher/student prediction is confident relative to
-a per-class threshold (Eqs. 3-8), (2) trains the student's feature extractor to match the teacher's
-features through the teacher's frozen, *shared* classifier, weighting each image by teacher/student
-agreement (Eqs. 9-10), and (3) adds a contrastive loss between each image and a MixDistribution copy of it
+Every epoch, KD3 (Stage 1) selects web images whose combined teacher/student prediction is confident
+relative to a per-class threshold (Eqs. 3-8), then (Stage 2) trains the student's feature extractor to match
+the teacher's features through the teacher's frozen, *shared* classifier, weighting each image by
+teacher/student agreement (Eqs. 9-10), plus a contrastive loss between each image and a MixDistribution copy
 whose per-channel mean/std are mixed with another image's (Eqs. 11-17). Objective: L_wfa + alpha L_mdcl (18).
 
-    python kd3.py --dataset cifar10                  # ResNet34 -> ResNet18 on ImageNet32; paper: 95.21%
-    python kd3.py --dataset mnist                    # LeNet5 -> LeNet5-half on gray MNIST-M + SVHN; paper: 98.76%
-    python kd3.py --dataset fashionmnist --web fashionmnist-web --data-root /usr/share/datasets
-    python kd3.py --dataset fashionmnist --web fashionmnist-web --data-root /usr/share/datasets --selection random
+    python kd3.py --epochs 20          # Fashion-MNIST, LeNet-5 -> LeNet-5-half on `fashionmnist-web`, ~5 min on 2 cores
+    python kd3.py --dataset cifar10    # ResNet34 -> ResNet18 on ImageNet 32x32 (paper: 95.21%)
 
 Ablations of Table 2: --no-cls-share {onehot,soft}, --selection {random,student,teacher}, --no-mdcl, --no-md.
-Fashion-MNIST, LeNet5 (90.26%) -> LeNet5-half on the shifted `fashionmnist-web` set, 20 epochs on a 2-core
-CPU, 3 seeds: 77.39 +- 0.73% (random selection 76.48, no classifier sharing one-hot 80.91); every
-ablation, and why the paper's ordering does not hold there: README "Results", table 2.
+On Fashion-MNIST (teacher 90.26%) the 20-epoch student reaches ~77% (docs/kd3.md has every row, 3 seeds).
 """
 
 import argparse
+import copy
 import math
-import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.utils import save_image
 
 import data
 import models
-import teacher as teacher_lib
+import pictures
+import runtime
+from teacher import get_teacher
 
-#### Settings: paper defaults per dataset family (every value is also a CLI flag) ####
-# cifar: Sec. 4 "Implementation Details" (SGD 0.05, momentum 0.9, wd 5e-4, 240 epochs, /10 at 150/180/210)
-#        and "Webly Collected Datasets" (ImageNet downsampled to 32x32). The batch size is not given in the
-#        paper (the authors' code uses 1024); 128 is the repository's CIFAR batch size.
-# mnist: LeNet5 -> LeNet5-half, Adam 1e-3, 40 epochs, web = grayscaled MNIST-M + SVHN (Sec. 4).
+#### Settings: the paper's defaults per dataset family (every value is also a CLI flag; --help shows them) ####
+# cifar: Sec. 4 "Implementation Details" (SGD 0.05, momentum 0.9, wd 5e-4, 240 epochs, /10 at 150/180/210).
+#        The batch size is not given in the paper (the authors' code uses 1024); 128 is the CIFAR recipe's.
+# mnist: LeNet5 -> LeNet5-half, Adam 1e-3, 40 epochs (Sec. 4, Table 1).
 # synthetic: tiny settings so that the end-to-end tests take seconds.
 SETTINGS = {
-    "cifar": dict(teacher_arch="resnet34", student_arch="resnet18", web="imagenet32", optimizer="sgd", lr=0.05,
-                  momentum=0.9, weight_decay=5e-4, epochs=240, milestones=(150, 180, 210), batch_size=128),
-    "mnist": dict(teacher_arch="lenet5", student_arch="lenet5_half", web="mnistm,svhn", optimizer="adam", lr=1e-3,
-                  momentum=0.0, weight_decay=0.0, epochs=40, milestones=(), batch_size=256),
-    "synthetic": dict(teacher_arch="lenet5", student_arch="lenet5_half", web="shifted:synthetic:600,noise-uniform:200",
-                      optimizer="adam", lr=2e-3, momentum=0.0, weight_decay=0.0, epochs=2, milestones=(),
-                      batch_size=128),
+    "cifar": dict(teacher_arch="resnet34", student_arch="resnet18", optimizer="sgd", lr=0.05, momentum=0.9,
+                  weight_decay=5e-4, epochs=240, milestones=(150, 180, 210), batch_size=128),
+    "mnist": dict(teacher_arch="lenet5", student_arch="lenet5_half", optimizer="adam", lr=1e-3, momentum=0.0,
+                  weight_decay=0.0, epochs=40, milestones=(), batch_size=256),
+    "synthetic": dict(teacher_arch="lenet5", student_arch="lenet5_half", optimizer="adam", lr=2e-3, momentum=0.0,
+                      weight_decay=0.0, epochs=2, milestones=(), batch_size=128),
 }
+# The webly collected data D-bar per dataset (Sec. 4 "Webly Collected Datasets": grayscaled MNIST-M + SVHN for
+# MNIST, ImageNet downsampled to the original size otherwise). Fashion-MNIST and KMNIST have no web set in the
+# paper; their defaults are the offline shifted proxies of data.py (NAMED_MIXES).
+WEB = {"mnist": "mnistm,svhn", "fashionmnist": "fashionmnist-web", "kmnist": "kmnist-web",
+       "cifar10": "imagenet32", "cifar100": "imagenet32", "cinic10": "imagenet32", "tinyimagenet": "imagenet64",
+       "synthetic": "shifted:synthetic:600,noise-uniform:200"}
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="KD3 (ICCV 2023): distillation with webly collected images under "
-                                            "distribution shift. Defaults per dataset family: see SETTINGS.")
-    p.add_argument("--dataset", default="cifar10", choices=sorted(data.DATASETS), help="the teacher's task (Sec. 4)")
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: cached/trained by teacher.py)")
-    p.add_argument("--teacher-arch", default=None, help="Table 1: resnet34 (CIFAR-like), lenet5 (MNIST family)")
-    p.add_argument("--student-arch", default=None, help="Table 1: resnet18 (CIFAR-like), lenet5_half (MNIST family)")
-    p.add_argument("--web", default=None, help="webly collected data D-bar, any data.py source list (Sec. 4 "
-                   "'Webly Collected Datasets': imagenet32 / mnistm,svhn; e.g. svhn,folder:/path, fashionmnist-web)")
-    p.add_argument("--data-root", default="data")
+                                            "distribution shift.", formatter_class=runtime.HelpFormatter)
+    p.add_argument("--dataset", default="fashionmnist", choices=sorted(data.DATASETS), help="the teacher's task")
+    p.add_argument("--web", default=None, help="webly collected data D-bar, any data.py source list; default per "
+                   "dataset: " + ", ".join(f"{k} {v}" for k, v in WEB.items()))
+    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the cache of teacher.py, trained "
+                   "with its recipe when missing)")
+    p.add_argument("--teacher-arch", default=None, help="Table 1; " + runtime.family_default(SETTINGS, "teacher_arch"))
+    p.add_argument("--student-arch", default=None, help="Table 1; " + runtime.family_default(SETTINGS, "student_arch"))
+    p.add_argument("--data-root", default="data", help="where the datasets' files are (docs/data.md)")
     p.add_argument("--download", action="store_true", help="fetch the teacher's dataset with torchvision first")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--checkpoint-dir", default="checkpoints")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    p.add_argument("--seed", type=int, default=0, help="seed of the student, the selection and the augmentation")
+    p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
+    p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
     # Optimisation (Sec. 4 "Implementation Details")
-    p.add_argument("--epochs", type=int, default=None, help="I of Eq. (4) (paper: 240; MNIST 40)")
-    p.add_argument("--batch-size", type=int, default=None, help="not given in the paper (authors' code: 1024)")
-    p.add_argument("--lr", type=float, default=None, help="SGD 0.05 (CIFAR-like) / Adam 1e-3 (MNIST)")
-    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"], help="SGD (CIFAR-like) / Adam (MNIST)")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum (paper: 0.9)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (paper: 5e-4 with SGD)")
-    p.add_argument("--milestones", type=int, nargs="*", default=None, help="lr /10 at these epochs (150 180 210)")
+    p.add_argument("--epochs", type=int, default=None, help="I of Eq. (4); " + runtime.family_default(SETTINGS, "epochs"))
+    p.add_argument("--batch-size", type=int, default=None, help="not given in the paper (authors' code: 1024); "
+                   + runtime.family_default(SETTINGS, "batch_size"))
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"],
+                   help=runtime.family_default(SETTINGS, "optimizer"))
+    p.add_argument("--lr", type=float, default=None, help=runtime.family_default(SETTINGS, "lr"))
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum; "
+                   + runtime.family_default(SETTINGS, "momentum"))
+    p.add_argument("--weight-decay", type=float, default=None, help=runtime.family_default(SETTINGS, "weight_decay"))
+    p.add_argument("--milestones", type=int, nargs="*", default=None, help="lr / 10 at these epochs; "
+                   + runtime.family_default(SETTINGS, "milestones"))
     # KD3 hyper-parameters (Sec. 4 "Implementation Details", Fig. 4)
     p.add_argument("--v-th", type=float, default=0.95, help="V_th of Eq. (6) (paper: 0.95)")
     p.add_argument("--tau", type=float, default=0.3, help="temperature of Eqs. (15)-(16) (paper: 0.3)")
@@ -80,14 +85,19 @@ def build_parser():
                    "(not given in the paper; authors' code 0.1)")
     p.add_argument("--proj-dim", type=int, default=128, help="projection head output, Eqs. (13)-(14) (code: 128)")
     p.add_argument("--mdcl-reduction", default="mean", choices=["mean", "sum"], help="Eqs. (15)-(16) sum over "
-                   "instances (sum); default mean over the batch (batch-size independent)")
-    # Ablations (Table 2) and the authors' code variants (IMPLEMENTATION_NOTES)
+                   "instances (sum); mean over the batch (mean, batch-size independent)")
+    # Ablations (Table 2) and the authors' code variants (docs/kd3.md)
     p.add_argument("--selection", default="combined", choices=["combined", "random", "student", "teacher"],
                    help="Table 2 'Instance selection': Eqs. (3)-(8) (combined), as many random images as the "
                         "combined rule selects (random), alpha(t)=1 always (student), alpha(t)=0 always (teacher)")
     p.add_argument("--no-cls-share", default=None, choices=["onehot", "soft"], help="Table 2 'No classifier "
-                   "sharing': a fresh student classifier trained by CE on the teacher's argmax or KL on its soft labels")
+                   "sharing': a fresh student classifier trained by CE on the teacher's argmax or KL on its soft "
+                   "labels (default: off, the classifier is shared)")
     p.add_argument("--kd-t", type=float, default=4.0, help="KL temperature of --no-cls-share soft (not given)")
+    p.add_argument("--no-cls-share-predictions", default="own", choices=["own", "shared"], help="with --no-cls-share: "
+                   "N_S(x) of the selection (Eq. 3) and the weights (Eq. 9) from the student's own new classifier "
+                   "(own), or from g_T on the student's features as in full KD3 (shared: only the classifier "
+                   "that is trained and tested changes)")
     p.add_argument("--no-mdcl", action="store_true", help="Table 2 'No L_mdcl': drop Eq. (17) from Eq. (18)")
     p.add_argument("--no-md", action="store_true", help="Table 2 'No MD': contrastive views from standard "
                    "augmentation (random crop + flip) instead of MixDistribution, Eqs. (11)-(12)")
@@ -102,11 +112,12 @@ def build_parser():
 
 
 def resolve_settings(args):
-    """Fill every None flag from SETTINGS[family] (visible above) and validate."""
-    family = SETTINGS[data.DATASETS[args.dataset]["family"]]
-    for key, value in family.items():
+    """Fill every None flag from SETTINGS[family] and WEB (visible above) and validate."""
+    for key, value in SETTINGS[data.DATASETS[args.dataset]["family"]].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.web is None:
+        args.web = WEB[args.dataset]
     if args.epochs < 1 or args.batch_size < 1:
         raise ValueError("--epochs and --batch-size must be >= 1")
     if not 0 < args.v_th <= 1:
@@ -188,7 +199,7 @@ def mdcl_loss(z, z_hat, tau, reduction="mean", positive_in_denominator=False):
 
     z, z_hat: (B, D) embeddings of the unperturbed and perturbed images (normalised here, so cosine
     similarity is their dot product). reduction="sum" is the paper's sum over instances; the default "mean"
-    divides by B (a DEVIATION, so that the loss does not grow with the batch size). positive_in_denominator=True is the authors' code (NT-Xent-style). A batch of fewer than
+    divides by B. positive_in_denominator=True is the authors' code (NT-Xent-style). A batch of fewer than
     two instances has no negative and gives 0.
     """
     # DEVIATION: mean over instances by default instead of the paper's sum — keeps alpha = 0.01 meaningful
@@ -207,6 +218,63 @@ def mdcl_loss(z, z_hat, tau, reduction="mean", positive_in_denominator=False):
     return per_instance.sum() if reduction == "sum" else per_instance.mean()
 
 
+def contrastive_view(x, no_md, mix_delta):
+    """The perturbed copy x^ of a normalised batch: MixDistribution (Eqs. 11-12) with lambda ~ Beta(delta,
+    delta) and a random partner, or (--no-md) a standard random crop (pad H/8) + horizontal flip."""
+    if no_md:
+        # DEVIATION: Table 2's "No MD" replaces MixDistribution by "data augmentations as in [46]" (mixup);
+        # here by standard crop + flip, which keeps each positive pair one image.
+        return data.augment_batch(x, crop_pad=max(1, x.shape[-1] // 8), flip=True)
+    b = len(x)
+    concentration = torch.full((b,), mix_delta, device=x.device)
+    lam = torch.distributions.Beta(concentration, concentration, validate_args=False).sample()  # no host sync
+    return mix_distribution(x, lam, torch.randperm(b, device=x.device))
+
+
+#### Networks ####
+
+class SharedClassifierStudent(nn.Module):
+    """N_S(x) = g_T(phi_S(x)) (Eq. 2, Sec. 3.3): the student's feature extractor, a connector to the teacher's
+    feature size, and the teacher's classifier g_T, shared: a frozen copy that training never updates.
+
+    Exposes the models.py interface (features, classifier, feat_dim), so runtime.predict/evaluate work on it;
+    `folded()` is the plain student network whose own classifier is g_T o connector (identical logits).
+    """
+
+    def __init__(self, backbone, teacher_classifier):
+        super().__init__()
+        self.backbone = backbone
+        self.backbone.classifier.requires_grad_(False)  # unused in training; `folded` overwrites it
+        self.feat_dim = teacher_classifier.in_features
+        # DEVIATION: a learnable linear connector (part of phi_S) when the feature sizes differ (lenet5_half
+        # 42-d -> lenet5 84-d); the paper's pairs have equal sizes, the authors' code uses a conv connector.
+        self.connector = (nn.Identity() if backbone.feat_dim == self.feat_dim
+                          else nn.Linear(backbone.feat_dim, self.feat_dim))
+        # DEVIATION: He initialisation of the backbone and the connector (the paper does not say). With PyTorch's
+        # default initialisation the connector's output barely varies across images, L_wfa first fits the mean
+        # teacher feature, and g_T calls every test image one class after the first epoch (10%).
+        models.he_init(self.backbone)
+        models.he_init(self.connector)
+        self.classifier = copy.deepcopy(teacher_classifier).requires_grad_(False)
+
+    def features(self, x):
+        return self.connector(self.backbone.features(x))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+    @torch.no_grad()
+    def folded(self):
+        """A standalone copy of the backbone whose own classifier is classifier o connector (same logits)."""
+        backbone = copy.deepcopy(self.backbone)
+        weight, bias = self.classifier.weight, self.classifier.bias
+        if isinstance(self.connector, nn.Linear):
+            weight, bias = weight @ self.connector.weight, weight @ self.connector.bias + bias
+        backbone.classifier.weight.copy_(weight)
+        backbone.classifier.bias.copy_(bias)
+        return backbone
+
+
 class ProjectionHead(nn.Module):
     """Eqs. (13)-(14): z = Normalization(W_p phi(x) + b_p), a linear map to `out_dim` then L2 normalisation."""
 
@@ -219,79 +287,83 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.linear(feat), dim=1)
 
 
-class KD3Student(nn.Module):
-    """N_S(x) = g_T(phi_S(x)) (Eq. 2): the student backbone's features, then the teacher's classifier module
-    itself (shared and frozen, Sec. 3.3) or, for --no-cls-share, a fresh trainable classifier.
+class KD3Networks(nn.Module):
+    """What Stage 2 trains, in one forward: the student and (with L_mdcl) the projection heads of both networks.
+    forward(inputs, t_feat) -> (phi_S(inputs), N_S logits, z^S, z^T); the heads' outputs are None without L_mdcl.
+    Only the teacher's projection head sees teacher features: phi_T itself stays frozen."""
 
-    Exposes the models.py interface (features, classifier, feat_dim), so teacher.predict/evaluate work on it.
-    """
-
-    def __init__(self, backbone, teacher_classifier, share=True):
+    def __init__(self, student, teacher_feat_dim, proj_dim, with_heads=True):
         super().__init__()
-        self.backbone = backbone
-        self.backbone.classifier.requires_grad_(False)  # unused in training; `folded` overwrites it
-        self.feat_dim = teacher_classifier.in_features
-        # DEVIATION: a learnable linear connector (part of phi_S) when the feature sizes differ (lenet5_half
-        # 42-d -> lenet5 84-d); the paper's pairs have equal sizes, the authors' code uses a conv connector.
-        self.connector = (nn.Identity() if backbone.feat_dim == self.feat_dim
-                          else nn.Linear(backbone.feat_dim, self.feat_dim))
-        if share:
-            self.classifier = teacher_classifier  # the same module: g_T, frozen by teacher.get_teacher
-        else:
-            self.classifier = nn.Linear(self.feat_dim, teacher_classifier.out_features)
+        self.student = student
+        self.head_s = ProjectionHead(student.feat_dim, proj_dim) if with_heads else None
+        self.head_t = ProjectionHead(teacher_feat_dim, proj_dim) if with_heads else None
 
-    def features(self, x):
-        return self.connector(self.backbone.features(x))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-    @torch.no_grad()
-    def folded(self):
-        """A standalone copy of the backbone whose own classifier is classifier o connector (same logits)."""
-        weight, bias = self.classifier.weight, self.classifier.bias
-        if isinstance(self.connector, nn.Linear):
-            weight, bias = weight @ self.connector.weight, weight @ self.connector.bias + bias
-        self.backbone.classifier.weight.copy_(weight)
-        self.backbone.classifier.bias.copy_(bias)
-        return self.backbone
+    def forward(self, inputs, t_feat):
+        s_feat = self.student.features(inputs)                                      # (2B, D_T) phi_S + connector
+        s_logits = self.student.classifier(s_feat)                                  # (2B, K)
+        if self.head_s is None:
+            return s_feat, s_logits, None, None
+        return s_feat, s_logits, self.head_s(s_feat), self.head_t(t_feat)           # (2B, proj_dim) each
 
 
-def contrastive_view(x, no_md, mix_delta):
-    """The perturbed copy x^ of a normalised batch: MixDistribution (Eqs. 11-12) with lambda ~ Beta(delta,
-    delta) and a random partner, or (--no-md) a standard random crop (pad H/8) + horizontal flip."""
-    if no_md:
-        # DEVIATION: Table 2's "No MD" replaces MixDistribution by "data augmentations as in [46]" (mixup);
-        # here, as the issue asks, by standard crop + flip, which keeps each positive pair one image.
-        return data.augment_batch(x, crop_pad=max(1, x.shape[-1] // 8), flip=True)
-    b = len(x)
-    concentration = torch.full((b,), mix_delta, device=x.device)
-    lam = torch.distributions.Beta(concentration, concentration, validate_args=False).sample()  # no host sync
-    return mix_distribution(x, lam, torch.randperm(b, device=x.device))
+#### One step of Algorithm 1 ####
+
+def shared_predictions(args):
+    """Whether N_S(x) of Eqs. (3) and (9) is g_T(phi_S(x)) while the student trains a classifier of its own."""
+    return bool(args.no_cls_share) and args.no_cls_share_predictions == "shared"
 
 
-def kd3_losses(model, teacher_model, head_s, head_t, x, args):
-    """Stage 2 of Algorithm 1 on one batch x (B, C, H, W). Returns (objective, dict of detached terms)."""
+@torch.no_grad()
+def select_web_instances(epoch, args, p_teacher_web, student, web_x, meta, generator, shared_classifier=None):
+    """Stage 1 (lines 4-8) over the whole web set D-bar. Returns (alpha(t), indices of D_s (k,), y_pred (N,)).
+    p_teacher_web: N_T(x) of every web image (N, K), computed once; generator: the draws of --selection random;
+    shared_classifier: g_T, when N_S(x) must come from it rather than from the student's own classifier."""
+    # line 5, Eq. (4); Table 2's "teacher only" / "student only" fix alpha(t) at 0 / 1
+    alpha_t = {"teacher": 0.0, "student": 1.0}.get(args.selection, alpha_schedule(epoch, args.epochs))
+    p_student_web = p_teacher_web
+    if alpha_t > 0:
+        # Eq. (2): N_S(x) = g_T(phi_S(x)) with the shared classifier
+        logits, feats = runtime.predict(student, web_x, meta["mean"], meta["std"], features=True)
+        p_student_web = F.softmax(logits if shared_classifier is None else shared_classifier(feats), dim=1)
+    # line 6, Eq. (3)
+    combined = combine_predictions(p_teacher_web, p_student_web, alpha_t)
+    # lines 7-8, Eqs. (5)-(8)
+    mask, pred = select_instances(combined, args.v_th, args.threshold)
+    if args.selection == "random":
+        # Table 2 "random": as many images as the combined rule selects, drawn uniformly from the whole web set
+        k = int(mask.sum())
+        return alpha_t, torch.randperm(len(web_x), generator=generator)[:k].to(web_x.device), pred
+    return alpha_t, mask.nonzero().squeeze(1), pred
+
+
+def train_step(trained, teacher, x, opt, args):
+    """Stage 2 (lines 9-15) on one batch x (B, C, H, W) of D_s: one update of N_S and the projection heads.
+    trained: KD3Networks (under torchrun inside DistributedDataParallel). Returns the batch's terms."""
     b = len(x)
     use_mdcl = not args.no_mdcl
+    # line 12, Eq. (12): the perturbed copy x^ of every image, fed through both networks with x
     inputs = torch.cat([x, contrastive_view(x, args.no_md, args.mix_delta)]) if use_mdcl else x  # (2B or B, ...)
-    with torch.no_grad(), teacher_lib.autocast(x.device):
-        t_feat = teacher_model.features(inputs).float()                             # (2B, D_T) phi_T
-    t_logits = teacher_model.classifier(t_feat[:b])
-    with teacher_lib.autocast(x.device):
-        s_feat = model.features(inputs).float()                                     # (2B, D_T) phi_S (+ connector)
-    s_logits = model.classifier(s_feat[:b]).float()
-    weights = alignment_weights(F.softmax(s_logits, dim=1), F.softmax(t_logits, dim=1))
+    with torch.no_grad(), runtime.autocast(x.device):
+        t_feat = teacher.features(inputs).float()                                   # (2B, D_T) phi_T
+        t_logits = teacher.classifier(t_feat[:b]).float()                           # (B, K) N_T(x)
+    with runtime.autocast(x.device):
+        s_feat, s_logits, z_s, z_t = trained(inputs, t_feat)
+    s_feat, s_logits = s_feat.float(), s_logits[:b].float()
+    # N_S(x) of Eq. (9): the student's predictions, or (--no-cls-share-predictions shared) g_T on its features
+    n_s = teacher.classifier(s_feat[:b].detach()) if shared_predictions(args) else s_logits
+    # line 10, Eq. (9)
+    weights = alignment_weights(F.softmax(n_s, dim=1), F.softmax(t_logits, dim=1))
+    # line 11, Eq. (10)
     terms = {"wfa": weighted_feature_alignment(s_feat[:b], t_feat[:b], weights)}
     loss = terms["wfa"]
     if use_mdcl:
-        z_s, z_t = head_s(s_feat), head_t(t_feat)                                   # (2B, proj_dim) each
         kw = dict(tau=args.tau, reduction=args.mdcl_reduction, positive_in_denominator=args.contrastive == "ntxent")
-        terms["mdcl_s"] = mdcl_loss(z_s[:b], z_s[b:], **kw)
-        terms["mdcl_t"] = mdcl_loss(z_t[:b], z_t[b:], **kw)  # only trains the teacher's head: phi_T is frozen
-        # Eqs. (17)-(18)
+        # line 13, Eqs. (15)-(17)
+        terms["mdcl_s"] = mdcl_loss(z_s[:b].float(), z_s[b:].float(), **kw)
+        terms["mdcl_t"] = mdcl_loss(z_t[:b].float(), z_t[b:].float(), **kw)  # trains the teacher's head only
+        # line 14, Eq. (18)
         loss = loss + args.alpha * (terms["mdcl_s"] + terms["mdcl_t"])
-    if args.no_cls_share == "onehot":
+    if args.no_cls_share == "onehot":  # Table 2 "No classifier sharing": the student's own head learns the labels
         terms["cls"] = F.cross_entropy(s_logits, t_logits.argmax(dim=1))
         loss = loss + terms["cls"]
     elif args.no_cls_share == "soft":
@@ -299,41 +371,92 @@ def kd3_losses(model, teacher_model, head_s, head_t, x, args):
         terms["cls"] = F.kl_div(F.log_softmax(s_logits / T, dim=1), F.softmax(t_logits / T, dim=1),
                                 reduction="batchmean") * T ** 2
         loss = loss + terms["cls"]
+    # line 15
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
     terms["weight"] = weights.mean()
     terms["agree"] = (s_logits.argmax(dim=1) == t_logits.argmax(dim=1)).float().mean() * 100
-    return loss, {k: v.detach() for k, v in terms.items()}
+    return terms
 
 
 #### Training ####
 
-def select_epoch(epoch, args, p_teacher_web, model, web_x, meta, generator):
-    """Stage 1 of Algorithm 1 over the whole web set. Returns (alpha_t, selected indices (k,), pred (N,))."""
-    alpha_t = {"teacher": 0.0, "student": 1.0}.get(args.selection, alpha_schedule(epoch, args.epochs))
-    if alpha_t > 0:
-        p_student_web = F.softmax(teacher_lib.predict(model, web_x, meta["mean"], meta["std"]), dim=1)
-    else:
-        p_student_web = p_teacher_web
-    combined = combine_predictions(p_teacher_web, p_student_web, alpha_t)
-    mask, pred = select_instances(combined, args.v_th, args.threshold)
-    if args.selection == "random":
-        # as many images as the combined rule selects this epoch, drawn uniformly from the whole web set
-        k = int(mask.sum())
-        idx = torch.randperm(len(web_x), generator=generator)[:k].to(web_x.device)
-    else:
-        idx = mask.nonzero().squeeze(1)
-    return alpha_t, idx, pred
+def train(args, teacher, student, web, test, log):
+    """Algorithm 1: every epoch, Stage 1 selects D_s from the web set, Stage 2 trains the student on it.
+    Returns why training stopped early, or None."""
+    trained = KD3Networks(student, teacher.feat_dim, args.proj_dim, with_heads=not args.no_mdcl).to(web.x.device)
+    opt = runtime.make_optimizer([p for p in trained.parameters() if p.requires_grad], args)
+    select_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: the same random selection
+    shared = teacher.classifier if shared_predictions(args) else None
+    training = runtime.Training(log, args.epochs, save={"networks": trained, "opt": opt}, rngs={"select": select_gen},
+                                optimizer=opt, lr=args.lr, milestones=args.milestones)
+    trained = runtime.distribute(trained)
+    for epoch in training.epochs():
+        alpha_t, selected, pred = select_web_instances(epoch, args, web.p_teacher, student, web.x, web.meta,
+                                                       select_gen, shared)                 # Stage 1
+        for x in web.batches(selected, epoch):                                             # Stage 2
+            training.record(len(x), **train_step(trained, teacher, x, opt, args))
+        training.end_epoch(test_acc=runtime.evaluate(student, *test, web.meta["mean"], web.meta["std"]),
+                           alpha_t=alpha_t, **web.report(epoch, selected, pred, log))
+        if len(selected) == 0 and alpha_t == 1:  # N_S no longer moves, so the selection stays empty
+            return (f"no web image was selected at epoch {epoch + 1} with alpha(t) = 1: the student did not change, "
+                    f"so no later epoch can select one")
+    return None
 
 
-def save_selection_grids(web_x, idx, path_prefix, grid_size, generator):
-    """PNG grids of (up to grid_size) random selected and rejected web images. Every rank draws the order (the
-    generator stays the same on all ranks); only rank 0 writes."""
-    selected = torch.zeros(len(web_x), dtype=torch.bool)
-    selected[idx.cpu()] = True
-    order = torch.randperm(len(web_x), generator=generator)
-    for name, keep in (("selected", selected[order]), ("rejected", ~selected[order])):
-        chosen = order[keep][:grid_size]
-        if len(chosen) and teacher_lib.is_main():
-            save_image(web_x[chosen.to(web_x.device)].float().cpu() / 255, f"{path_prefix}-{name}.png", nrow=8)
+class WebSet:
+    """The webly collected data D-bar on the device: images (N, C, H, W) uint8, the index of the source each came
+    from, the teacher's softmax N_T(x) of every image (computed once: it never changes), and how an epoch's
+    selection is batched and reported."""
+
+    def __init__(self, args, teacher, device):
+        self.args, self.meta = args, data.DATASETS[args.dataset]
+        x, labels, source = data.load_source(args.web, "train", args.data_root, self.meta["channels"],
+                                             self.meta["size"], args.seed)
+        if not len(x):
+            raise ValueError(f"--web {args.web!r} holds no image — give a source with images")
+        self.x, self.source = x.to(device), source.to(device)
+        self.sources = [s.strip() for s in ",".join(data.NAMED_MIXES.get(s.strip(), s.strip())
+                                                    for s in args.web.split(",")).split(",") if s.strip()]
+        self.source_sizes = torch.bincount(self.source, minlength=len(self.sources))
+        self.p_teacher = F.softmax(runtime.predict(teacher, self.x, self.meta["mean"], self.meta["std"]), dim=1)
+        self.teacher_hist = torch.bincount(self.p_teacher.argmax(1), minlength=self.meta["num_classes"]).tolist()
+        # Images whose labels are the teacher's own classes (the teacher's dataset itself, or style-shifted): there
+        # the truth is known, so the selection's preference for in-distribution images can be measured.
+        truth = [data.parse_source(s)[0].removeprefix("shifted:") == args.dataset for s in self.sources]
+        self.in_distribution = torch.tensor(truth, device=device)[self.source]
+        self.teacher_correct = self.p_teacher.argmax(1) == labels.to(device)
+        self.teacher_acc_in_distribution = _percent(self.teacher_correct, self.in_distribution)
+
+    def batches(self, selected, epoch):
+        """D_s in shuffled batches with the teacher recipe's crop/flip; a new order every epoch."""
+        return (x for (x,) in data.DeviceLoader(
+            self.x, batch_size=self.args.batch_size, shuffle=True, crop_pad=self.meta["crop_pad"],
+            flip=self.meta["flip"], mean=self.meta["mean"], std=self.meta["std"], device=self.x.device,
+            seed=self.args.seed + epoch, indices=selected, rank=runtime.rank(), world_size=runtime.world_size()))
+
+    def report(self, epoch, selected, pred, log):
+        """What the selection kept: its size, per predicted class, per source (and the kept fraction of each), the
+        teacher's accuracy on the kept in-distribution images (vs on all of them: teacher_acc_in_distribution);
+        picture grids at the first and last epoch."""
+        if epoch in (0, self.args.epochs - 1) and runtime.is_main():
+            short = [data.parse_source(s)[0].replace("shifted:", "s-") for s in self.sources]  # caption width
+            pictures.selection_grids(self.x, selected, pred, self.source, short, self.meta["classes"],
+                                     log.path(f"epoch{epoch + 1}"), self.args.grid_size, seed=self.args.seed)
+        kept = torch.zeros(len(self.x), dtype=torch.bool, device=self.x.device)
+        kept[selected] = True
+        per_source = torch.bincount(self.source[selected], minlength=len(self.sources))
+        return {"selected": len(selected),
+                "selected_per_class": torch.bincount(pred[selected], minlength=self.meta["num_classes"]).tolist(),
+                "selected_per_source": per_source.tolist(),
+                "kept_frac_per_source": [round(v, 4) for v in (per_source / self.source_sizes.clamp(min=1)).tolist()],
+                "teacher_acc_kept_in_distribution": _percent(self.teacher_correct, self.in_distribution & kept)}
+
+
+def _percent(flags, mask):
+    """100 * mean of boolean `flags` where `mask` holds; None where it holds nowhere."""
+    return round(flags[mask].float().mean().item() * 100, 3) if bool(mask.any()) else None
 
 
 def variant_name(args):
@@ -341,7 +464,7 @@ def variant_name(args):
     if args.selection != "combined":
         parts.append(args.selection)
     if args.no_cls_share:
-        parts.append(f"no-cls-share-{args.no_cls_share}")
+        parts.append(f"no-cls-share-{args.no_cls_share}" + ("-shared-predictions" if shared_predictions(args) else ""))
     if args.no_mdcl:
         parts.append("no-mdcl")
     if args.no_md:
@@ -353,120 +476,59 @@ def variant_name(args):
     return "-".join(parts) or "kd3"
 
 
+def build_student(args, teacher, meta):
+    """N_S: the student network with the shared classifier (Sec. 3.3), or its own (Table 2 'No classifier
+    sharing': the same student whose classifier is a fresh linear layer, trained)."""
+    student = SharedClassifierStudent(models.build_model(args.student_arch, meta["num_classes"], meta["channels"]),
+                                      teacher.classifier)
+    if args.no_cls_share:
+        student.classifier = nn.Linear(student.feat_dim, meta["num_classes"])
+    return student
+
+
 def run(args):
-    args = resolve_settings(teacher_lib.resume_config(args, build_parser(), "kd3.py"))
-    device = teacher_lib.get_device(args.device)
-    teacher_lib.seed_everything(args.seed)
+    args = resolve_settings(runtime.resume_config(args, build_parser(), "kd3.py"))
+    device = runtime.get_device(args.device)
+    runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
-    num_classes = meta["num_classes"]
-    if args.download and teacher_lib.is_main():
-        data.download(args.dataset, args.data_root)
-    teacher_lib.barrier()
-    teacher_model, _ = teacher_lib.get_teacher(args.dataset, args.teacher_arch, args.seed, args.data_root, device,
-                                               args.teacher, args.checkpoint_dir, args.download)
-    student = models.build_model(args.student_arch, num_classes, meta["channels"])
+    runtime.download_if_asked(args)
+    teacher, _ = get_teacher(args.dataset, args.teacher_arch, args.seed, args.data_root, device, args.teacher,
+                             args.checkpoint_dir, args.download)
     test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
-    web_x, _, web_source = data.load_source(args.web, "train", args.data_root, meta["channels"],
-                                                     meta["size"], args.seed)
+    web = WebSet(args, teacher, device)
     variant = variant_name(args)
-    log = teacher_lib.RunLog(f"kd3-{args.dataset}" + ("" if variant == "kd3" else f"-{variant}"), args, args.runs_dir)
-    test_x, test_y, web_x, web_source = test_x.to(device), test_y.to(device), web_x.to(device), web_source.to(device)
-    teacher_acc = teacher_lib.evaluate(teacher_model, test_x, test_y, meta["mean"], meta["std"])
-    # N_T(x) over the web set never changes: computed once
-    p_teacher_web = F.softmax(teacher_lib.predict(teacher_model, web_x, meta["mean"], meta["std"]), dim=1)
-    teacher_web_hist = torch.bincount(p_teacher_web.argmax(1), minlength=num_classes).tolist()
-    num_sources = int(web_source.max()) + 1
-    print(f"teacher {args.teacher_arch}: {teacher_acc:.2f}% test accuracy; web {args.web}: {len(web_x)} images "
-          f"{tuple(web_x.shape[1:])}, teacher-predicted classes {teacher_web_hist}; device {device}", flush=True)
+    log = runtime.RunLog(f"kd3-{args.dataset}" + ("" if variant == "kd3" else f"-{variant}"), args, args.runs_dir)
+    test = (test_x.to(device), test_y.to(device))
+    teacher_acc = runtime.evaluate(teacher, *test, meta["mean"], meta["std"])
+    print(f"teacher {args.teacher_arch}: {teacher_acc:.2f}% test accuracy; web {args.web}: {len(web.x)} images "
+          f"{tuple(web.x.shape[1:])}, teacher-predicted classes {web.teacher_hist}; device {device}", flush=True)
 
-    model = teacher_lib.prepare_model(KD3Student(student, teacher_model.classifier, share=not args.no_cls_share),
-                                      device)
-    head_s = ProjectionHead(model.feat_dim, args.proj_dim).to(device)
-    head_t = ProjectionHead(teacher_model.feat_dim, args.proj_dim).to(device)
-    params = [p for m in (model, head_s, head_t) for p in m.parameters() if p.requires_grad]
-    opt = teacher_lib.make_optimizer(params, args)
-    if teacher_lib.rank() > 0:  # same initial weights on every rank (above); its own MixDistribution draws below
-        torch.manual_seed(teacher_lib.rank_seed(args.seed))
-    select_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: the same random selection
-    empty_epochs, first_epoch, last = 0, 0, {}
-    if log.state:
-        for name, module in (("model", model), ("head_s", head_s), ("head_t", head_t), ("opt", opt)):
-            module.load_state_dict(log.state[name])
-        teacher_lib.set_rng_state(log.state["rng"], device, select=select_gen)
-        empty_epochs, first_epoch, last = log.state["empty_epochs"], log.state["epoch"], log.state["last"]
-    with log.stop_cleanly("kd3.py"):
-        for epoch in range(first_epoch, args.epochs):
-            lr = args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)  # /10 at each milestone (Sec. 4)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            start = time.time()
-            alpha_t, idx, pred = select_epoch(epoch, args, p_teacher_web, model, web_x, meta, select_gen)
-            k = len(idx)
-            per_class = torch.bincount(pred[idx], minlength=num_classes).tolist()
-            per_source = torch.bincount(web_source[idx], minlength=num_sources).tolist()
-            if epoch in (0, args.epochs - 1):
-                save_selection_grids(web_x, idx, log.path(f"epoch{epoch + 1}"), args.grid_size, select_gen)
-            select_s = time.time() - start
-            model.train()
-            head_s.train()
-            head_t.train()
-            sums, seen = {}, 0
-            start = time.time()
-            if k == 0:
-                empty_epochs += 1
-                print(f"epoch {epoch + 1}: no web instance selected (alpha(t) {alpha_t:.3f}, V_th {args.v_th}); "
-                      f"skipping the update, training continues", flush=True)
-            loader = data.DeviceLoader(web_x, batch_size=args.batch_size, shuffle=True, crop_pad=meta["crop_pad"],
-                                       flip=meta["flip"], mean=meta["mean"], std=meta["std"], device=device,
-                                       seed=args.seed + epoch, indices=idx, rank=teacher_lib.rank(),
-                                       world_size=teacher_lib.world_size())
-            for (x,) in loader:
-                loss, terms = kd3_losses(model, teacher_model, head_s, head_t, x, args)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                teacher_lib.average_gradients(params)
-                opt.step()
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0) + value * len(x)
-                seen += len(x)
-            seconds = time.time() - start
-            totals = teacher_lib.epoch_sums({**sums, "seen": seen}) if k else {}  # the one sync of the epoch
-            means = {name: totals[name] / totals["seen"] for name in sums}
-            log.check_finite(f"epoch {epoch + 1}", means)
-            teacher_lib.average_buffers(model)
-            test_acc = teacher_lib.evaluate(model, test_x, test_y, meta["mean"], meta["std"])
-            log.log_epoch(epoch, args.epochs, {"alpha_t": alpha_t, "selected": k, **means, "test_acc": test_acc,
-                                               "lr": lr, "select_s": round(select_s, 2),
-                                               "selected_per_class": per_class, "selected_per_source": per_source},
-                          k, seconds)
-            last = {"selected": k, "test_acc": test_acc, "selected_per_class": per_class,
-                    "selected_per_source": per_source}
-            log.save_state({"epoch": epoch + 1, "model": model.state_dict(), "head_s": head_s.state_dict(),
-                            "head_t": head_t.state_dict(), "opt": opt.state_dict(), "empty_epochs": empty_epochs,
-                            "last": last, "rng": teacher_lib.rng_state(device, select=select_gen)},
-                           f"epoch {epoch + 1}/{args.epochs}")
+    student = runtime.prepare_model(build_student(args, teacher, meta), device)
+    stopped = train(args, teacher, student, web, test, log)
 
+    last = log.last_record  # the final epoch
     path = log.path("student.pt")
-    if teacher_lib.is_main():
-        models.save_checkpoint(path, model.folded(), args.student_arch, num_classes, meta["channels"], args,
+    if runtime.is_main():
+        models.save_checkpoint(path, student.folded(), args.student_arch, meta["num_classes"], meta["channels"], args,
                                last["test_acc"], dataset=args.dataset, image_size=meta["size"])
     print(f"saved student to {path} (connector and shared classifier folded into its classifier)", flush=True)
-    return log.finish("kd3", args.dataset, {
+    results = log.finish("kd3", args.dataset, {
         "variant": variant, "teacher_acc": teacher_acc, "student_acc": last["test_acc"], "web": args.web,
-        "web_size": len(web_x), "teacher_web_hist": teacher_web_hist, "selected": last["selected"],
-        "selected_frac": last["selected"] / len(web_x), "selected_per_class": last["selected_per_class"],
-        "selected_per_source": last["selected_per_source"], "epochs_without_selection": empty_epochs,
-        "student_checkpoint": path})
+        "web_size": len(web.x), "web_sources": web.sources, "teacher_web_hist": web.teacher_hist,
+        "selected": last["selected"], "selected_frac": last["selected"] / len(web.x),
+        "selected_per_class": last["selected_per_class"], "selected_per_source": last["selected_per_source"],
+        "kept_frac_per_source": last["kept_frac_per_source"],
+        "teacher_acc_in_distribution": web.teacher_acc_in_distribution,
+        "teacher_acc_kept_in_distribution": last["teacher_acc_kept_in_distribution"],
+        "epochs_trained": last["epoch"], "stopped_early": stopped, "student_checkpoint": path})
+    if stopped:
+        raise ValueError(f"{stopped} — the run stopped at that epoch (marked in {log.path('results.json')}); "
+                         f"--selection combined or teacher keeps a selection")
+    return results
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (data.DatasetNotFoundError, ValueError, teacher_lib.NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        teacher_lib.cleanup_distributed()
+    runtime.cli(run, build_parser(), "kd3.py", argv)
 
 
 if __name__ == "__main__":

@@ -571,6 +571,17 @@ def build_model(name, num_classes, in_channels):
     return MODELS[name](num_classes=num_classes, in_channels=in_channels)
 
 
+def he_init(module):
+    """He (Kaiming) initialisation of every convolution and linear layer of `module`, biases zero: each layer
+    keeps the variance of its (ReLU) input, so features vary across images from the first step."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
 def _plain(value):
     """Make argparse values storable under torch.load(weights_only=True): only plain Python types."""
     if isinstance(value, dict):

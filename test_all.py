@@ -23,6 +23,7 @@ import data
 import hidfd
 import kd3
 import models
+import runtime
 import teacher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -358,9 +359,9 @@ def test_teacher_trains_on_synthetic_and_caches(synthetic_teacher):
     assert ckpt["arch"] == "lenet5" and ckpt["dataset"] == "synthetic" and ckpt["image_size"] == 32
     x, y = data.load_dataset("synthetic", "test")
     meta = data.DATASETS["synthetic"]
-    acc = teacher.evaluate(model, x, y, meta["mean"], meta["std"])
+    acc = runtime.evaluate(model, x, y, meta["mean"], meta["std"])
     assert acc > 60  # chance is 10%
-    assert abs(acc - ckpt["acc"]) < 1e-6  # the stored accuracy is the final test accuracy, recomputed here
+    assert ckpt["acc"] == round(acc, 5)  # the stored accuracy is the final (logged) test accuracy, recomputed here
 
 
 def test_get_teacher_loads_cache_and_rejects_mismatch(synthetic_teacher, tmp_path):
@@ -371,7 +372,7 @@ def test_get_teacher_loads_cache_and_rejects_mismatch(synthetic_teacher, tmp_pat
 
 
 def test_run_log_files(tmp_path, capsys):
-    log = teacher.RunLog("unit", {"lr": 0.1}, str(tmp_path))
+    log = runtime.RunLog("unit", {"lr": 0.1}, str(tmp_path))
     log.log_epoch(0, 2, {"loss": torch.tensor(0.5), "acc": 80.0}, num_images=100, seconds=0.5)
     res = log.finish("unit", "synthetic", {"student_acc": 81.25})
     lines = open(log.path("metrics.jsonl")).read().splitlines()
@@ -492,23 +493,16 @@ def test_heterogeneous_pair_through_the_connector():
     t = models.build_model("resnet8x4", 10, 3).eval().requires_grad_(False)
     teacher_state = {k: v.clone() for k, v in t.state_dict().items()}
     x = torch.randn(4, 3, 32, 32)
-    wrapped = [kd3.KD3Student(models.build_model("shufflenetv2", 10, 3), t.classifier),
+    wrapped = [kd3.SharedClassifierStudent(models.build_model("shufflenetv2", 10, 3), t.classifier),
                hidfd.SharedClassifierStudent(models.build_model("shufflenetv2", 10, 3), t.classifier)]
     for model in wrapped:
         assert model.feat_dim == 256 and model.connector.in_features == 1024
-        params = [p for p in model.parameters() if p.requires_grad]
-        if isinstance(model, kd3.KD3Student):
-            head_s, head_t = kd3.ProjectionHead(256), kd3.ProjectionHead(256)
-            params += list(head_s.parameters()) + list(head_t.parameters())
-            loss, _ = kd3.kd3_losses(model.train(), t, head_s, head_t, x, _args())
-        else:
-            with torch.no_grad():
-                t_feat = t.features(x)
-            loss = hidfd.align_loss(model.train().features(x), t_feat)
         connector_before = model.connector.weight.clone()
-        opt = torch.optim.SGD(params, lr=0.1)
-        loss.backward()
-        opt.step()
+        if isinstance(model, kd3.SharedClassifierStudent):
+            loss = _kd3_step(model.train(), t, x, _args())["wfa"]
+        else:
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+            loss = hidfd.distill_step(runtime.FeaturesAndLogits(model.train()), t, x, opt)["align"]
         assert torch.isfinite(loss) and not torch.equal(model.connector.weight, connector_before)
         for k, v in t.state_dict().items():
             assert torch.equal(v, teacher_state[k]), k
@@ -660,6 +654,15 @@ def _args(**kw):
     return argparse.Namespace(**{**vars(args), **kw})
 
 
+def _kd3_step(student, teacher, x, args, lr=0.1):
+    """One kd3.train_step of `student` (and fresh projection heads) on x; returns its terms (+ the networks)."""
+    nets = kd3.KD3Networks(student, teacher.feat_dim, args.proj_dim, with_heads=not args.no_mdcl)
+    opt = torch.optim.SGD([p for p in nets.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=5e-4)
+    terms = kd3.train_step(nets, teacher, x, opt, args)
+    terms["networks"] = nets
+    return terms
+
+
 def _frozen_teacher():
     torch.manual_seed(0)
     t = models.build_model("lenet5", 10, 1).eval()
@@ -671,22 +674,22 @@ def _frozen_teacher():
 def test_classifier_sharing_keeps_teacher_classifier_fixed():
     t = _frozen_teacher()
     teacher_state = {k: v.clone() for k, v in t.state_dict().items()}
-    model = kd3.KD3Student(models.build_model("lenet5_half", 10, 1), t.classifier)
-    assert model.classifier is t.classifier and isinstance(model.connector, torch.nn.Linear)  # 42-d -> 84-d
-    head_s, head_t = kd3.ProjectionHead(84), kd3.ProjectionHead(84)
-    head_t_before = head_t.linear.weight.clone()
+    model = kd3.SharedClassifierStudent(models.build_model("lenet5_half", 10, 1), t.classifier)
+    assert isinstance(model.connector, torch.nn.Linear)  # 42-d -> 84-d
+    assert model.classifier is not t.classifier and torch.equal(model.classifier.weight, t.classifier.weight)
+    assert not any(p.requires_grad for p in model.classifier.parameters())
+    classifier_before = model.classifier.weight.clone()
     backbone_before = model.backbone.body[0].weight.clone()
-    params = [p for m in (model, head_s, head_t) for p in m.parameters() if p.requires_grad]
-    assert not any(p is t.classifier.weight for p in params)
-    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
-    loss, terms = kd3.kd3_losses(model, t, head_s, head_t, torch.randn(8, 1, 32, 32), _args())
-    loss.backward()
-    opt.step()
-    assert set(terms) >= {"wfa", "mdcl_s", "mdcl_t"} and torch.isfinite(loss)
+    nets = kd3.KD3Networks(model, t.feat_dim, 128)
+    head_t_before = nets.head_t.linear.weight.clone()
+    opt = torch.optim.SGD([p for p in nets.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    terms = kd3.train_step(nets, t, torch.randn(8, 1, 32, 32), opt, _args())
+    assert set(terms) >= {"wfa", "mdcl_s", "mdcl_t"} and torch.isfinite(terms["wfa"])
     for k, v in t.state_dict().items():
         assert torch.equal(v, teacher_state[k]), k
+    assert torch.equal(model.classifier.weight, classifier_before)          # g_T stays the teacher's
     assert not torch.equal(model.backbone.body[0].weight, backbone_before)  # phi_S is trained
-    assert not torch.equal(head_t.linear.weight, head_t_before)            # L^T_mdcl trains the teacher's head
+    assert not torch.equal(nets.head_t.linear.weight, head_t_before)       # L^T_mdcl trains the teacher's head
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -695,27 +698,28 @@ def test_classifier_sharing_keeps_teacher_classifier_fixed():
 
 def test_no_cls_share_trains_own_classifier():
     t = _frozen_teacher()
-    model = kd3.KD3Student(models.build_model("lenet5_half", 10, 1), t.classifier, share=False)
-    assert model.classifier is not t.classifier and model.classifier.weight.requires_grad
-    loss, terms = kd3.kd3_losses(model, t, kd3.ProjectionHead(84), kd3.ProjectionHead(84),
-                                 torch.randn(6, 1, 32, 32), _args(no_cls_share="soft", no_mdcl=True))
-    loss.backward()
-    assert "cls" in terms and "mdcl_s" not in terms and model.classifier.weight.grad.abs().sum() > 0
+    args = _args(no_cls_share="soft", no_mdcl=True)
+    model = kd3.build_student(args, t, data.DATASETS["fashionmnist"])
+    assert model.classifier.weight.requires_grad and not torch.equal(model.classifier.weight, t.classifier.weight)
+    before = model.classifier.weight.clone()
+    terms = _kd3_step(model, t, torch.randn(6, 1, 32, 32), args)
+    assert "cls" in terms and "mdcl_s" not in terms and terms["networks"].head_s is None
+    assert not torch.equal(model.classifier.weight, before)
 
 
 def test_random_selection_takes_as_many_as_combined():
     torch.manual_seed(0)
     t = _frozen_teacher()
-    model = kd3.KD3Student(models.build_model("lenet5_half", 10, 1), t.classifier)
+    model = kd3.SharedClassifierStudent(models.build_model("lenet5_half", 10, 1), t.classifier)
     web = torch.randint(0, 256, (300, 1, 32, 32), dtype=torch.uint8)
     meta = data.DATASETS["fashionmnist"]
     p_t = torch.distributions.Dirichlet(torch.full((10,), 0.2)).sample((300,))  # peaked teacher probabilities
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    _, idx_c, _ = kd3.select_epoch(1, _args(), p_t, model, web, meta, gen())
-    alpha, idx_r, _ = kd3.select_epoch(1, _args(selection="random"), p_t, model, web, meta, gen())
+    _, idx_c, _ = kd3.select_web_instances(1, _args(), p_t, model, web, meta, gen())
+    alpha, idx_r, _ = kd3.select_web_instances(1, _args(selection="random"), p_t, model, web, meta, gen())
     assert alpha == pytest.approx(math.exp(-5 * (1 / 5 - 1) ** 2))
     assert 0 < len(idx_c) < 300 and len(idx_r) == len(idx_c) and not torch.equal(idx_r.sort()[0], idx_c)
-    alpha_t, idx_t, _ = kd3.select_epoch(3, _args(selection="teacher"), p_t, model, web, meta, gen())
+    alpha_t, idx_t, _ = kd3.select_web_instances(3, _args(selection="teacher"), p_t, model, web, meta, gen())
     conf, pred = p_t.max(1)
     counts = [int((pred == k).sum()) for k in range(10)]
     keep = [i for i in range(300) if conf[i] > counts[pred[i]] / max(counts) * 0.95]  # Eq. (8) on N_T alone
@@ -749,15 +753,17 @@ def test_cli_ablations_run(synthetic_teacher, tmp_path):
     assert "student_acc" in read_results(tmp_path)
 
 
-def test_no_selected_instance_keeps_training(synthetic_teacher, tmp_path, monkeypatch, capsys):
+def test_empty_selection_at_alpha_one_stops_with_a_clear_error(synthetic_teacher, tmp_path, monkeypatch):
+    # epochs 1-2 (alpha < 1) select nothing and go on; epoch 3 has alpha(2, 4) = 1: the selection can never change
+    # again (the student gets no update), so the run stops there, marked in results.json, instead of "finishing"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(kd3, "select_instances", lambda c, v, rule="paper": (torch.zeros(len(c), dtype=torch.bool),
                                                                                c.argmax(1)))
-    kd3.main(["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu", "--web",
-              "noise-uniform:100", "--epochs", "2"])
-    assert "no web instance selected" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: no web image was selected at epoch 3 with alpha"):
+        kd3.main(["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu", "--web",
+                  "noise-uniform:100", "--epochs", "4"])
     res = read_results(tmp_path)
-    assert res["selected"] == 0 and res["epochs_without_selection"] == 2 and "student_acc" in res
+    assert res["selected"] == 0 and res["epochs_trained"] == 3 and res["stopped_early"].startswith("no web image")
 
 
 def test_channel_mismatch_is_a_clear_error_before_training(synthetic_teacher, tmp_path):
@@ -963,10 +969,11 @@ def test_cli_two_stages_and_collected_only(synthetic_teacher, tmp_path):
     assert generator.is_file() and "stage gan" in out
     gan = read_results(tmp_path)
     run_dir = tmp_path / "runs" / sorted(os.listdir(tmp_path / "runs"))[-1]
-    assert gan["student_acc"] is None and gan["gan_epochs"] == 2 and sum(gan["gan_teacher_hist"]) > 0
+    assert gan["student_acc"] is None and gan["gan_epochs"] == 2 and sum(gan["gan_probe_hist"]) == 1000
     assert (run_dir / "samples-gan-epoch002.png").is_file()
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    assert {"d_loss", "g_loss", "blend", "trans", "reg", "teacher_hist", "images_per_s"} <= set(records[0])
+    assert {"d_loss", "g_loss", "blend", "trans", "reg", "teacher_hist", "probe_agree", "d_heldout_acc",
+            "images_per_s"} <= set(records[0])
 
     out = run_cli(["hidfd.py", "--stage", "distill", "--generator", str(generator)] + common, cwd=tmp_path)
     res = read_results(tmp_path)
@@ -1123,7 +1130,7 @@ def test_cli_balanced_synthetic(synthetic_teacher, tmp_path):
     assert res["source"] == "noise-uniform,shifted:synthetic" and res["balanced"] and res["augment"]
     assert sum(res["histogram"]) == res["transfer_size"] <= 400 and max(res["histogram"]) <= 40
     assert res["draws"] == res["per_source"][0]["examined"] <= 2000
-    assert sum(res["augmented_histogram"]) == res["transfer_size"]
+    assert sum(res["trained_histogram"]) == res["transfer_size"]
     assert 0 <= res["student_acc"] <= 100 and res["teacher_acc"] > 60
     assert all(res["histogram"][int(c)] == 40 - short for c, short in res["short"].items())
 
@@ -1138,7 +1145,7 @@ def test_cli_unbalanced_short_source_and_strict(synthetic_teacher, tmp_path):
     assert "SHORT by 20" in out and read_results(tmp_path)["transfer_size"] == 5
     proc = subprocess.run([sys.executable, f"{HERE}/balanced_transfer.py"] + common[1:] + ["--source", "synthetic:5",
                           "--strict"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "error: --strict: classes" in proc.stderr
+    assert proc.returncode != 0 and "error: --strict 0.0: classes" in proc.stderr
 
 
 #### Long runs: resume, faults, multi-process ####
@@ -1160,7 +1167,7 @@ def run_records(run_dir):
 
 
 def interrupt_at(monkeypatch, save_number):
-    real_save_state = teacher.RunLog.save_state
+    real_save_state = runtime.RunLog.save_state
     labels = []
 
     def save_state(self, state, label):
@@ -1168,7 +1175,7 @@ def interrupt_at(monkeypatch, save_number):
         if len(labels) == save_number:
             raise KeyboardInterrupt
         real_save_state(self, state, label)
-    monkeypatch.setattr(teacher.RunLog, "save_state", save_state)
+    monkeypatch.setattr(runtime.RunLog, "save_state", save_state)
 
 
 def assert_resume_matches(module, argv, save_number, tmp_path, monkeypatch, capsys, whole=None):
@@ -1252,14 +1259,14 @@ def test_resume_balanced_transfer(synthetic_teacher, tmp_path, monkeypatch, caps
 
 
 def test_rng_state_refuses_another_world_size_or_device():
-    state = teacher.rng_state(torch.device("cpu"), extra=torch.Generator().manual_seed(1))
+    state = runtime.rng_state({"extra": torch.Generator().manual_seed(1)})
     g = torch.Generator()
-    teacher.set_rng_state([state], torch.device("cpu"), extra=g)
+    runtime.restore_rng([state], {"extra": g})
     assert torch.equal(g.get_state(), torch.Generator().manual_seed(1).get_state())
     with pytest.raises(ValueError, match="written by 2 process"):
-        teacher.set_rng_state([state, state], torch.device("cpu"), extra=g)
+        runtime.restore_rng([state, state], {"extra": g})
     with pytest.raises(ValueError, match="written on cuda"):
-        teacher.set_rng_state([{**state, "device": "cuda"}], torch.device("cpu"), extra=g)
+        runtime.restore_rng([{**state, "devices": {"extra": "cuda"}}], {"extra": g})
 
 
 NAN_CASES = {  # script: (extra flags, (module, loss function), term, where it stops, last good state)
@@ -1281,7 +1288,7 @@ NAN_CASES = {  # script: (extra flags, (module, loss function), term, where it s
 def test_non_finite_loss_stops_with_the_last_good_state(case, synthetic_teacher, tmp_path, monkeypatch):
     flags, (owner, loss_name), term, where, kept = NAN_CASES[case]
     module = {"teacher": teacher, "kd3": kd3, "hidfd": hidfd, "balanced_transfer": bt}[case.split("-")[0]]
-    real_loss, real_save_state, saved = getattr(owner, loss_name), teacher.RunLog.save_state, []
+    real_loss, real_save_state, saved = getattr(owner, loss_name), runtime.RunLog.save_state, []
 
     def loss_turning_nan(*args, **kwargs):  # NaN from the first batch after the first saved epoch
         return real_loss(*args, **kwargs) * (float("nan") if saved else 1.0)
@@ -1290,7 +1297,7 @@ def test_non_finite_loss_stops_with_the_last_good_state(case, synthetic_teacher,
         real_save_state(self, state, label)
         saved.append(label)
     monkeypatch.setattr(owner, loss_name, loss_turning_nan)
-    monkeypatch.setattr(teacher.RunLog, "save_state", save_state)
+    monkeypatch.setattr(runtime.RunLog, "save_state", save_state)
     runs = tmp_path / "runs"
     common = ["--dataset", "synthetic", "--device", "cpu", "--runs-dir", str(runs)]
     with pytest.raises(SystemExit) as stop:
@@ -1372,7 +1379,8 @@ def test_bench_flops_are_hand_counts():
         ["--device", "cpu", "--quick", "--arch-pair", "lenet5:lenet5_half:mnist", "--batch", "4", "--pool", "8"]))
     b = 4
     expected = {  # the documented convention: 1x no-grad forward, 3x trained network, per image through it
-        "kd3": 2 * b * (LENET5_FEATURES + 3 * (HALF_FEATURES + CONNECTOR + 2 * HEAD)),  # clean + MD views
+        # clean + MD views; the student's forward includes g_T (84 x 10 multiply-adds) on every view
+        "kd3": 2 * b * (LENET5_FEATURES + 3 * (HALF_FEATURES + CONNECTOR + 2 * 840 + 2 * HEAD)),
         "hidfd-distill": b * (LENET5_FEATURES + 3 * (HALF_FEATURES + CONNECTOR)),
         "bt-kd": b * (LENET5_FORWARD + 3 * HALF_FORWARD),
         "bt-label": b * LENET5_FORWARD,
