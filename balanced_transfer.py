@@ -125,22 +125,22 @@ def resolve_settings(args):
     """Fill every None flag from SETTINGS[family] (visible above); N defaults to |D_o|, the teacher's
     training-set size (Sec. 4.1), so the original data is never read."""
     for key, value in SETTINGS[data.DATASETS[args.dataset]["family"]].items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (key == "teacher_arch" and args.teacher):  # --teacher: its own arch
             setattr(args, key, value)
     if args.transfer_size is None:
         args.transfer_size = data.DATASETS[args.dataset]["train_size"]
     if args.transfer_size < data.DATASETS[args.dataset]["num_classes"]:
-        raise ValueError("--transfer-size must be at least the number of classes (quota N // C >= 1)")
+        raise ValueError("--transfer-size must be at least the number of classes — the quota N // C must be >= 1")
     if min(args.epochs, args.batch_size, args.max_draws, args.draw_batch) < 1 or args.temperature <= 0:
-        raise ValueError("--epochs, --batch-size, --max-draws and --draw-batch must be >= 1 and --temperature > 0")
+        raise ValueError("--epochs, --batch-size, --max-draws and --draw-batch must be >= 1 and --temperature > 0 — give "
+                         "positive values")
     if args.max_minutes is not None and args.max_minutes <= 0:
-        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes}")
+        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes} — leave it out for no time cap")
     if args.strict is not None and not 0 <= args.strict <= 1:
-        raise ValueError(f"--strict FRACTION must be in [0, 1], got {args.strict}")
-    for spec in (s.strip() for s in args.source.split(",")):
-        name, count = data.parse_source(spec)
-        if count == 0:
-            raise ValueError(f"--source {spec!r} asks for 0 images — drop it or give a count >= 1")
+        raise ValueError(f"--strict FRACTION must be in [0, 1], got {args.strict} — e.g. --strict 0.5 refuses classes "
+                         f"below half their quota")
+    for spec in args.source.split(","):
+        data.parse_source(spec.strip())  # a source that asks for 0 images is an error now
     return args
 
 
@@ -433,8 +433,7 @@ def run(args):
     runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
     runtime.download_if_asked(args)
-    teacher, _ = get_teacher(args.dataset, args.teacher_arch, args.seed, args.data_root, device, args.teacher,
-                             args.checkpoint_dir, args.download)
+    teacher, _ = get_teacher(args, device)  # a --teacher that does not fit is refused before any data is read
     test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
     log = runtime.RunLog(f"balanced_transfer-{args.dataset}", args, args.runs_dir)
     test = (test_x.to(device), test_y.to(device))

@@ -83,6 +83,20 @@ MANUAL_SOURCES = {
 }
 
 
+# Where the downloadable datasets come from when fetched by hand (what --download fetches, and the files the
+# readers expect under <root>).
+DOWNLOAD_SOURCES = {
+    "mnist": ("http://yann.lecun.com/exdb/mnist/", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"),
+    "fashionmnist": ("https://github.com/zalandoresearch/fashion-mnist (or apt-get install dataset-fashion-mnist)",
+                     "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"),
+    "kmnist": ("https://github.com/rois-codh/kmnist", "KMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"),
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar.html (python version)",
+                "cifar-10-batches-py/{data_batch_1..5,test_batch}"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar.html (python version)", "cifar-100-python/{train,test}"),
+    "svhn": ("http://ufldl.stanford.edu/housenumbers/ (format 2)", "{train,test}_32x32.mat"),
+    "stl10": ("https://cs.stanford.edu/~acoates/stl10/ (binary)", "stl10_binary/{train,test,unlabeled}_X.bin, *_y.bin"),
+}
+
 # Where `apt-get install dataset-fashion-mnist` puts the IDX files; read when <root> has none.
 SYSTEM_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -134,11 +148,16 @@ def _read_mnist_family(name, split, root):
     for folder in folders:
         paths = [_find_file(folder, s) for s in stems]
         if all(paths):
-            if folder == SYSTEM_FASHION_MNIST:
-                print(f"reading Fashion-MNIST from the system install {folder} (not under {root})", flush=True)
+            if folder not in _ANNOUNCED:  # once per process, not once per split
+                _ANNOUNCED.add(folder)
+                system = " (the system install)" if folder == SYSTEM_FASHION_MNIST else ""
+                print(f"reading {name} from {folder}{system}", flush=True)
             images, labels = read_idx(paths[0]), read_idx(paths[1])
             return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
     raise _missing(name, " or ".join(folders), [s + "[.gz]" for s in stems])
+
+
+_ANNOUNCED = set()
 
 
 def _unpickle(path):
@@ -242,8 +261,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 def _decode(path, size):
     # torchvision's own PIL loader (Pillow ships with torchvision); torchvision.io's decoders are deprecated.
+    from PIL import UnidentifiedImageError
     from torchvision.datasets.folder import pil_loader
-    img = torch.from_numpy(np.asarray(pil_loader(path), dtype=np.uint8).copy()).permute(2, 0, 1)  # RGB (3, H, W)
+    try:
+        img = torch.from_numpy(np.asarray(pil_loader(path), dtype=np.uint8).copy()).permute(2, 0, 1)  # RGB (3, H, W)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__}) — remove or replace that file") from None
     if size is not None and img.shape[-2:] != (size, size):
         img = _resize(img.unsqueeze(0), size)[0]
     return img
@@ -483,6 +506,8 @@ def parse_source(spec):
     """'svhn' -> ('svhn', None); 'noise-uniform:5000' -> ('noise-uniform', 5000). folder:/shifted: keep their colon."""
     head, _, tail = spec.rpartition(":")
     if head and tail.isdigit() and not spec.startswith("folder:"):
+        if int(tail) == 0:
+            raise ValueError(f"source {spec!r} asks for 0 images — drop it from the list or give a count >= 1")
         return head, int(tail)
     return spec, None
 
@@ -512,11 +537,29 @@ def load_source(spec, split, root, channels, size, seed=0):
 
 
 def download(name, root):
-    """Fetch a dataset with torchvision's downloaders into the layout the readers above expect."""
-    import torchvision.datasets as tvd
+    """Fetch a dataset with torchvision's downloaders into the layout the readers above expect. A failed download
+    (no network, say) removes the folders it created and names where the files can be fetched by hand."""
     name = name.split(":")[0]
     if name not in DOWNLOADABLE:
-        raise ValueError(f"{name!r} cannot be downloaded automatically; get it from {MANUAL_SOURCES.get(name, 'its source')}")
+        raise ValueError(f"{name!r} cannot be downloaded automatically — get it from "
+                         f"{MANUAL_SOURCES.get(name, 'its source')}")
+    existing = set()
+    for folder, _, _ in os.walk(root):
+        existing.add(os.path.abspath(folder))
+    try:
+        _fetch(name, root)
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+        for folder, _, _ in sorted(os.walk(root, topdown=False), reverse=True):
+            if os.path.abspath(folder) not in existing and not os.listdir(folder):
+                os.rmdir(folder)
+        url, files = DOWNLOAD_SOURCES[name]
+        reason = str(getattr(e, "reason", e)).splitlines()[0][:120]
+        raise ValueError(f"--download of {name} failed ({reason}) — fetch the files by hand from {url} and put "
+                         f"{files} under {root}") from None
+
+
+def _fetch(name, root):
+    import torchvision.datasets as tvd
     if name in MNIST_FOLDERS:
         cls = {"mnist": tvd.MNIST, "fashionmnist": tvd.FashionMNIST, "kmnist": tvd.KMNIST}[name]
         for train in (True, False):

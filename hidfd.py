@@ -125,26 +125,31 @@ def build_parser():
     return p
 
 
+def generator_path(args):
+    """--generator, or its default <checkpoint-dir>/hidfd-generator-<dataset>-<teacher-arch>-seed<seed>.pt."""
+    return args.generator or os.path.join(args.checkpoint_dir,
+                                          f"hidfd-generator-{args.dataset}-{args.teacher_arch}-seed{args.seed}.pt")
+
+
 def resolve_settings(args):
     """Fill every None flag from SETTINGS[family] and COLLECTED (visible above) and validate."""
     for key, value in SETTINGS[data.DATASETS[args.dataset]["family"]].items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (key == "teacher_arch" and args.teacher):  # --teacher: its own arch
             setattr(args, key, value)
     if args.collected is None:
         args.collected = COLLECTED[args.dataset]
-    if args.generator is None:
-        args.generator = os.path.join(args.checkpoint_dir,
-                                      f"hidfd-generator-{args.dataset}-{args.teacher_arch}-seed{args.seed}.pt")
     if args.rho <= 0:
-        raise ValueError(f"--rho must be > 0, got {args.rho}")
+        raise ValueError(f"--rho must be > 0, got {args.rho} — the paper uses 0.1 and 1.0")
     if min(args.gan_epochs, args.epochs, args.gan_batch_size, args.batch_size, args.sample_every) < 1:
-        raise ValueError("epochs, batch sizes and --sample-every must be >= 1")
+        raise ValueError("epochs, batch sizes and --sample-every must be >= 1 — give positive values")
     if args.n_synthetic < 0:
-        raise ValueError(f"--n-synthetic must be >= 0, got {args.n_synthetic}")
+        raise ValueError(f"--n-synthetic must be >= 0, got {args.n_synthetic} — the paper generates 50,000")
     if not 0 <= args.q <= 1 or not 0 <= args.gamma <= 1:
-        raise ValueError(f"--q and --gamma must be in [0, 1], got {args.q} and {args.gamma}")
+        raise ValueError(f"--q and --gamma must be in [0, 1], got {args.q} and {args.gamma} — they are a probability and an EMA "
+                         f"weight (paper: 0.7 and 0.5)")
     if args.lambda_d < 0 or args.lambda_g < 0:
-        raise ValueError(f"--lambda-d and --lambda-g must be >= 0, got {args.lambda_d} and {args.lambda_g}")
+        raise ValueError(f"--lambda-d and --lambda-g must be >= 0, got {args.lambda_d} and {args.lambda_g} — they weigh loss "
+                         f"terms (paper: 0.1)")
     if args.no_synthetic and args.stage == "gan":
         raise ValueError("--stage gan trains the generator, which --no-synthetic never uses — drop one of them")
     if args.n_synthetic == 0 and not args.no_synthetic and args.stage != "gan":
@@ -554,9 +559,9 @@ class ConditioningProbe:
 
 class CollectedSet:
     """D_c on the device: a seeded random rho * |D_o| images of the web source, the teacher's labels (argmax) and
-    features of each, and up to 1,000 held-out images of the source outside D_c (for the probe)."""
+    features of each (`label_with`), and up to 1,000 held-out images of the source outside D_c (for the probe)."""
 
-    def __init__(self, args, teacher, device):
+    def __init__(self, args, device):
         self.args, self.meta = args, data.DATASETS[args.dataset]
         images, _, source = data.load_source(args.collected, "train", args.data_root, self.meta["channels"],
                                              self.meta["size"], seed=args.seed)
@@ -566,18 +571,21 @@ class CollectedSet:
                              f"{len(images)} — lower --rho or give a larger source")
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
         keep, rest = order[:n], order[n:n + 1000]
-        self.x, self.source = images[keep].to(device), source[keep]
+        self.x, self.source, self.heldout_x = images[keep].to(device), source[keep], images[rest].to(device)
+
+    def label_with(self, teacher):
+        """The teacher's labels (argmax) and features of D_c, and its labels of the held-out images."""
         # DEVIATION: the labels y of D_c are the teacher's argmax (the paper trains the conditional GAN on labelled
         # D_c without saying where the labels come from; a data-free setting has only the teacher's).
         logits, feats = runtime.predict(teacher, self.x, self.meta["mean"], self.meta["std"], features=True)
         self.y, self.t_feat = logits.argmax(1), feats.clone()
         self.hist = torch.bincount(self.y, minlength=self.meta["num_classes"]).tolist()
-        heldout = images[rest].to(device)
-        heldout_y = runtime.predict(teacher, heldout, self.meta["mean"], self.meta["std"]).argmax(1)
-        self.heldout = (data.normalize(heldout, (0.5,) * self.meta["channels"], (0.5,) * self.meta["channels"]),
-                        heldout_y)
-        print(f"D_c: {n} images of {args.collected} (per source {self.source.bincount().tolist()}); "
-              f"teacher-predicted classes {self.hist}; {len(heldout)} held-out images for the probe", flush=True)
+        heldout_y = runtime.predict(teacher, self.heldout_x, self.meta["mean"], self.meta["std"]).argmax(1)
+        half = (0.5,) * self.meta["channels"]  # uint8 -> [-1, 1], what D sees
+        self.heldout = (data.normalize(self.heldout_x, half, half), heldout_y)
+        print(f"D_c: {len(self.x)} images of {self.args.collected} (per source {self.source.bincount().tolist()}); "
+              f"teacher-predicted classes {self.hist}; {len(self.heldout_x)} held-out images for the probe",
+              flush=True)
 
     def gan_batches(self, batch_size):
         """(x in [-1, 1], teacher label, teacher feature) batches of D_c for module 1."""
@@ -659,7 +667,7 @@ def save_sample_grid(G, meta, path, seed, title, per_class=10):
 
 
 def save_generator(args, G, collected, probe_agree):
-    models.save_checkpoint(args.generator, G, "hidfd-generator", G.num_classes, G.channels, args, None,
+    models.save_checkpoint(generator_path(args), G, "hidfd-generator", G.num_classes, G.channels, args, None,
                            image_size=G.size, z_dim=G.z_dim, width=G.width, dataset=args.dataset,
                            collected=args.collected, rho=args.rho, n_collected=len(collected.x),
                            probe_agree=probe_agree)
@@ -690,6 +698,26 @@ def load_generator(path, meta, device):
     return runtime.prepare_model(G, device), ckpt
 
 
+GENERATOR_SETTINGS = ("dataset", "collected", "rho", "teacher_arch")  # what makes a generator this run's
+
+
+def check_generator(args, meta):
+    """--stage distill: the generator must exist, be readable and come from this run's setting. From another
+    setting (collection, rho, teacher) it is refused at the default path, and used with a note when --generator
+    names it."""
+    path = generator_path(args)
+    _, ckpt = load_generator(path, meta, torch.device("cpu"))
+    trained = {k: ckpt.get(k, ckpt["args"].get(k)) for k in GENERATOR_SETTINGS}
+    mismatch = {k: (v, getattr(args, k)) for k, v in trained.items() if v != getattr(args, k)}
+    if not mismatch:
+        return
+    said = ", ".join(f"{k} {v!r} (this run: {now!r})" for k, (v, now) in mismatch.items())
+    if args.generator is None:
+        raise ValueError(f"the generator at {path} was trained with {said} — train one for this setting with "
+                         f"--stage gan, or pass --generator {path} to use it anyway")
+    print(f"note: --generator {path} was trained with {said}", flush=True)
+
+
 def synthetic_set(args, G, teacher, meta, device):
     """D_s and what the teacher thinks of it: (uint8 images, {agreement with G's labels, teacher histogram})."""
     synthetic_x, synthetic_y = generate(G, args.n_synthetic, meta["num_classes"], G.z_dim, args.seed, device)
@@ -709,12 +737,12 @@ def run(args):
     meta = data.DATASETS[args.dataset]
     runtime.download_if_asked(args)
     variant = "collected-only" if args.no_synthetic else "hidfd"
-    teacher, _ = get_teacher(args.dataset, args.teacher_arch, args.seed, args.data_root, device, args.teacher,
-                             args.checkpoint_dir, args.download)
-    test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
+    teacher, _ = get_teacher(args, device)  # a --teacher that does not fit is refused before any data is read
     if args.stage == "distill" and not args.no_synthetic:
-        load_generator(args.generator, meta, torch.device("cpu"))  # refused now, before anything is trained
-    collected = CollectedSet(args, teacher, device)
+        check_generator(args, meta)  # refused now, before anything is trained
+    test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
+    collected = CollectedSet(args, device)
+    collected.label_with(teacher)
     log = runtime.RunLog(f"hidfd-{args.dataset}" + ("-collected-only" if args.no_synthetic else ""), args,
                          args.runs_dir)
     test = (test_x.to(device), test_y.to(device))
@@ -732,10 +760,10 @@ def run(args):
         gan = log.last_record
         if runtime.is_main():
             save_generator(args, G, collected, gan["probe_agree"])
-        print(f"saved generator to {args.generator} (samples in {log.dir})", flush=True)
+        print(f"saved generator to {generator_path(args)} (samples in {log.dir})", flush=True)
         results.update(gan_epochs=args.gan_epochs, gan_probe_agree=gan["probe_agree"],
                        gan_probe_hist=gan["probe_hist"], gan_teacher_agree=gan["teacher_agree"],
-                       gan_d_heldout_acc=gan.get("d_heldout_acc"), generator=args.generator)
+                       gan_d_heldout_acc=gan.get("d_heldout_acc"), generator=generator_path(args))
     if args.stage in ("distill", "all"):
         synthetic_x = torch.zeros((0,) + tuple(collected.x.shape[1:]), dtype=torch.uint8)
         if in_distill:
@@ -746,8 +774,8 @@ def run(args):
                 G = runtime.prepare_model(G, device)
         if not args.no_synthetic:
             if G is None:
-                G, ckpt = load_generator(args.generator, meta, device)
-                results.update(generator=args.generator, gan_epochs=ckpt["args"].get("gan_epochs"))
+                G, ckpt = load_generator(generator_path(args), meta, device)
+                results.update(generator=generator_path(args), gan_epochs=ckpt["args"].get("gan_epochs"))
             synthetic_x, info = synthetic_set(args, G, teacher, meta, device)
             results.update(info)
         extra = {"results": results}

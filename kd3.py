@@ -114,16 +114,17 @@ def build_parser():
 def resolve_settings(args):
     """Fill every None flag from SETTINGS[family] and WEB (visible above) and validate."""
     for key, value in SETTINGS[data.DATASETS[args.dataset]["family"]].items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (key == "teacher_arch" and args.teacher):  # --teacher: its own arch
             setattr(args, key, value)
     if args.web is None:
         args.web = WEB[args.dataset]
     if args.epochs < 1 or args.batch_size < 1:
-        raise ValueError("--epochs and --batch-size must be >= 1")
+        raise ValueError(f"--epochs and --batch-size must be >= 1, got {args.epochs} and {args.batch_size} — give positive "
+                         f"values")
     if not 0 < args.v_th <= 1:
-        raise ValueError(f"--v-th must be in (0, 1], got {args.v_th}")
+        raise ValueError(f"--v-th must be in (0, 1], got {args.v_th} — the paper uses 0.95")
     if args.tau <= 0 or args.mix_delta <= 0 or args.alpha < 0 or args.kd_t <= 0:
-        raise ValueError("--tau, --mix-delta and --kd-t must be > 0 and --alpha >= 0")
+        raise ValueError("--tau, --mix-delta and --kd-t must be > 0 and --alpha >= 0 — the paper uses tau 0.3, alpha 0.01")
     return args
 
 
@@ -407,10 +408,10 @@ def train(args, teacher, student, web, test, log):
 
 class WebSet:
     """The webly collected data D-bar on the device: images (N, C, H, W) uint8, the index of the source each came
-    from, the teacher's softmax N_T(x) of every image (computed once: it never changes), and how an epoch's
-    selection is batched and reported."""
+    from, the teacher's softmax N_T(x) of every image (`label_with`), and how an epoch's selection is batched and
+    reported."""
 
-    def __init__(self, args, teacher, device):
+    def __init__(self, args, device):
         self.args, self.meta = args, data.DATASETS[args.dataset]
         x, labels, source = data.load_source(args.web, "train", args.data_root, self.meta["channels"],
                                              self.meta["size"], args.seed)
@@ -420,13 +421,17 @@ class WebSet:
         self.sources = [s.strip() for s in ",".join(data.NAMED_MIXES.get(s.strip(), s.strip())
                                                     for s in args.web.split(",")).split(",") if s.strip()]
         self.source_sizes = torch.bincount(self.source, minlength=len(self.sources))
-        self.p_teacher = F.softmax(runtime.predict(teacher, self.x, self.meta["mean"], self.meta["std"]), dim=1)
-        self.teacher_hist = torch.bincount(self.p_teacher.argmax(1), minlength=self.meta["num_classes"]).tolist()
         # Images whose labels are the teacher's own classes (the teacher's dataset itself, or style-shifted): there
         # the truth is known, so the selection's preference for in-distribution images can be measured.
         truth = [data.parse_source(s)[0].removeprefix("shifted:") == args.dataset for s in self.sources]
         self.in_distribution = torch.tensor(truth, device=device)[self.source]
-        self.teacher_correct = self.p_teacher.argmax(1) == labels.to(device)
+        self.labels = labels.to(device)
+
+    def label_with(self, teacher):
+        """N_T(x) of every web image (computed once: the teacher never changes) and what it says of them."""
+        self.p_teacher = F.softmax(runtime.predict(teacher, self.x, self.meta["mean"], self.meta["std"]), dim=1)
+        self.teacher_hist = torch.bincount(self.p_teacher.argmax(1), minlength=self.meta["num_classes"]).tolist()
+        self.teacher_correct = self.p_teacher.argmax(1) == self.labels
         self.teacher_acc_in_distribution = _percent(self.teacher_correct, self.in_distribution)
 
     def batches(self, selected, epoch):
@@ -492,10 +497,10 @@ def run(args):
     runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
     runtime.download_if_asked(args)
-    teacher, _ = get_teacher(args.dataset, args.teacher_arch, args.seed, args.data_root, device, args.teacher,
-                             args.checkpoint_dir, args.download)
+    teacher, _ = get_teacher(args, device)  # a --teacher that does not fit is refused before any data is read
     test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
-    web = WebSet(args, teacher, device)
+    web = WebSet(args, device)
+    web.label_with(teacher)
     variant = variant_name(args)
     log = runtime.RunLog(f"kd3-{args.dataset}" + ("" if variant == "kd3" else f"-{variant}"), args, args.runs_dir)
     test = (test_x.to(device), test_y.to(device))

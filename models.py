@@ -623,7 +623,7 @@ def save_checkpoint(path, model, arch, num_classes, in_channels, args, acc, **ex
 def load_checkpoint(path, map_location="cpu"):
     """Rebuild the network stored by `save_checkpoint`. Returns (model, checkpoint dict)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise ValueError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
@@ -632,6 +632,11 @@ def load_checkpoint(path, map_location="cpu"):
     if missing:
         raise ValueError(f"{path} is not a dfkd-lab checkpoint: missing keys {missing} "
                          f"(expected a dict written by models.save_checkpoint)")
-    model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: its weights do not fit its header ({ckpt['arch']}, {ckpt['num_classes']} classes, "
+                         f"{ckpt['in_channels']} channels): {str(e).splitlines()[0][:150]} — the file is damaged or "
+                         f"was not written by models.save_checkpoint") from None
     return model, ckpt

@@ -284,25 +284,27 @@ def resume_config(args, parser, script):
     if run_dir is None:
         return args
     if not os.path.isdir(run_dir):
-        raise ValueError(f"--resume {run_dir}: no such run folder")
+        raise ValueError(f"--resume {run_dir}: no such run folder — give a folder under --runs-dir")
     for filename, what in (("config.json", "the run's arguments"), ("state.pt", "the state of a completed epoch")):
         if not os.path.isfile(os.path.join(run_dir, filename)):
             raise ValueError(f"--resume {run_dir}: expected {filename} ({what}, written by {script}) in that folder, "
-                             f"found none" + (" (interrupted before its first epoch finished?)"
-                                              if filename == "state.pt" else ""))
+                             f"found none — " + ("the run stopped before its first epoch finished: start it again"
+                                                 if filename == "state.pt" else "give the folder a run wrote"))
     if os.path.isfile(os.path.join(run_dir, "results.json")):
-        raise ValueError(f"--resume {run_dir}: that run has finished (results.json exists); nothing to resume")
+        raise ValueError(f"--resume {run_dir}: that run has finished (results.json exists) — nothing to resume")
+    load_state(os.path.join(run_dir, "state.pt"))  # damaged: refused now, before a teacher is loaded or trained
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             saved = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"--resume {run_dir}: its config.json is not valid JSON ({e}) — start a new run") from None
     if not isinstance(saved, dict) or set(saved) != set(vars(parser.parse_args([]))):
-        raise ValueError(f"--resume {run_dir}: its config.json was not written by {script} (other arguments)")
+        raise ValueError(f"--resume {run_dir}: its config.json was not written by {script} (other arguments) — resume it "
+                         f"with the script that started it")
     conflicts = [f"--{k.replace('_', '-')} {models._plain(v)} (saved: {saved[k]})" for k, v in vars(args).items()
                  if k != "resume" and v != parser.get_default(k) and models._plain(v) != saved[k]]
     if conflicts:
-        raise ValueError(f"--resume {run_dir}: these flags contradict the run's config.json: {', '.join(conflicts)}; "
+        raise ValueError(f"--resume {run_dir}: these flags contradict the run's config.json: {', '.join(conflicts)} — "
                          f"leave them out (the saved config is used) or start a new run")
     return argparse.Namespace(**{**saved, "resume": run_dir})
 
@@ -335,7 +337,11 @@ class Training:
         state = log.state
         if state is not None and state["stage"] == stage:
             for name, obj in self.save.items():
-                obj.load_state_dict(state[name])
+                try:
+                    obj.load_state_dict(state[name])
+                except (KeyError, RuntimeError, ValueError) as e:
+                    raise ValueError(f"{log.path('state.pt')} does not fit this run ({name}: "
+                                     f"{str(e).splitlines()[0][:120]}) — start a new run instead of --resume") from None
             restore_rng(state["rng"], self.generators)
             self.first_epoch = state["epoch"]
         self.device = next((t.device for obj in self.save.values() if isinstance(obj, torch.nn.Module)
@@ -423,8 +429,8 @@ def restore_rng(states, generators):
 
 def cli(run, parser, script, argv=None):
     """Parse argv and call run(args) for `script` (e.g. "kd3.py"). Bad input ends in one line `error: ...` (exit 1); Ctrl-C in one line that says
-    what was kept (exit 130). A run folder that holds no saved epoch is removed when its run stops before training
-    anything."""
+    what was kept (exit 130). A run folder that holds no epoch is removed when its run stops before its first epoch
+    ends."""
     args = parser.parse_args(argv)
     RunLog.current = None
     try:
@@ -447,9 +453,10 @@ def cli(run, parser, script, argv=None):
 
 
 def _drop_empty_run_folder():
-    """Remove the current run's folder when nothing of it can be resumed (no state saved, not a resumed run)."""
+    """Remove the current run's folder when it holds no epoch at all (a run refused or stopped before its first
+    epoch ended; never a resumed run)."""
     log = RunLog.current
-    if log is not None and log.main and not log.resumed and log.saved_label is None and os.path.isdir(log.dir):
+    if log is not None and log.main and not log.resumed and log.lines == 0 and os.path.isdir(log.dir):
         shutil.rmtree(log.dir)
     RunLog.current = None
 

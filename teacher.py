@@ -6,11 +6,17 @@ trained teachers that every method file loads.
 
 A teacher trained with its recipe is cached at checkpoints/<dataset>-<arch>-seed<seed>.pt; `get_teacher(...)`
 (used by kd3.py, hidfd.py and balanced_transfer.py) loads it, or trains it with the recipe when it is missing.
+The cache holds only recipe teachers and is never replaced silently: a run with other settings keeps its
+checkpoint in its run folder, and a cached teacher is retrained only with --overwrite. A lock file next to the
+checkpoint keeps two processes from training the same teacher at once.
 """
 
 import argparse
+import contextlib
 import os
+import time
 
+import torch
 import torch.nn.functional as F
 
 import data
@@ -51,12 +57,14 @@ def build_parser():
     p.add_argument("--milestones", type=int, nargs="*", default=None, help="lr / 10 at these epochs; "
                    + runtime.family_default(RECIPES, "milestones"))
     p.add_argument("--batch-size", type=int, default=None, help=runtime.family_default(RECIPES, "batch_size"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
     p.add_argument("--data-root", default="data", help="where the dataset's files are (docs/data.md)")
     p.add_argument("--download", action="store_true", help="fetch the dataset with torchvision first")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
-    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--overwrite", action="store_true", help="replace a teacher already in the cache (default: "
+                   "refuse, the cached teacher is what every method loads)")
+    p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from "
                    "RUN_DIR/state.pt with its saved config.json (flags given now must match it)")
     return p
@@ -67,9 +75,20 @@ def resolve_recipe(args):
     for key, value in recipe_for(args.dataset).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.epochs < 1:
-        raise ValueError("--epochs must be >= 1")
+    if args.epochs < 1 or args.batch_size < 1:
+        raise ValueError(f"--epochs and --batch-size must be >= 1, got {args.epochs} and {args.batch_size} — give positive "
+                         f"values (or leave them out for the recipe's)")
+    if args.lr <= 0 or args.momentum < 0 or args.weight_decay < 0 or any(m < 0 for m in args.milestones):
+        raise ValueError("--lr must be > 0 and --momentum, --weight-decay and --milestones >= 0 — leave them out for the "
+                         "recipe's")
     return args
+
+
+def uses_recipe(args):
+    """Whether the run's settings are its recipe's (only such a teacher goes into the cache)."""
+    recipe = recipe_for(args.dataset)
+    return all(tuple(v) == tuple(recipe[k]) if isinstance(v, (list, tuple)) else v == recipe[k]
+               for k, v in vars(args).items() if k in recipe)
 
 
 #### One step ####
@@ -89,6 +108,16 @@ def train_step(trained, x, y, opt):
 
 def train_teacher(args):
     args = resolve_recipe(runtime.resume_config(args, build_parser(), "teacher.py"))
+    cache = teacher_path(args.dataset, args.arch, args.seed, args.checkpoint_dir)
+    to_cache = uses_recipe(args)
+    if to_cache and os.path.isfile(cache) and not args.overwrite:
+        raise ValueError(f"a teacher is already cached at {cache} (every method loads it) — use it as it is, or "
+                         f"pass --overwrite to train it again")
+    with CacheLock(cache, wait=False) if to_cache and runtime.is_main() else contextlib.nullcontext():
+        return _train_teacher(args, cache if to_cache else None)
+
+
+def _train_teacher(args, cache):
     device = runtime.get_device(args.device)
     runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
@@ -114,11 +143,12 @@ def train_teacher(args):
         training.end_epoch(test_acc=runtime.evaluate(net, test_x, test_y, meta["mean"], meta["std"]))
 
     test_acc = log.last_record["test_acc"]
-    path = teacher_path(args.dataset, args.arch, args.seed, args.checkpoint_dir)
+    path = cache or log.path("teacher.pt")
     if runtime.is_main():
         models.save_checkpoint(path, net, args.arch, meta["num_classes"], meta["channels"], args, test_acc,
                                dataset=args.dataset, image_size=meta["size"])
-    print(f"saved teacher to {path}", flush=True)
+    print(f"saved teacher to {path}" + ("" if cache else " (not its recipe's settings, so not into the cache; "
+                                                        "pass it to a method with --teacher)"), flush=True)
     return log.finish("teacher", args.dataset, {"arch": args.arch, "teacher_acc": test_acc, "checkpoint": path})
 
 
@@ -128,9 +158,61 @@ def teacher_path(dataset, arch, seed, checkpoint_dir="checkpoints"):
     return os.path.join(checkpoint_dir, f"{dataset}-{arch}-seed{seed}.pt")
 
 
-def check_teacher(ckpt, dataset, source="teacher"):
-    """Clear error before any training when a checkpoint does not fit the dataset."""
+class CacheLock:
+    """<checkpoint>.lock while a process trains a teacher into the cache. wait=True: wait for another process's lock
+    to go (then the caller loads what it wrote); wait=False: refuse. A lock whose process is gone is removed."""
+
+    def __init__(self, path, wait):
+        self.path, self.lock, self.wait = path, path + ".lock", wait
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.lock)), exist_ok=True)
+        said = False
+        while True:
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = _lock_owner(self.lock)
+                if owner is None:  # its process is gone: a stale lock
+                    os.remove(self.lock)
+                    continue
+                if not self.wait:
+                    raise ValueError(f"process {owner} is training this teacher into {self.path} right now — wait for "
+                                     f"it to finish (or remove {self.lock} if that process is gone)") from None
+                if not said:
+                    print(f"waiting for process {owner}, which is training the teacher {self.path}", flush=True)
+                    said = True
+                time.sleep(2)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+
+    def __exit__(self, *exc):
+        if os.path.isfile(self.lock) and _lock_owner(self.lock) == os.getpid():
+            os.remove(self.lock)
+
+
+def _lock_owner(lock):
+    """The pid written in a lock file if that process is alive, else None."""
+    try:
+        with open(lock) as f:
+            pid = int(f.read().strip() or 0)
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def check_teacher(ckpt, dataset, arch=None, source="teacher"):
+    """Clear error before any training when a checkpoint does not fit the dataset (or the asked architecture)."""
     meta = data.DATASETS[dataset]
+    if ckpt.get("dataset") not in (None, dataset):
+        raise ValueError(f"{source} was trained on {ckpt['dataset']}, not {dataset} — pass a {dataset} teacher, "
+                         f"or --dataset {ckpt['dataset']}")
+    if arch is not None and ckpt["arch"] != arch:
+        raise ValueError(f"{source} is a {ckpt['arch']}, but --teacher-arch says {arch} — leave --teacher-arch out "
+                         f"(the checkpoint's architecture is used) or pass a {arch} checkpoint")
     if ckpt["num_classes"] != meta["num_classes"] or ckpt["in_channels"] != meta["channels"]:
         raise ValueError(f"{source} has {ckpt['num_classes']} classes and {ckpt['in_channels']} input channels, but "
                          f"{dataset} has {meta['num_classes']} classes and {meta['channels']} channels")
@@ -139,30 +221,64 @@ def check_teacher(ckpt, dataset, source="teacher"):
                          f"uses {meta['size']}x{meta['size']}")
 
 
-def get_teacher(dataset, arch=None, seed=0, data_root="data", device="cpu", path=None, checkpoint_dir="checkpoints",
-                download=False):
-    """The frozen teacher for `dataset`: from `path` if given, else the cached checkpoint, else trained now
-    with the recipe defaults (and cached). Returns (model in eval mode on device, checkpoint dict)."""
-    arch = arch or recipe_for(dataset)["arch"]
+def get_teacher(args, device):
+    """The frozen teacher of a method run: --teacher PATH if given, else the cached recipe teacher for
+    (--dataset, --teacher-arch, --seed), trained now when missing (saying so, with an estimate of its time).
+    Sets args.teacher_arch to the checkpoint's architecture. Returns (model in eval mode on device, checkpoint)."""
+    path = args.teacher
     if path is None:
-        path = teacher_path(dataset, arch, seed, checkpoint_dir)
+        arch = args.teacher_arch or recipe_for(args.dataset)["arch"]
+        path = teacher_path(args.dataset, arch, args.seed, args.checkpoint_dir)
+        if runtime.is_main():
+            with CacheLock(path, wait=True):  # another process training it: wait for its checkpoint
+                pass
         if not os.path.isfile(path):
-            print(f"no cached teacher at {path}: training one with the {data.DATASETS[dataset]['family']} recipe "
-                  f"(python teacher.py --dataset {dataset} --arch {arch} --seed {seed})", flush=True)
-            args = build_parser().parse_args(["--dataset", dataset, "--arch", arch, "--seed", str(seed),
-                                              "--data-root", data_root, "--device", device.type,
-                                              "--checkpoint-dir", checkpoint_dir] + (["--download"] if download else []))
-            train_teacher(args)
-            runtime.barrier()  # under torchrun rank 0 wrote the checkpoint that every rank loads next
-        else:
-            print(f"loading cached teacher {path}", flush=True)
+            train_missing_teacher(args, arch, path, device)
+        print(f"loading cached teacher {path}", flush=True)
+    elif not os.path.isfile(path):
+        raise ValueError(f"--teacher {path} does not exist — give a checkpoint written by teacher.py, or leave "
+                         f"--teacher out to use (or train) the cached teacher")
     else:
         print(f"loading teacher {path}", flush=True)
     model, ckpt = models.load_checkpoint(path)
-    check_teacher(ckpt, dataset, source=f"teacher {path}")
+    check_teacher(ckpt, args.dataset, args.teacher_arch, source=f"teacher {path}")
+    args.teacher_arch = ckpt["arch"]
     model = runtime.prepare_model(model, device).eval()
     model.requires_grad_(False)
     return model, ckpt
+
+
+def train_missing_teacher(args, arch, path, device):
+    """Train the recipe teacher a method needs into the cache, after saying what runs and for about how long."""
+    argv = ["--dataset", args.dataset, "--arch", arch, "--seed", str(args.seed), "--data-root", args.data_root,
+            "--device", device.type, "--checkpoint-dir", args.checkpoint_dir]
+    teacher_args = resolve_recipe(build_parser().parse_args(argv + (["--download"] if args.download else [])))
+    if not args.download:
+        data.load_dataset(args.dataset, "train", args.data_root)  # its data missing: the error comes now
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the method's draws unchanged
+        seconds = estimate_seconds(teacher_args, device)
+        print(f"no cached teacher at {path}: training it first with the {data.DATASETS[args.dataset]['family']} "
+              f"recipe, about {runtime.format_seconds(seconds)} on {device.type} (estimated from 3 timed steps):"
+              f"\n    python teacher.py {' '.join(argv)}", flush=True)
+        train_teacher(teacher_args)
+    runtime.barrier()  # under torchrun rank 0 wrote the checkpoint that every rank loads next
+
+
+def estimate_seconds(args, device, steps=3):
+    """Wall time of the recipe's training on `device`, from a few timed steps on random images of the real shape."""
+    meta = data.DATASETS[args.dataset]
+    net = runtime.prepare_model(models.build_model(args.arch, meta["num_classes"], meta["channels"]), device)
+    opt = runtime.make_optimizer(net.parameters(), args)
+    x = torch.randn(args.batch_size, meta["channels"], meta["size"], meta["size"], device=device)
+    y = torch.randint(0, meta["num_classes"], (args.batch_size,), device=device)
+    train_step(net, x, y, opt)  # warm-up
+    start = time.time()
+    for _ in range(steps):
+        train_step(net, x, y, opt)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    per_step = (time.time() - start) / steps
+    return per_step * -(-meta["train_size"] // args.batch_size) * args.epochs
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -45,12 +46,13 @@ def read_results(cwd):
 
 @pytest.fixture(scope="session")
 def synthetic_teacher(tmp_path_factory):
-    """A LeNet-5 teacher trained on the `synthetic` dataset for 3 epochs (a few seconds); returns its path."""
+    """A LeNet-5 teacher trained on the `synthetic` dataset for 3 epochs (a few seconds); returns its path (in its run
+    folder: 3 epochs are not the recipe's, so it does not go into the cache)."""
     work = tmp_path_factory.mktemp("teacher")
     out = run_cli(["teacher.py", "--dataset", "synthetic", "--arch", "lenet5", "--epochs", "3", "--device", "cpu",
                    "--checkpoint-dir", str(work / "ckpt"), "--runs-dir", str(work / "runs")], cwd=work)
-    assert "RESULT method=teacher dataset=synthetic" in out
-    return str(work / "ckpt" / "synthetic-lenet5-seed0.pt")
+    assert "RESULT method=teacher dataset=synthetic" in out and not (work / "ckpt").exists()
+    return str(work / out.split("saved teacher to ")[1].split(" ")[0])
 
 
 #### models.py ####
@@ -107,7 +109,7 @@ def test_bad_checkpoint_gives_clear_error(tmp_path):
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(ValueError, match="missing keys"):
         models.load_checkpoint(str(other))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="absent.pt does not exist"):
         models.load_checkpoint(str(tmp_path / "absent.pt"))
 
 
@@ -160,8 +162,10 @@ def test_fashionmnist_falls_back_to_the_system_install(tmp_path, monkeypatch, ca
     arrays = fake_idx_dataset(tmp_path / "system", compress=True)
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", str(tmp_path / "system"))
     x, y = data.load_images("fashionmnist", "train", str(tmp_path / "empty-root"))
+    data.load_images("fashionmnist", "test", str(tmp_path / "empty-root"))
     assert torch.equal(x[:, 0], torch.from_numpy(arrays["train"][0])) and y.tolist() == arrays["train"][1].tolist()
-    assert "system install" in capsys.readouterr().out
+    lines = [line for line in capsys.readouterr().out.splitlines() if "reading fashionmnist" in line]
+    assert lines == [f"reading fashionmnist from {tmp_path / 'system'} (the system install)"]  # once, not per split
 
 
 def write_cifar10(folder, bytes_keys=False):
@@ -365,10 +369,13 @@ def test_teacher_trains_on_synthetic_and_caches(synthetic_teacher):
 
 
 def test_get_teacher_loads_cache_and_rejects_mismatch(synthetic_teacher, tmp_path):
-    model, ckpt = teacher.get_teacher("synthetic", path=synthetic_teacher, device=torch.device("cpu"))
+    args = kd3.build_parser().parse_args(["--dataset", "synthetic", "--teacher", synthetic_teacher])
+    model, ckpt = teacher.get_teacher(args, torch.device("cpu"))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    with pytest.raises(ValueError, match="classes"):
-        teacher.get_teacher("fashionmnist", path=synthetic_teacher, device=torch.device("cpu"))
+    assert args.teacher_arch == "lenet5"  # taken from the checkpoint
+    args = kd3.build_parser().parse_args(["--dataset", "fashionmnist", "--teacher", synthetic_teacher])
+    with pytest.raises(ValueError, match="trained on synthetic, not fashionmnist"):
+        teacher.get_teacher(args, torch.device("cpu"))
 
 
 def test_run_log_files(tmp_path, capsys):
@@ -1356,6 +1363,175 @@ def test_two_process_gloo_run_selects_like_one_process(synthetic_teacher, tmp_pa
     state = torch.load(os.path.join(only_run(tmp_path / "two"), "state.pt"), weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["label"] == "epoch 2/2"
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank its own draws
+
+
+#### Bad input: one clear line, no run folder, nothing cached lost ####
+
+def sha(path):
+    import hashlib
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _bad_state(run, content):
+    """A run folder of kd3.py (a real config.json) with the given state.pt."""
+    os.makedirs(run)
+    config = vars(kd3.resolve_settings(kd3.build_parser().parse_args(["--dataset", "synthetic"])))
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump(models._plain(config), f)
+    if isinstance(content, bytes):
+        with open(os.path.join(run, "state.pt"), "wb") as f:
+            f.write(content)
+    else:
+        torch.save(content, os.path.join(run, "state.pt"))
+    return run
+
+
+def _bad_inputs(tmp, synthetic_teacher):
+    """(module, argv, expected message) per bad input; files the cases need are written under tmp."""
+    header = torch.load(synthetic_teacher, weights_only=True)
+    torch.save({**header, "num_classes": 7}, tmp / "seven.pt")                       # header says 7, weights 10
+    torch.save({**header, "dataset": "cifar10"}, tmp / "cifar-teacher.pt")           # same shape, other task
+    (tmp / "web" / "cls").mkdir(parents=True)
+    (tmp / "web" / "cls" / "fake.png").write_text("not an image")
+    (tmp / "gen.pt").write_bytes(b"\x00corrupt")
+    truncated = _bad_state(str(tmp / "run-truncated"), open(synthetic_teacher, "rb").read()[:100])
+    keyless = _bad_state(str(tmp / "run-keyless"), {"epoch": 1})
+    t = ["--dataset", "synthetic", "--device", "cpu", "--teacher", synthetic_teacher]
+    return [
+        (kd3, ["--dataset", "synthetic", "--teacher", str(tmp / "absent.pt")], "--teacher .*absent.pt does not exist"),
+        (kd3, ["--dataset", "synthetic", "--teacher", str(tmp / "seven.pt")], "weights do not fit its header"),
+        (kd3, ["--dataset", "synthetic", "--teacher", str(tmp / "cifar-teacher.pt")],
+         "trained on cifar10, not synthetic"),
+        (kd3, t + ["--teacher-arch", "resnet18"], "is a lenet5, but --teacher-arch says resnet18"),
+        (kd3, t + ["--web", f"folder:{tmp / 'web'}"], "fake.png is not a readable image"),
+        (kd3, ["--resume", truncated], "state.pt cannot be read"),
+        (kd3, ["--resume", keyless], "not a state.pt written by this project"),
+        (hidfd, t + ["--stage", "distill", "--generator", str(tmp / "gen.pt")], "gen.pt cannot be read"),
+        (teacher, ["--dataset", "synthetic", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (teacher, ["--dataset", "synthetic", "--batch-size", "-5"], "--batch-size must be >= 1"),
+        (teacher, ["--dataset", "synthetic", "--epochs", "0"], "--epochs and --batch-size must be >= 1"),
+        (kd3, t + ["--web", "noise-uniform:0"], "'noise-uniform:0' asks for 0 images"),
+        (bt, t + ["--source", "noise-uniform:0"], "'noise-uniform:0' asks for 0 images"),
+        (hidfd, t + ["--stage", "gan", "--no-synthetic"], "--no-synthetic never uses"),
+        (hidfd, t + ["--n-synthetic", "0"], "--n-synthetic 0 leaves no synthetic image"),
+        (hidfd, t + ["--q", "1.5"], "--q and --gamma must be in"),
+        (hidfd, t + ["--gamma", "-0.1"], "--q and --gamma must be in"),
+        (hidfd, t + ["--lambda-d", "-1"], "--lambda-d and --lambda-g must be >= 0"),
+        (hidfd, t + ["--lambda-g", "-0.5"], "--lambda-d and --lambda-g must be >= 0"),
+        (kd3, t + ["--v-th", "1.5"], "--v-th must be in"),
+        (bt, t + ["--strict", "2"], "--strict FRACTION must be in"),
+    ]
+
+
+BAD_INPUT_IDS = ["teacher-missing", "header-vs-weights", "teacher-of-another-dataset", "teacher-arch-contradicts",
+                 "folder-non-image", "resume-truncated", "resume-missing-keys", "generator-corrupt",
+                 "teacher-batch-0", "teacher-batch-negative", "teacher-epochs-0", "kd3-empty-source",
+                 "bt-empty-source", "hidfd-gan-no-synthetic", "hidfd-n-synthetic-0", "hidfd-q", "hidfd-gamma",
+                 "hidfd-lambda-d", "hidfd-lambda-g", "kd3-v-th", "bt-strict-fraction"]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
+def test_bad_input_ends_in_one_clear_line(case, synthetic_teacher, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run folders and the teacher cache would appear here
+    cached = sha(synthetic_teacher)
+    module, argv, expected = _bad_inputs(tmp_path, synthetic_teacher)[case]
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message and " — " in message, message
+    assert re.search(expected, message), message
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "checkpoints")
+    assert sha(synthetic_teacher) == cached
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(synthetic_teacher, tmp_path):
+    for argv in (["kd3.py", "--dataset", "synthetic", "--teacher", str(tmp_path / "absent.pt")],
+                 ["teacher.py", "--dataset", "synthetic", "--epochs", "0"]):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, argv[0])] + argv[1:], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+        assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "runs").exists()
+
+
+def test_download_without_network_says_so_and_leaves_no_empty_folder(tmp_path, monkeypatch):
+    import urllib.error
+
+    def offline(name, root):  # what torchvision's downloader does without a network: folders first, then fails
+        os.makedirs(os.path.join(root, "MNIST", "raw"))
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(data, "_fetch", offline)
+    root = tmp_path / "data"
+    with pytest.raises(SystemExit) as stop:
+        teacher.main(["--dataset", "mnist", "--download", "--data-root", str(root), "--runs-dir", str(tmp_path / "r")])
+    message = str(stop.value.code)
+    assert message.startswith("error: --download of mnist failed (") and "name resolution" in message
+    assert "yann.lecun.com" in message and "MNIST/raw/" in message
+    assert not root.exists() and not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_before_the_first_epoch_ends_in_one_line(synthetic_teacher, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(kd3, "train_step", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        kd3.main(["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
+                  "--web", "noise-uniform:100", "--runs-dir", str(tmp_path / "runs")])
+    assert stop.value.code == 130
+    assert capsys.readouterr().out.endswith("\ninterrupted before the first epoch finished: nothing was saved, "
+                                            "nothing to resume\n")
+    assert os.listdir(tmp_path / "runs") == []  # the run folder held no epoch: removed
+
+
+def test_teacher_cache_is_never_silently_replaced(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "checkpoints" / "synthetic-lenet5-seed0.pt"
+    cache.parent.mkdir()
+    torch.save({"a cached teacher": 1}, cache)
+    before = sha(cache)
+    teacher.main(["--dataset", "synthetic", "--epochs", "1", "--device", "cpu"])  # not the recipe: its run folder
+    out = capsys.readouterr().out
+    saved = out.split("saved teacher to ")[1].split(" ")[0]
+    assert saved.startswith("runs/teacher-synthetic-lenet5-") and saved.endswith("/teacher.pt")
+    assert "not into the cache" in out and sha(cache) == before
+    with pytest.raises(SystemExit, match="already cached at checkpoints/synthetic-lenet5-seed0.pt .* --overwrite"):
+        teacher.main(["--dataset", "synthetic", "--device", "cpu"])  # the recipe, cache present: refused
+    assert sha(cache) == before
+
+
+def test_cache_lock_refuses_or_waits_and_clears_a_stale_lock(tmp_path):
+    import threading
+    path = str(tmp_path / "t.pt")
+    with open(path + ".lock", "w") as f:
+        f.write(str(os.getpid()))  # a live process holds it
+    with pytest.raises(ValueError, match=f"process {os.getpid()} is training this teacher"):
+        with teacher.CacheLock(path, wait=False):
+            pass
+    threading.Timer(0.5, os.remove, [path + ".lock"]).start()  # the other process finishes
+    with teacher.CacheLock(path, wait=True):
+        assert open(path + ".lock").read() == str(os.getpid())
+    assert not os.path.exists(path + ".lock")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with open(path + ".lock", "w") as f:
+        f.write(dead.stdout.strip())  # its process is gone
+    with teacher.CacheLock(path, wait=False):
+        pass
+    assert not os.path.exists(path + ".lock")
+
+
+def test_generator_from_another_setting_is_refused_unless_named(synthetic_teacher, tmp_path, capsys):
+    common = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu", "--rho", "0.02",
+              "--collected", "shifted:synthetic:200", "--checkpoint-dir", str(tmp_path / "ckpt"),
+              "--runs-dir", str(tmp_path / "runs"), "--gan-epochs", "1", "--epochs", "1", "--n-synthetic", "100"]
+    hidfd.main(common + ["--stage", "gan"])
+    ckpt = torch.load(tmp_path / "ckpt" / "hidfd-generator-synthetic-lenet5-seed0.pt", weights_only=True)
+    assert (ckpt["collected"], ckpt["rho"], ckpt["width"], ckpt["z_dim"]) == ("shifted:synthetic:200", 0.02, 16, 32)
+    other = [a if a != "0.02" else "0.04" for a in common]
+    with pytest.raises(SystemExit, match=r"trained with rho 0.02 \(this run: 0.04\) — train one"):
+        hidfd.main(other + ["--stage", "distill"])
+    capsys.readouterr()
+    hidfd.main(other + ["--stage", "distill", "--generator", str(tmp_path / "ckpt" /
+                                                                 "hidfd-generator-synthetic-lenet5-seed0.pt")])
+    assert "note: --generator" in capsys.readouterr().out
 
 
 #### bench.py ####

@@ -74,9 +74,10 @@ def run_jobs(table, jobs, dry_run=False):
             proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
         with open(log_path) as log:
             output = log.read()
-        if proc.returncode != 0:
+        run_folder = output.split("run folder: ")[1].split("\n")[0] if "run folder: " in output else None
+        stopped = run_folder and os.path.isfile(os.path.join(REPO, run_folder, "results.json"))
+        if proc.returncode != 0 and not stopped:  # a run that stopped early by design keeps its results.json
             sys.exit(f"{name} seed {seed} failed (exit {proc.returncode}):\n{output[-3000:]}")
-        run_folder = output.split("run folder: ")[1].split("\n")[0]
         out = result_dir(table, name, seed)
         os.makedirs(out, exist_ok=True)
         for fname in ("results.json", "metrics.jsonl", "config.json"):
@@ -124,6 +125,16 @@ def write_table(table, header, rows, notes="", dry_run=False):
 
 def field(table, name, seeds, key):
     return [(load(table, name, s) or {}).get(key) for s in seeds]
+
+
+def epoch_metric(table, name, seeds, epoch, key):
+    """metrics.jsonl's `key` at `epoch` (1-based) of each seed's kept run; None where missing."""
+    values = []
+    for s in seeds:
+        path = os.path.join(result_dir(table, name, s), "metrics.jsonl")
+        records = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+        values.append(next((r.get(key) for r in records if r.get("epoch") == epoch and key in r), None))
+    return values
 
 
 def wall_minutes(table, name, seeds):
