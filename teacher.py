@@ -207,18 +207,19 @@ def _lock_owner(lock):
 def check_teacher(ckpt, dataset, arch=None, source="teacher"):
     """Clear error before any training when a checkpoint does not fit the dataset (or the asked architecture)."""
     meta = data.DATASETS[dataset]
+    if ckpt["num_classes"] != meta["num_classes"] or ckpt["in_channels"] != meta["channels"]:
+        raise ValueError(f"{source} has {ckpt['num_classes']} classes and {ckpt['in_channels']} input channels, but "
+                         f"{dataset} has {meta['num_classes']} classes and {meta['channels']} channels — pass a "
+                         f"{dataset} teacher")
+    if ckpt.get("image_size") not in (None, meta["size"]):
+        raise ValueError(f"{source} was trained on {ckpt['image_size']}x{ckpt['image_size']} images, {dataset} "
+                         f"uses {meta['size']}x{meta['size']} — pass a {dataset} teacher")
     if ckpt.get("dataset") not in (None, dataset):
         raise ValueError(f"{source} was trained on {ckpt['dataset']}, not {dataset} — pass a {dataset} teacher, "
                          f"or --dataset {ckpt['dataset']}")
     if arch is not None and ckpt["arch"] != arch:
         raise ValueError(f"{source} is a {ckpt['arch']}, but --teacher-arch says {arch} — leave --teacher-arch out "
                          f"(the checkpoint's architecture is used) or pass a {arch} checkpoint")
-    if ckpt["num_classes"] != meta["num_classes"] or ckpt["in_channels"] != meta["channels"]:
-        raise ValueError(f"{source} has {ckpt['num_classes']} classes and {ckpt['in_channels']} input channels, but "
-                         f"{dataset} has {meta['num_classes']} classes and {meta['channels']} channels")
-    if ckpt.get("image_size") not in (None, meta["size"]):
-        raise ValueError(f"{source} was trained on {ckpt['image_size']}x{ckpt['image_size']} images, {dataset} "
-                         f"uses {meta['size']}x{meta['size']}")
 
 
 def get_teacher(args, device):
