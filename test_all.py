@@ -893,6 +893,15 @@ def feature_inputs():
     return [torch.randn(3, 5) for _ in range(4)]
 
 
+def test_blend_indicator_eq8_both_readings():
+    p = torch.tensor([0.8, 0.5, 0.7])
+    assert hidfd.blend_indicator(p, 0.7).tolist() == [1.0, 0.0, 0.0]                    # I(p > q), as printed
+    assert hidfd.blend_indicator(p, 0.7, reading="text").tolist() == [0.0, 1.0, 0.0]    # "with a probability of q"
+    u = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    assert hidfd.blend_indicator(u, 0.7).mean().item() == pytest.approx(0.3, abs=0.01)
+    assert hidfd.blend_indicator(u, 0.7, reading="text").mean().item() == pytest.approx(0.7, abs=0.01)
+
+
 def test_blend_and_trans_losses_by_hand():
     t_r, t_f, d_r, d_f = feature_inputs()
     T_r, T_f, D_r, D_f = (x.tolist() for x in (t_r, t_f, d_r, d_f))

@@ -1,0 +1,179 @@
+"""Mutation check of the pure loss, selection and composition functions: every small change to one of them (an
+operator, a comparison, a constant, a sign, a `.detach()`) must make one of the fast math tests fail. A mutant
+that survives is either a missing test or an equivalent change (same behaviour); the table says which.
+
+    python experiments/mutation_check.py                 # every function below, 2 workers, a few minutes
+    python experiments/mutation_check.py --only kd3.py   # one file
+
+Each mutant is written into a scratch copy of the repository and the file's math tests run there
+(`python -m pytest -x -q test_all.py -k ...`); nothing in the working tree is touched. Writes
+experiments/results/mutation.md. A development check: it needs pytest only, like the test suite.
+"""
+
+import argparse
+import ast
+import concurrent.futures
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+FILES = ("kd3.py", "hidfd.py", "balanced_transfer.py", "models.py", "data.py", "runtime.py", "teacher.py",
+         "pictures.py", "test_all.py")
+
+# The pure functions of each method file and the fast tests that check them (test names, as pytest -k terms).
+TARGETS = {
+    "kd3.py": (["alpha_schedule", "combine_predictions", "class_thresholds", "select_instances", "alignment_weights",
+                "weighted_feature_alignment", "mix_distribution", "mdcl_loss"],
+               "alpha_schedule or combine_predictions or class_thresholds or select_instances or alignment_weights "
+               "or weighted_feature_alignment or mix_distribution or mdcl_loss or projection_head"),
+    "hidfd.py": (["adc_discriminator_loss", "adc_generator_loss", "blend_indicator", "blend_loss", "trans_loss",
+                  "update_class_frequency", "reg_loss", "inflation_factor", "align_loss"],
+                 "adc_ or blend or trans_loss or class_frequency or reg_loss or inflation_factor or align_loss or "
+                 "feature_integration"),
+    "balanced_transfer.py": (["class_fill", "balanced_indices", "kd_loss"],
+                             "balanced_indices or class_fill or kd_loss"),
+}
+SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
+         ast.Pow: ast.Mult, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Eq: ast.NotEq,
+         ast.NotEq: ast.Eq, ast.And: ast.Or, ast.Or: ast.And}
+
+
+def mutation_sites(function):
+    """Every (node, description, apply) of one function's AST that one mutant may change."""
+    sites = []
+    docstring = ast.get_docstring(function) is not None and function.body[0].value
+    for node in ast.walk(function):
+        if isinstance(node, (ast.BinOp, ast.BoolOp)) and type(node.op) in SWAPS:
+            sites.append((node, f"{type(node.op).__name__} -> {SWAPS[type(node.op)].__name__}", "op"))
+        elif isinstance(node, ast.Compare):
+            for i, op in enumerate(node.ops):
+                if type(op) in SWAPS:
+                    sites.append((node, f"{type(op).__name__} -> {SWAPS[type(op)].__name__}", ("cmp", i)))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
+            sites.append((node, f"drop {type(node.op).__name__}", "unary"))
+        elif isinstance(node, ast.Constant) and node is not docstring:
+            if isinstance(node.value, bool) or not isinstance(node.value, (int, float, str)):
+                continue
+            if isinstance(node.value, str):
+                sites.append((node, f"{node.value!r} -> 'mutant'", "const"))
+            else:
+                sites.append((node, f"{node.value!r} -> {_changed(node.value)!r}", "const"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "detach":
+            sites.append((node, "drop .detach()", "detach"))
+    return sites
+
+
+def _changed(value):
+    return value + 1 if isinstance(value, int) else (value * 1.5 if value else 1.0)
+
+
+class Mutate(ast.NodeTransformer):
+    """Apply the k-th site of the function `name`."""
+
+    def __init__(self, name, k):
+        self.name, self.k, self.description = name, k, None
+
+    def visit_FunctionDef(self, node):
+        if node.name != self.name:
+            return node
+        target, self.description, kind = mutation_sites(node)[self.k]
+        replacement = _apply(target, kind)
+        return _replace(node, target, replacement)
+
+
+def _apply(node, kind):
+    if kind == "op":
+        new = copy.copy(node)
+        new.op = SWAPS[type(node.op)]()
+        return new
+    if isinstance(kind, tuple):
+        new = copy.copy(node)
+        new.ops = list(node.ops)
+        new.ops[kind[1]] = SWAPS[type(node.ops[kind[1]])]()
+        return new
+    if kind == "unary":
+        return node.operand
+    if kind == "const":
+        return ast.Constant("mutant" if isinstance(node.value, str) else _changed(node.value))
+    return node.func.value  # drop .detach()
+
+
+def _replace(tree, target, replacement):
+    class Swap(ast.NodeTransformer):
+        def generic_visit(self, node):
+            if node is target:
+                return replacement
+            return super().generic_visit(node)
+    return Swap().visit(tree)
+
+
+def mutants(filename, functions):
+    source = open(os.path.join(REPO, filename)).read()
+    tree = ast.parse(source)
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in functions):
+        for k in range(len(mutation_sites(fn))):
+            mutate = Mutate(fn.name, k)
+            mutated = ast.unparse(ast.fix_missing_locations(mutate.visit(ast.parse(source))))
+            yield fn.name, mutate.description, mutated
+
+
+def run_mutant(job):
+    """Write the mutant into this worker's scratch copy and run the file's tests; True if a test failed."""
+    scratch, filename, tests, mutated = job
+    with open(os.path.join(scratch, filename), "w") as f:
+        f.write(mutated)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "test_all.py",
+                           "-k", tests], cwd=scratch, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    shutil.copy(os.path.join(REPO, filename), os.path.join(scratch, filename))  # the original back
+    return proc.returncode != 0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", default=list(TARGETS), choices=list(TARGETS), help="files to mutate")
+    p.add_argument("--workers", type=int, default=2, help="mutants tested at once (one CPU core each)")
+    args = p.parse_args()
+    scratches = [tempfile.mkdtemp(prefix="mutants-") for _ in range(args.workers)]
+    for scratch in scratches:
+        for f in FILES:
+            shutil.copy(os.path.join(REPO, f), scratch)
+    start, rows = time.time(), []
+    for filename in args.only:
+        functions, tests = TARGETS[filename]
+        found = list(mutants(filename, functions))
+        jobs = [(scratches[i % args.workers], filename, tests, m) for i, (_, _, m) in enumerate(found)]
+        # one scratch copy per worker: each worker takes every workers-th job, in order
+        with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+            lanes = [pool.submit(lambda lane: [run_mutant(j) for j in jobs[lane::args.workers]], w)
+                     for w in range(args.workers)]
+            killed = [None] * len(jobs)
+            for w, lane in enumerate(lanes):
+                killed[w::args.workers] = lane.result()
+        for (function, description, _), dead in zip(found, killed):
+            rows.append((filename, function, description, dead))
+        alive = sum(1 for r in rows if r[0] == filename and not r[3])
+        print(f"{filename}: {len(found)} mutants, {len(found) - alive} killed, {alive} survived "
+              f"({time.time() - start:.0f} s so far)", flush=True)
+    for scratch in scratches:
+        shutil.rmtree(scratch)
+    total, dead = len(rows), sum(r[3] for r in rows)
+    lines = [f"Mutation check: {dead} of {total} mutants killed ({100 * dead / max(total, 1):.1f}%) in "
+             f"{time.time() - start:.0f} s, {args.workers} workers.", "",
+             "| file | function | mutant |", "|---|---|---|"]
+    lines += [f"| {f} | `{fn}` | {d} |" for f, fn, d, k in rows if not k]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "mutation.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
