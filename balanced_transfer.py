@@ -17,6 +17,7 @@ measured runs: docs/balanced_transfer.md.
 """
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -102,6 +103,9 @@ def build_parser():
                         "Sec. 4.2 as written); the teacher's outputs on the composed image (fixed); or every batch "
                         "holds the composed images beside their augmented copies, each labelled afresh "
                         "(with-originals)")
+    p.add_argument("--epoch-images", type=int, default=None, help="images per epoch: a smaller transfer set is "
+                   "cycled (each epoch a fresh random order of it, repeated), so sets of other sizes get equal "
+                   "optimiser steps (default: one pass over the transfer set)")
     p.add_argument("--temperature", type=float, default=20.0, help="tau of Eq. (2); not given in the paper: 20 as "
                    "in the same group's ZSKD and DeGAN")
     p.add_argument("--epochs", type=int, default=None, help="student epochs (not in the paper); "
@@ -134,6 +138,8 @@ def resolve_settings(args):
     if min(args.epochs, args.batch_size, args.max_draws, args.draw_batch) < 1 or args.temperature <= 0:
         raise ValueError("--epochs, --batch-size, --max-draws and --draw-batch must be >= 1 and --temperature > 0 — give "
                          "positive values")
+    if args.epoch_images is not None and args.epoch_images < 1:
+        raise ValueError(f"--epoch-images must be >= 1, got {args.epoch_images} — leave it out for one pass per epoch")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes} — leave it out for no time cap")
     if args.strict is not None and not 0 <= args.strict <= 1:
@@ -374,9 +380,14 @@ def kd_step(trained, teacher, x, cached_logits, opt, aug_gen, normalize, args):
 def train(args, teacher, student, transfer_x, transfer_logits, test, log):
     """Line 15 of Algorithm 1: distil on the composed transfer set for args.epochs epochs."""
     meta, device = data.DATASETS[args.dataset], transfer_x.device
+    n = len(transfer_x)
+    per_epoch = args.epoch_images or n
+    cycled = torch.arange(n).repeat(-(-per_epoch // n))  # --epoch-images: the set repeated, shuffled each epoch
     loader = data.DeviceLoader(transfer_x, *transfer_logits, batch_size=args.batch_size, shuffle=True,
                                mean=(0.0,) * meta["channels"], std=(1.0,) * meta["channels"],  # x in [0, 1]
-                               device=device, seed=args.seed, rank=runtime.rank(), world_size=runtime.world_size())
+                               device=device, seed=args.seed, indices=cycled, rank=runtime.rank(),
+                               world_size=runtime.world_size())
+    steps = -(-per_epoch // args.batch_size)
     aug_gen = torch.Generator(device=device).manual_seed(runtime.rank_seed(args.seed + 2))
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
@@ -386,7 +397,7 @@ def train(args, teacher, student, transfer_x, transfer_logits, test, log):
                                 milestones=args.milestones)
     trained = runtime.distribute(student)
     for epoch in training.epochs():
-        for x, *cached in loader:
+        for x, *cached in itertools.islice(loader, steps):
             training.record(len(x), **kd_step(trained, teacher, x, cached[0] if cached else None, opt, aug_gen,
                                               lambda v: (v - mean) / std, args))
         training.end_epoch(test_acc=runtime.evaluate(student, *test, meta["mean"], meta["std"]))
@@ -477,6 +488,7 @@ def run(args):
         "teacher_acc": teacher_acc, "student_acc": last["test_acc"], "balanced": args.balanced,
         "augment": args.augment, "aug_labels": args.aug_labels, "source": args.source, **report,
         "trained_histogram": last["teacher_hist"], "images_seen": sum(last["teacher_hist"]) * args.epochs,
+        "epoch_images": args.epoch_images or report["transfer_size"],
         "compose_s": round(compose_s, 1), "student_checkpoint": path})
 
 

@@ -202,7 +202,7 @@ class RunLog:
 
     def log_epoch(self, epoch, epochs, metrics, num_images, seconds):
         """Append metrics for `epoch` (0-based) and print a progress line; `num_images` were processed in `seconds`."""
-        record = {"epoch": epoch + 1, **{k: _number(v) for k, v in metrics.items()},
+        record = {"epoch": epoch + 1, **{k: _number(v) for k, v in metrics.items()}, "images": int(num_images),
                   "images_per_s": round(num_images / max(seconds, 1e-9), 1), "epoch_s": round(seconds, 2)}
         if self.main:
             with open(self.path("metrics.jsonl"), "a") as f:

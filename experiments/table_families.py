@@ -1,0 +1,100 @@
+"""The three data-free families head to head on one teacher: a Fashion-MNIST LeNet-5 teacher, a LeNet-5-half
+student, the same web set (`fashionmnist-web`: 30,000 style-shifted Fashion-MNIST images, 10,000 shapes, 10,000
+noise images), the same student epochs, 3 seeds.
+
+Rows: the student at initialisation (chance); plain KD (Hinton's soft targets at T = 4 on every web image, no
+selection); KD3 (collection-based: selection + shared classifier); HiDFD at rho = 0.1 of the web set (6,000
+images, a class-conditional generator trained on them with the conditioning setting of the rho table);
+balanced transfer from the web set and from uniform noise (arbitrary-transfer-set family; no augmentation);
+supervised with labels on the real training set (the upper bound). Each row reports images seen and wall time.
+
+    python experiments/table_families.py                  # 3 seeds, 20 student epochs
+    python experiments/table_families.py --seeds 0        # one seed
+
+The KD3 row reuses experiments/results/kd3_ablations/kd3-e<epochs>-seed<k> when it is there (the same run).
+Writes experiments/results/families.md.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import runner
+from table_hidfd_rho import CONDITIONED  # the GAN setting that conditions G on the CPU budget
+
+TABLE = "families"
+WEB = "fashionmnist-web"
+
+
+def rows(args):
+    """(name, label, argv or None, images-per-epoch rule)."""
+    kd = ["--dataset", "fashionmnist", "--teacher", args.teacher, "--data-root", args.data_root, "--device",
+          args.device, "--epochs", str(args.epochs)]
+    return [
+        ("plain-kd", "plain KD (T = 4, every web image)",
+         ["balanced_transfer.py"] + kd + ["--source", WEB, "--unbalanced", "--no-augment", "--transfer-size", "50000",
+                                          "--temperature", "4"]),
+        ("kd3", "KD3 (selection + shared classifier)", ["kd3.py"] + kd + ["--web", WEB]),
+        ("hidfd", "HiDFD, rho = 0.1 of the web set (conditioned G)",
+         ["hidfd.py"] + kd + ["--collected", WEB, "--rho", "0.1"] + CONDITIONED),
+        ("bt-web", "balanced transfer from the web set",
+         ["balanced_transfer.py"] + kd + ["--source", WEB, "--transfer-size", "50000", "--no-augment"]),
+        ("bt-noise", "balanced transfer from uniform noise",
+         ["balanced_transfer.py"] + kd + ["--source", "noise-uniform", "--no-augment", "--epoch-images", "60000"]),
+        ("supervised", "supervised with labels (upper bound)",
+         ["teacher.py", "--dataset", "fashionmnist", "--arch", "lenet5_half", "--epochs", str(args.epochs),
+          "--data-root", args.data_root, "--device", args.device, "--checkpoint-dir", "checkpoints/supervised"]),
+    ]
+
+
+def chance_accuracy(args):
+    """Test accuracy of the untrained LeNet-5-half student per seed (the models' own initialisation)."""
+    code = ("import sys, torch, data, models, runtime; seed = int(sys.argv[1]); torch.manual_seed(seed); "
+            "s = models.build_model('lenet5_half', 10, 1); x, y = data.load_dataset('fashionmnist', 'test', "
+            f"{args.data_root!r}); m = data.DATASETS['fashionmnist']; "
+            "print(runtime.evaluate(s, x, y, m['mean'], m['std']))")
+    return [float(subprocess.run([sys.executable, "-c", code, str(s)], cwd=runner.REPO, capture_output=True,
+                                 text=True, check=True).stdout.split()[-1]) for s in args.seeds]
+
+
+def main():
+    p = runner.base_parser(__doc__, epochs=20)
+    args = p.parse_args()
+    runner.ensure_teacher(args)
+    kd3_kept = {s: runner.result_dir("kd3_ablations", f"kd3-e{args.epochs}", s) for s in args.seeds}
+    jobs = []
+    for name, _, argv in rows(args):
+        for s in args.seeds:
+            if name == "kd3" and os.path.isfile(os.path.join(kd3_kept[s], "results.json")):
+                continue  # the same run as the ablation table's full KD3 row
+            jobs.append((f"{name}-e{args.epochs}", s, argv))
+    runner.run_jobs(TABLE, jobs, args.dry_run)
+    chance = [] if args.dry_run else chance_accuracy(args)
+    table = [["student at initialisation (chance)", runner.mean_std(chance), "0", "—"]]
+    for name, label, _ in rows(args):
+        source = "kd3_ablations" if name == "kd3" and all(os.path.isfile(os.path.join(d, "results.json"))
+                                                          for d in kd3_kept.values()) else TABLE
+        key = f"{name}-e{args.epochs}"
+        accs = runner.field(source, key, args.seeds, "student_acc" if name != "supervised" else "teacher_acc")
+        images = _images_seen(source, key, args.seeds[0])
+        table.append([label, runner.mean_std(accs), f"{images:,}" if images else "—",
+                      runner.wall_minutes(source, key, args.seeds)])
+    runner.write_table(TABLE, ["family / method", "student acc (%)", "images seen (seed 0)", "wall (min)"], table,
+                       f"Fashion-MNIST, LeNet-5 teacher ({args.teacher}) -> LeNet-5-half, {args.epochs} student "
+                       f"epochs, web set `{WEB}`, seeds {args.seeds}. Images seen: training images over all epochs "
+                       "(HiDFD: its GAN's real and generated images are not counted).", dry_run=args.dry_run)
+
+
+def _images_seen(table, name, seed):
+    """Student training images over all epochs of one kept run, from its metrics.jsonl (KD3: the selected images
+    of each epoch; the GAN epochs of HiDFD are not student training and not counted)."""
+    path = os.path.join(runner.result_dir(table, name, seed), "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    records = [json.loads(line) for line in open(path)]
+    return sum(r.get("images", r.get("selected", 0)) for r in records if "test_acc" in r)
+
+
+if __name__ == "__main__":
+    main()
