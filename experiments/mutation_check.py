@@ -23,8 +23,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-FILES = ("kd3.py", "hidfd.py", "balanced_transfer.py", "models.py", "data.py", "runtime.py", "teacher.py",
-         "pictures.py", "test_all.py")
 
 # The pure functions of each method file and the fast tests that check them (test names, as pytest -k terms).
 TARGETS = {
@@ -141,10 +139,15 @@ def main():
     p.add_argument("--workers", type=int, default=2, help="mutants tested at once (one CPU core each)")
     args = p.parse_args()
     scratches = [tempfile.mkdtemp(prefix="mutants-") for _ in range(args.workers)]
-    for scratch in scratches:
-        for f in FILES:
-            shutil.copy(os.path.join(REPO, f), scratch)
+    for scratch in scratches:  # the repository's modules and tests (what test_all.py imports)
+        for f in os.listdir(REPO):
+            if f.endswith(".py"):
+                shutil.copy(os.path.join(REPO, f), scratch)
     start, rows = time.time(), []
+    for filename in args.only:  # the unmutated file must pass its tests, or every mutant would look killed
+        source = open(os.path.join(REPO, filename)).read()
+        if run_mutant((scratches[0], filename, TARGETS[filename][1], ast.unparse(ast.parse(source)))):
+            sys.exit(f"the tests of {filename} fail without any mutant: fix them first")
     for filename in args.only:
         functions, tests = TARGETS[filename]
         found = list(mutants(filename, functions))

@@ -37,7 +37,7 @@ def rows(args):
                                           "--temperature", "4"]),
         ("kd3", "KD3 (selection + shared classifier)", ["kd3.py"] + kd + ["--web", WEB]),
         ("hidfd", "HiDFD, rho = 0.1 of the web set (conditioned G)",
-         ["hidfd.py"] + kd + ["--collected", WEB, "--rho", "0.1"] + CONDITIONED),
+         ["hidfd.py"] + kd + ["--collected", WEB, "--rho", "0.1", "--gan-epochs", "70"] + CONDITIONED),  # 4,200 it.
         ("bt-web", "balanced transfer from the web set",
          ["balanced_transfer.py"] + kd + ["--source", WEB, "--transfer-size", "50000", "--no-augment"]),
         ("bt-noise", "balanced transfer from uniform noise",

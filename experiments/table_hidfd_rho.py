@@ -32,7 +32,7 @@ CONDITIONED = ["--g-lr", "1e-3", "--d-lr", "1e-3", "--gan-width", "16"]
 def main():
     p = runner.base_parser(__doc__, epochs=20)
     p.add_argument("--rhos", type=float, nargs="+", default=[0.1, 1.0])
-    p.add_argument("--gan-iterations", type=int, default=3600, help="GAN iterations at every rho (epochs = "
+    p.add_argument("--gan-iterations", type=int, default=4200, help="GAN iterations at every rho (epochs = "
                    "ceil(iterations / (rho * 60,000 / 100)))")
     p.add_argument("--collected", default=COLLECTION)
     args = p.parse_args()
