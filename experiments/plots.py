@@ -1,5 +1,6 @@
-"""Figures for the README from the kept results (experiments/results/<table>/<run>/metrics.jsonl, results.json):
-test accuracy vs epoch for every table, and the class histograms of the balanced-transfer sets.
+"""Figures for the docs from the kept results (experiments/results/<table>/<run>/metrics.jsonl, results.json):
+test accuracy vs epoch for every table, the class histograms of the balanced-transfer sets, and the HiDFD
+generator's teacher agreement over GAN iterations.
 matplotlib is used here only (pip install -r requirements-plots.txt); the methods need torch alone.
 
     python experiments/plots.py            # writes experiments/results/<table>-accuracy.png, ...-histograms.png
@@ -76,8 +77,9 @@ def transfer_histograms():
         composition = "balanced" if res["balanced"] else "unbalanced"
         label = f"{composition} set ({res['transfer_size']:,} of {res['draws']:,} draws)"
         bars.setdefault(label, res["histogram"])
-        if res["augment"] and res.get("augmented_histogram"):
-            bars[f"{composition}, augmented stream (last epoch)"] = res["augmented_histogram"]
+        trained = res.get("trained_histogram") or res.get("augmented_histogram")
+        if res["augment"] and trained and res.get("source", "noise-uniform") == "noise-uniform":
+            bars[f"{composition}, trained stream, targets {res.get('aug_labels', 'relabel')} (last epoch)"] = trained
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(10, 4.8))
@@ -99,11 +101,47 @@ def transfer_histograms():
     return path
 
 
+def gan_agreement():
+    """The teacher's agreement with G's label on the fixed probe samples after every GAN epoch, against GAN
+    iterations, one line per run of the hidfd_rho table (chance 10%)."""
+    folder = os.path.join(RESULTS, "hidfd_rho")
+    if not os.path.isdir(folder):
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = 0
+    for run in sorted(os.listdir(folder)):
+        path = os.path.join(folder, run, "metrics.jsonl")
+        records = [r for r in read_jsonl(path) if r.get("stage") == "gan" and "probe_agree" in r] \
+            if os.path.isfile(path) else []
+        if not records:
+            continue
+        with open(os.path.join(folder, run, "config.json")) as f:
+            config = json.load(f)
+        per_epoch = int(round(config["rho"] * 60000)) // config["gan_batch_size"]  # drop_last batches of D_c
+        ax.plot([r["epoch"] * per_epoch for r in records], [r["probe_agree"] for r in records], label=run)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.axhline(10, color="grey", linestyle=":", label="chance")
+    ax.axhline(70, color="grey", linestyle="--", label="70%")
+    ax.set_xlabel("GAN iterations")
+    ax.set_ylabel("teacher agrees with G's label (%)")
+    ax.set_title("HiDFD: does G learn its labels? (1,000 fixed (z, y), eval mode)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = os.path.join(RESULTS, "hidfd_rho-agreement.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main():
     if not os.path.isdir(RESULTS):
         raise SystemExit(f"no results yet in {RESULTS}: run a table script first")
     tables = sorted(d for d in os.listdir(RESULTS) if os.path.isdir(os.path.join(RESULTS, d)))
-    for path in [accuracy_curves(t) for t in tables] + [transfer_histograms()]:
+    for path in [accuracy_curves(t) for t in tables] + [transfer_histograms(), gan_agreement()]:
         if path:
             print(f"wrote {path}")
 
