@@ -592,6 +592,8 @@ def test_class_thresholds_eq6_eq7_and_flexmatch():
     b = [1.0, 1 / 3, 2 / 3, 0.0]
     flex = [0.9 * v / (2 - v) for v in b]  # authors' code: V_th * b / (2 - b)
     assert torch.allclose(kd3.class_thresholds(pred, 4, 0.9, rule="flexmatch"), torch.tensor(flex))
+    # every class predicted once: n_k / max n = 1, so every threshold is V_th
+    assert torch.allclose(kd3.class_thresholds(torch.tensor([0, 1, 2]), 3, 0.9), torch.tensor([0.9, 0.9, 0.9]))
 
 
 def test_select_instances_strict_threshold():
@@ -658,8 +660,11 @@ def test_mix_distribution_eq11_eq12_by_hand():
             scale[i, c] = gamma / sigma
     assert torch.allclose(out, expected, atol=1e-4)
     assert torch.allclose(out[1], x[1], atol=1e-4)  # lambda = 1 keeps the image
-    out.sum().backward()  # statistics are detached: d out / d x = gamma_mix / sigma, pixel by pixel
-    assert torch.allclose(x.grad, scale.expand_as(x), atol=1e-5)
+    # statistics are detached: d out / d x = gamma_mix / sigma, pixel by pixel (a weighted sum: a plain sum would
+    # hide a gradient through sigma, since sum(x - mu) = 0)
+    w = torch.rand(3, 2, 4, 5, generator=torch.Generator().manual_seed(1))
+    (out * w).sum().backward()
+    assert torch.allclose(x.grad, w * scale.expand_as(x), atol=1e-5)
 
 
 def _mdcl_by_hand(z, zh, tau, include_positive=False):
@@ -926,6 +931,7 @@ def test_class_frequency_ema_sequence():
         n = hidfd.update_class_frequency(n, c, gamma=0.5)
         assert n.tolist() == pytest.approx(e)
     assert hidfd.update_class_frequency(torch.tensor([8.0]), torch.tensor([0]), gamma=0.25).item() == 6.0
+    assert hidfd.update_class_frequency(torch.tensor([8.0]), torch.tensor([2])).item() == 5.0  # default gamma 0.5
 
 
 def test_reg_loss_by_hand():
@@ -1122,6 +1128,7 @@ def test_balanced_indices_keeps_in_order_up_to_quota():
     kept = bt.balanced_indices([labels], quota=2, num_classes=3)
     assert [k.tolist() for k in kept] == [[0, 1, 2, 4, 5, 8]]  # third 2 (pos 3), third 0 (pos 6), pos 7 dropped
     assert kept[0].dtype == torch.int64
+    assert bt.balanced_indices([], quota=2, num_classes=3) == []  # no source, nothing kept
 
 
 def test_balanced_indices_switches_source_and_stops_when_full():
