@@ -32,12 +32,13 @@ def base_parser(description, epochs):
     p.add_argument("--teacher", default=os.path.join("checkpoints", "fashionmnist-lenet5-seed0.pt"),
                    help="one teacher for every run (trained by teacher.py if missing), so seeds vary the student only")
     p.add_argument("--dry-run", action="store_true", help="print the commands and the table so far; run nothing")
+    p.add_argument("--report-only", action="store_true", help="write the table from the kept results; run nothing")
     return p
 
 
 def ensure_teacher(args):
     """The shared Fashion-MNIST LeNet-5 teacher (seed 0), trained once if it is not cached."""
-    if os.path.isfile(os.path.join(REPO, args.teacher)) or args.dry_run:
+    if os.path.isfile(os.path.join(REPO, args.teacher)) or args.dry_run or args.report_only:
         return
     print(f"training the teacher {args.teacher} first", flush=True)
     subprocess.run([sys.executable, "teacher.py", "--dataset", "fashionmnist", "--arch", "lenet5", "--seed", "0",
@@ -57,10 +58,12 @@ def pending_jobs(table, jobs):
     return sorted(todo, key=lambda job: seed_rank[job[1]])  # sorted() is stable
 
 
-def run_jobs(table, jobs, dry_run=False):
+def run_jobs(table, jobs, dry_run=False, report_only=False):
     """Run every (name, seed, argv) job whose results are not kept yet; argv[0] is the CLI file."""
     todo = pending_jobs(table, jobs)
     print(f"{table}: {len(jobs) - len(todo)} of {len(jobs)} runs already done", flush=True)
+    if report_only:
+        return
     os.makedirs(RUNS, exist_ok=True)
     for i, (name, seed, argv) in enumerate(todo):
         cmd = [sys.executable] + argv + ["--seed", str(seed), "--runs-dir", RUNS]

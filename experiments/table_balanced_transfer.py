@@ -46,7 +46,7 @@ def main():
             flags += ["--max-draws", str(args.max_draws)]
         jobs += [(name, s, common + flags) for s in args.seeds]
         rows.append((name, source, balance, targets))
-    runner.run_jobs(TABLE, jobs, args.dry_run)
+    runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     table = []
     for name, source, balance, targets in rows:
         first = runner.load(TABLE, name, args.seeds[0]) or {}
@@ -59,7 +59,8 @@ def main():
                       sum(h > 0 for h in first["histogram"]) if first else "—",
                       first.get("histogram", "—"),
                       f"{100 * max(trained) / sum(trained):.0f}% ({trained.index(max(trained))})" if trained else "—",
-                      f"{first['images_seen']:,}" if first else "—", runner.wall_minutes(TABLE, name, args.seeds)])
+                      f"{first['images_seen']:,}" if "images_seen" in first else "—",
+                      runner.wall_minutes(TABLE, name, args.seeds)])
     teacher = runner.field(TABLE, rows[0][0], args.seeds[:1], "teacher_acc")[0] or float("nan")
     runner.write_table(TABLE, ["source", "transfer set", "augmentation targets", "student acc (ours)", "paper",
                                "size", "noise draws", "classes reached", f"class histogram (seed {args.seeds[0]})",

@@ -69,7 +69,7 @@ def main():
             if name == "kd3" and os.path.isfile(os.path.join(kd3_kept[s], "results.json")):
                 continue  # the same run as the ablation table's full KD3 row
             jobs.append((f"{name}-e{args.epochs}", s, argv))
-    runner.run_jobs(TABLE, jobs, args.dry_run)
+    runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     chance = [] if args.dry_run else chance_accuracy(args)
     table = [["student at initialisation (chance)", runner.mean_std(chance), "0", "—"]]
     for name, label, _ in rows(args):

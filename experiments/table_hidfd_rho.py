@@ -51,7 +51,7 @@ def main():
             jobs.append((gan, s, common + ["--rho", str(rho), "--gan-epochs", str(gan_epochs), "--generator",
                                            generator, "--sample-every", str(max(1, gan_epochs // 4))] + CONDITIONED))
         rows.append((rho, only, gan, gan_epochs, gan_epochs * iterations_per_epoch))
-    runner.run_jobs(TABLE, jobs, args.dry_run)
+    runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     table = []
     for rho, only, gan, gan_epochs, iterations in rows:
         a = runner.field(TABLE, only, args.seeds, "student_acc")

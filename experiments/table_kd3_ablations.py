@@ -40,7 +40,7 @@ def main():
               "--data-root", args.data_root, "--device", args.device, "--epochs", str(args.epochs)]
     variants = [v for v in VARIANTS if args.only is None or v[0] in args.only]
     jobs = [(f"{name}-e{args.epochs}", s, common + flags) for name, flags, _, _ in variants for s in args.seeds]
-    runner.run_jobs(TABLE, jobs, args.dry_run)
+    runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     full = runner.field(TABLE, f"kd3-e{args.epochs}", args.seeds, "student_acc")
     rows = []
     for name, flags, label, paper in variants:

@@ -22,7 +22,7 @@ def main():
                                            str(args.epochs), "--data-root", args.data_root, "--device", args.device,
                                            "--checkpoint-dir", "checkpoints/supervised"])
             for arch in args.archs for s in args.seeds]
-    runner.run_jobs(TABLE, jobs, args.dry_run)
+    runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     rows = [[arch, runner.mean_std(runner.field(TABLE, f"{arch}-e{args.epochs}", args.seeds, "teacher_acc")),
              runner.wall_minutes(TABLE, f"{arch}-e{args.epochs}", args.seeds)] for arch in args.archs]
     runner.write_table(TABLE, ["network", "test acc (supervised)", "wall (min)"], rows,
