@@ -18,6 +18,15 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from runner import RESULTS  # noqa: E402
 
 
+def save(fig, filename):
+    """Write a figure into experiments/results/ and return its path."""
+    path = os.path.join(RESULTS, filename)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -51,11 +60,7 @@ def accuracy_curves(table):
     ax.set_title(f"{table}: test accuracy per epoch (mean over seeds, band = min..max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = os.path.join(RESULTS, f"{table}-accuracy.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, f"{table}-accuracy.png")
 
 
 def transfer_histograms():
@@ -94,11 +99,7 @@ def transfer_histograms():
     ax.set_title("uniform noise as Fashion-MNIST: the teacher's argmax histogram of each transfer set")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    path = os.path.join(RESULTS, "balanced_transfer-histograms.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, "balanced_transfer-histograms.png")
 
 
 def gan_agreement():
@@ -130,11 +131,7 @@ def gan_agreement():
     ax.set_title("HiDFD: does G learn its labels? (1,000 fixed (z, y), eval mode)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    path = os.path.join(RESULTS, "hidfd_rho-agreement.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, "hidfd_rho-agreement.png")
 
 
 def main():
