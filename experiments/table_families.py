@@ -11,7 +11,7 @@ supervised with labels on the real training set (the upper bound). Each row repo
     python experiments/table_families.py                  # 3 seeds, 20 student epochs
     python experiments/table_families.py --seeds 0        # one seed
 
-Two rows reuse the runs of other tables when they are kept: KD3 is kd3_ablations' full KD3 row (the same run),
+Two rows are the runs of other tables (run those first): KD3 is kd3_ablations' full KD3 row (the same command),
 HiDFD is hidfd_rho's rho = 0.1 row (its collection is the 60,000-image version of the same mixture recipe, so
 D_c is 6,000 images of the same make-up). Writes experiments/results/families.md.
 """
@@ -22,7 +22,7 @@ import subprocess
 import sys
 
 import runner
-from table_hidfd_rho import CONDITIONED, COLLECTION  # the GAN setting that conditions G on the CPU budget
+from table_hidfd_rho import COLLECTION, CONDITIONED  # what the reused HiDFD runs were trained with
 
 TABLE = "families"
 WEB = "fashionmnist-web"
@@ -36,9 +36,8 @@ def rows(args):
         ("plain-kd", "plain KD (T = 4, every web image)",
          ["balanced_transfer.py"] + kd + ["--source", WEB, "--unbalanced", "--no-augment", "--transfer-size", "50000",
                                           "--temperature", "4"]),
-        ("kd3", "KD3 (selection + shared classifier)", ["kd3.py"] + kd + ["--web", WEB]),
-        ("hidfd", "HiDFD, rho = 0.1 of the mixture (conditioned G, 4,200 GAN iterations)",
-         ["hidfd.py"] + kd + ["--collected", COLLECTION, "--rho", "0.1", "--gan-epochs", "70"] + CONDITIONED),
+        ("kd3", "KD3 (selection + shared classifier)", None),  # the ablation table's full KD3 runs
+        ("hidfd", f"HiDFD, rho = 0.1 of `{COLLECTION}` (`{' '.join(CONDITIONED)}`, 4,200 GAN iterations)", None),
         ("bt-web", "balanced transfer from the web set",
          ["balanced_transfer.py"] + kd + ["--source", WEB, "--transfer-size", "50000", "--no-augment"]),
         ("bt-noise", "balanced transfer from uniform noise",
@@ -61,20 +60,21 @@ def chance_accuracy(args):
 
 def main():
     p = runner.base_parser(__doc__, epochs=20)
-    p.add_argument("--only", nargs="*", default=None, help="run only these rows (plain-kd, kd3, hidfd, bt-web, "
-                   "bt-noise, supervised); the table shows every row's kept runs")
+    p.add_argument("--only", nargs="*", default=None, help="run only these rows (plain-kd, bt-web, bt-noise, "
+                   "supervised); the table shows every row's kept runs")
     args = p.parse_args()
     runner.ensure_teacher(args)
     jobs = []
     for name, _, argv in rows(args):
         for s in args.seeds:
-            if (args.only is None or name in args.only) and not reused(name, args, [s]):
+            if argv is not None and (args.only is None or name in args.only):
                 jobs.append((f"{name}-e{args.epochs}", s, argv))
     runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     chance = [] if args.dry_run else chance_accuracy(args)
     table = [["student at initialisation (chance)", runner.mean_std(chance), "0", "—"]]
     for name, label, _ in rows(args):
-        source, key = reused(name, args, args.seeds) or (TABLE, f"{name}-e{args.epochs}")
+        source, key = (REUSED[name][0], REUSED[name][1].format(epochs=args.epochs)) if name in REUSED else (
+            TABLE, f"{name}-e{args.epochs}")
         accs = runner.field(source, key, args.seeds, "student_acc" if name != "supervised" else "teacher_acc")
         images = _images_seen(source, key, args.seeds[0])
         table.append([label, runner.mean_std(accs), f"{images:,}" if images else "—",
@@ -86,15 +86,6 @@ def main():
 
 
 REUSED = {"kd3": ("kd3_ablations", "kd3-e{epochs}"), "hidfd": ("hidfd_rho", "rho0.1-hidfd-it4200-e{epochs}")}
-
-
-def reused(name, args, seeds):
-    """(table, run name) of another table's kept runs that are this row's, for every seed; None otherwise."""
-    if name not in REUSED:
-        return None
-    table, key = REUSED[name][0], REUSED[name][1].format(epochs=args.epochs)
-    kept = all(os.path.isfile(os.path.join(runner.result_dir(table, key, s), "results.json")) for s in seeds)
-    return (table, key) if kept else None
 
 
 def _images_seen(table, name, seed):
