@@ -1783,3 +1783,37 @@ def test_experiments_pending_jobs_skip_kept_results_and_go_seed_major(monkeypatc
     assert todo == [("a", 2), ("a", 0), ("b", 0), ("a", 1), ("b", 1)]
     assert runner.load("t", "b", 2) == {"student_acc": 50.0} and runner.load("t", "a", 2) is None
     assert runner.field("t", "b", [2, 0], "student_acc") == [50.0, None]
+
+
+def _anchor(heading):
+    """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_every_link_in_the_readme_and_docs_resolves():
+    """Every relative link of README.md and docs/*.md names a file of the repository, and every #anchor one of
+    that page's headings (external http links are not followed: the tests run offline)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    pages = ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(here, "docs")))
+                             if f.endswith(".md")]
+    broken, checked = [], 0
+    for page in pages:
+        text = open(os.path.join(here, page)).read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            file = os.path.normpath(os.path.join(here, os.path.dirname(page), path)) if path else \
+                os.path.join(here, page)
+            checked += 1
+            if not os.path.exists(file):
+                broken.append(f"{page}: {target} (no such file)")
+            elif anchor:
+                headings = re.findall(r"^#+ (.+)$", open(file).read(), flags=re.M)
+                if anchor not in {_anchor(h) for h in headings}:
+                    broken.append(f"{page}: {target} (no such heading)")
+    assert checked > 30, checked  # the pages do link to each other
+    assert not broken, broken
+    assert _anchor("The teacher cache") == "the-teacher-cache"
+    assert _anchor("`kd3_ablations`: KD3, Table 2") == "kd3_ablations-kd3-table-2"

@@ -2,12 +2,14 @@
 operator, a comparison, a constant, a sign, a `.detach()`) must make one of the fast math tests fail. A mutant
 that survives is either a missing test or an equivalent change (same behaviour); the table says which.
 
-    python experiments/mutation_check.py                 # every function below, 2 workers, a few minutes
+    python experiments/mutation_check.py                 # every function below: 160 mutants, ~37 min on one core
     python experiments/mutation_check.py --only kd3.py   # one file
+    python experiments/mutation_check.py --functions class_thresholds balanced_indices   # some functions
 
 Each mutant is written into a scratch copy of the repository and the file's math tests run there
 (`python -m pytest -x -q test_all.py -k ...`); nothing in the working tree is touched. Writes
-experiments/results/mutation.md. A development check: it needs pytest only, like the test suite.
+experiments/results/mutation.md (a run over a subset: mutation-subset.md). A development check: it needs pytest
+only, like the test suite.
 """
 
 import argparse
@@ -151,8 +153,16 @@ def run_mutant(job):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=list(TARGETS), choices=list(TARGETS), help="files to mutate")
+    p.add_argument("--functions", nargs="*", default=None, metavar="NAME",
+                   help="mutate only these functions (default: every function in TARGETS)")
     p.add_argument("--workers", type=int, default=2, help="mutants tested at once (one CPU core each)")
     args = p.parse_args()
+    known = {fn for functions, _ in TARGETS.values() for fn in functions}
+    unknown = sorted(set(args.functions or ()) - known)
+    if unknown:
+        p.error(f"--functions: {', '.join(unknown)} not in TARGETS (choose from {', '.join(sorted(known))})")
+    if args.functions:  # only the files that hold the named functions
+        args.only = [f for f in args.only if set(TARGETS[f][0]) & set(args.functions)]
     scratches = [tempfile.mkdtemp(prefix="mutants-") for _ in range(args.workers)]
     for scratch in scratches:  # the repository's modules and tests (what test_all.py imports)
         for f in os.listdir(REPO):
@@ -165,6 +175,7 @@ def main():
             sys.exit(f"the tests of {filename} fail without any mutant: fix them first")
     for filename in args.only:
         functions, tests = TARGETS[filename]
+        functions = [fn for fn in functions if not args.functions or fn in args.functions]
         found = list(mutants(filename, functions))
         jobs = [(scratches[i % args.workers], filename, tests, m) for i, (_, _, m) in enumerate(found)]
         # one scratch copy per worker: each worker takes every workers-th job, in order
@@ -186,12 +197,13 @@ def main():
     lines = [f"Mutation check: {dead} of {total} mutants killed ({100 * dead / max(total, 1):.1f}%); {equivalent} of "
              f"the survivors are equivalent, so {dead} of {total - equivalent} behaviour-changing mutants are killed "
              f"({100 * dead / max(total - equivalent, 1):.1f}%). {time.time() - start:.0f} s, {args.workers} "
-             f"worker(s).", "", "Survivors:", "", "| file | function | mutant | equivalent? |", "|---|---|---|---|"]
+             f"worker(s). Functions: {', '.join(args.functions) if args.functions else 'all'}.", "", "Survivors:", "", "| file | function | mutant | equivalent? |", "|---|---|---|---|"]
     lines += [f"| {f} | `{fn}` | {d} | {EQUIVALENT.get((fn, d), '**no: needs a test**')} |"
               for f, fn, d, k in rows if not k]
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "mutation.md"), "w") as f:
+    partial = args.functions or set(args.only) != set(TARGETS)  # a subset never replaces the full run's table
+    with open(os.path.join(HERE, "results", "mutation-subset.md" if partial else "mutation.md"), "w") as f:
         f.write(text)
     print(text)
 
