@@ -1785,6 +1785,17 @@ def test_experiments_pending_jobs_skip_kept_results_and_go_seed_major(monkeypatc
     assert runner.field("t", "b", [2, 0], "student_acc") == [50.0, None]
 
 
+def test_experiments_fill_docs_replaces_the_marked_table_and_nothing_else(monkeypatch, tmp_path):
+    runner = _runner(monkeypatch, tmp_path)
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- TABLE:t -->\nafter\n<!-- TABLE:other -->\n")
+    runner.fill_docs("t", "| a |\n|---|\n| 1 |\n", docs=str(tmp_path))
+    assert page.read_text() == "intro\n<!-- TABLE:t -->\n| a |\n|---|\n| 1 |\n<!-- /TABLE:t -->\nafter\n<!-- TABLE:other -->\n"
+    runner.fill_docs("t", "| a |\n|---|\n| 2 |\n", docs=str(tmp_path))  # a second fill replaces the first
+    assert page.read_text().count("| a |") == 1 and "| 2 |" in page.read_text() and "| 1 |" not in page.read_text()
+    assert page.read_text().endswith("<!-- /TABLE:t -->\nafter\n<!-- TABLE:other -->\n")
+
+
 def _anchor(heading):
     """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"[`*]", "", heading.strip().lower())

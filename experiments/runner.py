@@ -122,8 +122,23 @@ def write_table(table, header, rows, notes="", dry_run=False):
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{table}.md"), "w") as f:
         f.write(text)
+    fill_docs(table, text)
     print(text, flush=True)
     return text
+
+
+def fill_docs(table, text, docs=os.path.join(REPO, "docs")):
+    """Put the table into every docs/ page that marks its place with `<!-- TABLE:<table> -->` (and, once filled,
+    `<!-- /TABLE:<table> -->`), so the pages show exactly the kept results."""
+    start, end = f"<!-- TABLE:{table} -->", f"<!-- /TABLE:{table} -->"
+    for page in sorted(os.listdir(docs)):
+        path = os.path.join(docs, page)
+        if not page.endswith(".md") or start not in open(path).read():
+            continue
+        before, _, rest = open(path).read().partition(start)
+        after = rest.partition(end)[2] if end in rest else rest
+        with open(path, "w") as f:
+            f.write(f"{before}{start}\n{text.rstrip()}\n{end}{after}")
 
 
 def field(table, name, seeds, key):
