@@ -1,31 +1,14 @@
-"""Throughput of each method's training step: the method files' own step functions against the same step
-written the naive way.
-
-The *fast* path calls the step functions of kd3.py, hidfd.py and balanced_transfer.py (the very functions their
-training loops call) on synthetic uint8 images of the real shapes, resident on the device and batched by
-data.DeviceLoader; the frozen teacher runs without gradients, and on CUDA under bf16 autocast with channels_last.
-The *naive* path is the textbook version of the same step: a torch DataLoader over per-sample torchvision
-transforms on PIL images, fp32, a teacher that is only put in eval() (no no_grad, outputs .detach()ed) and a
-loss.item() per step.
-
-    kd3            kd3.train_step (clean + MixDistribution views through teacher and student, both heads)
-    hidfd-gan      hidfd.discriminator_step + hidfd.generator_step (Eq. 13)
-    hidfd-distill  hidfd.distill_step (Eq. 14)
-    bt-kd          balanced_transfer.kd_step (Sec. 4.2 augmentation, the teacher labels afresh, Eq. 2)
-    bt-label       balanced_transfer.compose_generated for one draw batch (Algorithm 1, lines 5-10)
+"""Throughput of each method's training step: the step functions of kd3.py, hidfd.py and balanced_transfer.py
+(the fast path: the very functions their training loops call) against the same step written the naive way in
+this file. docs/speed.md describes the steps, both paths, the timing and the FLOP convention.
 
     python bench.py --device cpu --quick                                 # smoke test, ~30 s on 2 cores
     python bench.py --device cpu --arch-pair lenet5:lenet5_half:mnist    # batch 256
     python bench.py --device cuda --compile                              # MFU against --peak-tflops
-
-Timing: warm-up, then --repeats windows of --steps steps per path, fast and naive interleaved (time.perf_counter
-on CPU; CUDA events after a synchronize on GPU); the table shows the median. FLOPs: FlopCounterMode's count of
-the convolutions and matmuls of one forward per image (2 FLOPs per multiply-add), times 1 for a network run
-without gradients, 2 for a frozen network back-propagated to its input, 3 for a trained network; each row's
-JSON holds the formula. Measured tables: docs/speed.md.
 """
 
 import argparse
+import collections
 import copy
 import gc
 import inspect
@@ -63,30 +46,27 @@ SETTINGS = {
 DEFAULT_PAIRS = ["resnet34:resnet18:cifar10", "lenet5:lenet5_half:mnist"]
 STEPS = ("kd3", "hidfd-gan", "hidfd-distill", "bt-kd", "bt-label")
 H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM5, dense bf16 tensor cores (1979 is with 2:4 sparsity)
+FLOP_CONVENTION = ("FlopCounterMode forward FLOPs per image (2 per multiply-add, conv + matmul); 1x no-grad forward, "
+                   "2x frozen network back-propagated to its input, 3x trained network")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Images/s, ms/step, TFLOP/s and MFU of each method's training step: "
-                                "the method files' step functions vs the same step written the naive way.",
-                                formatter_class=runtime.HelpFormatter)
+    p = argparse.ArgumentParser(description="Images/s, ms/step, TFLOP/s and MFU of each method's training step: the "
+                                "method files' step functions vs the naive way.", formatter_class=runtime.HelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to time")
     p.add_argument("--arch-pair", nargs="+", default=DEFAULT_PAIRS, metavar="TEACHER:STUDENT[:DATASET]",
                    help="pairs to time; DATASET (default cifar10) gives channels, classes, mean/std, crop/flip")
     p.add_argument("--only", nargs="+", default=list(STEPS), choices=STEPS, metavar="STEP", help="steps to time")
     p.add_argument("--image-size", type=int, default=None, help="input height = width (default: the dataset's)")
-    p.add_argument("--batch", type=int, default=None, help="images per step (default 256; --quick on CPU: 8)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per path (default: 1 CPU, 10 CUDA)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per window (default: 3 CPU, 50 CUDA)")
-    p.add_argument("--repeats", type=int, default=None, help="timed windows per path (default 3; --quick 1)")
-    p.add_argument("--pool", type=int, default=None, help="synthetic uint8 images the loaders cycle over "
-                   "(default: 2048 CPU, 16384 CUDA)")
+    for key, text in (("batch", "images per step"), ("warmup", "untimed steps per path"),
+                      ("steps", "timed steps per window"), ("repeats", "timed windows per path"),
+                      ("pool", "synthetic uint8 images the loaders cycle over")):
+        defaults = ", ".join(f"{name} {values[key]}" for name, values in SETTINGS.items())
+        p.add_argument(f"--{key}", type=int, default=None, help=f"{text} (default: {defaults})")
     p.add_argument("--quick", action="store_true", help="CI smoke test: SETTINGS['quick-<device>']")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for both paths (default: "
-                   "torch's, the number of cores)")
-    p.add_argument("--workers", type=int, default=0, help="num_workers of the naive DataLoader (0: the same thread "
-                   "budget as the fast path)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks' forward of the fast path "
-                   "(compiled in the warm-up, untimed)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of both paths (default: one per core)")
+    p.add_argument("--workers", type=int, default=0, help="naive DataLoader num_workers (0: the fast path's threads)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's networks (in the warm-up)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default on CUDA: "
                    f"{H100_BF16_DENSE_TFLOPS}, H100 SXM bf16 dense; on CPU none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and the networks")
@@ -126,8 +106,6 @@ def resolve_settings(args):
     return args, device
 
 
-#### FLOP counting and timing ####
-
 def forward_flops(module, method, *inputs):
     """FLOPs FlopCounterMode counts for module.method(*inputs), in eval mode and without gradients."""
     was_training = module.training
@@ -140,33 +118,9 @@ def forward_flops(module, method, *inputs):
     return counter.get_total_flops()
 
 
-def time_window(step, n, device):
-    """Seconds for n calls of step(): CUDA events around the window (queued kernels included) on GPU,
-    time.perf_counter on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return time.perf_counter() - start
-
-
 def endless(loader):
     while True:
         yield from loader
-
-
-def compile_method(args, module, method):
-    """--compile: module.method replaced by its torch.compile'd version (an instance attribute)."""
-    if args.compile:
-        setattr(module, method, torch.compile(getattr(module, method)))
 
 
 #### The naive data pipeline: per-sample torchvision transforms on PIL images ####
@@ -185,24 +139,23 @@ class NaiveImages(Dataset):
         return (self.transform(to_pil_image(self.images[i])), *(t[i] for t in self.extras))
 
 
-class NaiveNoise(Dataset):
-    """Uniform noise drawn one image at a time with numpy, quantised to uint8, then `transform`."""
-
-    def __init__(self, n, shape, transform):
-        self.n, self.shape, self.transform = n, shape, transform
-
-    def __len__(self):
-        return self.n
+class NaiveNoise(NaiveImages):
+    """As many images as the pool, of its shape, but uniform noise drawn one at a time with numpy, quantised to
+    uint8, then `transform`."""
 
     def __getitem__(self, i):
-        c, h, w = self.shape
+        h, w, c = self.images.shape[1:]
         return (self.transform(to_pil_image((np.random.rand(h, w, c) * 255).round().astype(np.uint8))),)
 
 
-def crop_flip_transform(meta, size):
-    ops = [T.RandomCrop(size, padding=meta["crop_pad"])] if meta["crop_pad"] else []
+def normalize_transform(mean, std, augmentations=()):
+    return T.Compose([*augmentations, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def crop_flip_transform(meta):
+    ops = [T.RandomCrop(meta["size"], padding=meta["crop_pad"])] if meta["crop_pad"] else []
     ops += [T.RandomHorizontalFlip()] if meta["flip"] else []
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(meta["mean"], meta["std"])])
+    return normalize_transform(meta["mean"], meta["std"], ops)
 
 
 def bt_transform(meta):
@@ -221,121 +174,166 @@ def bt_transform(meta):
     ])
 
 
-def naive_batches(dataset, args):
-    return endless(DataLoader(dataset, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
-                              persistent_workers=args.workers > 0))
-
-
-def naive_update(opt, loss, losses):
+def naive_update(opt, loss):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    losses.append(loss.item())  # the host sync of the textbook loop
+    return loss.item()  # the host sync of the textbook loop
 
 
 #### One builder per step: (fast step, naive step, FLOPs, formula) ####
 
-class Bench:
-    def __init__(self, fast, naive, flops, formula):
-        self.fast, self.naive, self.flops, self.formula = fast, naive, flops, formula
+Bench = collections.namedtuple("Bench", "fast naive flops formula")
 
 
-def pair_setup(pair, args, device, parser):
-    """The method's settings for the pair, dataset metadata, a synthetic uint8 pool, and the teacher twice: as the
-    method files hold it (prepared, eval, frozen) and the naive way (eval() only, fp32)."""
-    margs = parser.parse_args(["--dataset", pair[2], "--teacher-arch", pair[0], "--student-arch", pair[1]])
-    meta = dict(data.DATASETS[pair[2]], size=args.image_size or data.DATASETS[pair[2]]["size"])
-    images = torch.randint(0, 256, (args.pool, meta["channels"], meta["size"], meta["size"]), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(args.seed))
-    teacher = models.build_model(pair[0], meta["num_classes"], meta["channels"])
-    naive_teacher = copy.deepcopy(teacher).to(device).eval()
-    teacher = runtime.prepare_model(teacher, device).eval().requires_grad_(False)
-    one = torch.zeros(1, meta["channels"], meta["size"], meta["size"], device=device)
-    return margs, meta, images, teacher, naive_teacher, one
+class PairSetup:
+    """What every builder starts from: the method's settings for the pair (its own parser and resolve_settings),
+    the dataset's metadata, a synthetic uint8 pool, and the teacher twice: as the method files hold it (prepared,
+    eval, frozen) and the naive way (eval() only, fp32)."""
 
+    def __init__(self, method, pair, args, device):
+        self.args, self.device, self.student_arch = args, device, pair[1]
+        self.margs = method.resolve_settings(method.build_parser().parse_args(
+            ["--dataset", pair[2], "--teacher-arch", pair[0], "--student-arch", pair[1]]))
+        self.meta = dict(data.DATASETS[pair[2]], size=args.image_size or data.DATASETS[pair[2]]["size"])
+        self.classes, self.channels = self.meta["num_classes"], self.meta["channels"]
+        self.shape = (self.channels, self.meta["size"], self.meta["size"])
+        self.images = torch.randint(0, 256, (args.pool, *self.shape), dtype=torch.uint8,
+                                    generator=torch.Generator().manual_seed(args.seed))
+        teacher = models.build_model(pair[0], self.classes, self.channels)
+        self.naive_teacher = copy.deepcopy(teacher).to(device).eval()
+        self.teacher = runtime.prepare_model(teacher, device).eval().requires_grad_(False)
+        self.one = torch.zeros(1, *self.shape, device=device)  # the input of the per-image FLOP counts
 
-def device_batches(images, meta, args, device, *extras, **kw):
-    kw = {"crop_pad": meta["crop_pad"], "flip": meta["flip"], "mean": meta["mean"], "std": meta["std"], **kw}
-    return endless(data.DeviceLoader(images, *extras, batch_size=args.batch, shuffle=True, drop_last=True,
-                                     device=device, seed=args.seed, **kw))
+    def student(self):
+        return models.build_model(self.student_arch, self.classes, self.channels)
+
+    def twins(self, net):
+        """net prepared for the fast path, and an fp32 copy for the naive one (copied before channels_last)."""
+        naive = copy.deepcopy(net).to(self.device)
+        return runtime.prepare_model(net, self.device), naive
+
+    def compile(self, *net_methods):
+        """--compile: each (net, method) replaced by its torch.compile'd version (an instance attribute)."""
+        if self.args.compile:
+            for net, method in net_methods:
+                setattr(net, method, torch.compile(getattr(net, method)))
+
+    def device_batches(self, *extras, **loader_kw):
+        """The fast path's batches: data.DeviceLoader with the dataset's crop/flip/normalisation by default."""
+        loader_kw = {key: self.meta[key] for key in ("crop_pad", "flip", "mean", "std")} | loader_kw
+        return endless(data.DeviceLoader(self.images, *extras, batch_size=self.args.batch, shuffle=True,
+                                         drop_last=True, device=self.device, seed=self.args.seed, **loader_kw))
+
+    def naive_batches(self, dataset):
+        """The naive path's batches: a torch DataLoader over a per-sample Dataset."""
+        workers = self.args.workers
+        return endless(DataLoader(dataset, batch_size=self.args.batch, shuffle=True, drop_last=True,
+                                  num_workers=workers, persistent_workers=workers > 0))
+
+    def student_bench(self, trained, naive_trained, fast_step, naive_loss, naive_transform, flops, formula,
+                      student=None, **loader_kw):
+        """A step that trains a student on pool batches (kd3, hidfd-distill, bt-kd): fast_step(x, opt) on
+        DeviceLoader batches, naive_loss(x) on DataLoader batches through naive_transform; each path with the
+        method's optimiser over the trainable parameters of `trained` / `naive_trained`. --compile compiles the
+        features of the teacher and of `student` (default: `trained`)."""
+        opt, naive_opt = (runtime.make_optimizer([p for p in net.parameters() if p.requires_grad], self.margs)
+                          for net in (trained, naive_trained))
+        self.compile((self.teacher, "features"), (student or trained, "features"))
+        batches = self.device_batches(**loader_kw)
+        naive = self.naive_batches(NaiveImages(self.images, naive_transform))
+
+        def fast():
+            fast_step(next(batches)[0], opt)
+
+        def naive_step():
+            naive_update(naive_opt, naive_loss(next(naive)[0].to(self.device)))
+
+        return Bench(fast, naive_step, flops, formula)
 
 
 def build_kd3(pair, args, device):
-    margs, meta, images, teacher, naive_teacher, one = pair_setup(pair, args, device, kd3.build_parser())
-    margs = kd3.resolve_settings(margs)
-    student = kd3.SharedClassifierStudent(models.build_model(pair[1], meta["num_classes"], meta["channels"]),
-                                          teacher.classifier)
-    nets = kd3.KD3Networks(student, teacher.feat_dim, margs.proj_dim)
-    naive_nets = copy.deepcopy(nets).to(device)
-    nets = runtime.prepare_model(nets, device)
-    opt = runtime.make_optimizer([p for p in nets.parameters() if p.requires_grad], margs)
-    b = args.batch
+    setup = PairSetup(kd3, pair, args, device)
+    margs, b, teacher, naive_teacher, one = setup.margs, args.batch, setup.teacher, setup.naive_teacher, setup.one
+    student = kd3.SharedClassifierStudent(setup.student(), teacher.classifier)
+    nets, naive_nets = setup.twins(kd3.KD3Networks(student, teacher.feat_dim, margs.proj_dim))
     f_t, f_s = forward_flops(teacher, "features", one), forward_flops(student, "forward", one)
     f_heads = forward_flops(nets.head_s, "forward", one.new_zeros(1, student.feat_dim)) + \
         forward_flops(nets.head_t, "forward", one.new_zeros(1, teacher.feat_dim))
-    formula = f"2B (F_T + 3 (F_S + F_heads)); B={b}, F_T={f_t}, F_S={f_s}, F_heads={f_heads}"
-    compile_method(args, teacher, "features")
-    compile_method(args, student, "features")
-    batches = device_batches(images, meta, args, device)
-
-    def fast():
-        kd3.train_step(nets, teacher, next(batches)[0], opt, margs)
-
-    naive_opt = runtime.make_optimizer([p for p in naive_nets.parameters() if p.requires_grad], margs)
-    naive = naive_batches(NaiveImages(images, crop_flip_transform(meta, meta["size"])), args)
     kw = dict(tau=margs.tau, reduction=margs.mdcl_reduction)
-    losses = []
 
-    def naive_step():
-        x = next(naive)[0].to(device)
+    def naive_loss(x):
         inputs = torch.cat([x, kd3.contrastive_view(x, False, margs.mix_delta)])
         t_feat = naive_teacher.features(inputs).detach()
         s_feat, s_logits, z_s, z_t = naive_nets(inputs, t_feat)
         w = kd3.alignment_weights(F.softmax(s_logits[:b], 1), F.softmax(naive_teacher.classifier(t_feat[:b]), 1))
-        loss = kd3.weighted_feature_alignment(s_feat[:b], t_feat[:b], w) + margs.alpha * (
+        return kd3.weighted_feature_alignment(s_feat[:b], t_feat[:b], w) + margs.alpha * (
             kd3.mdcl_loss(z_s[:b], z_s[b:], **kw) + kd3.mdcl_loss(z_t[:b], z_t[b:], **kw))
-        naive_update(naive_opt, loss, losses)
 
-    return Bench(fast, naive_step, 2 * b * (f_t + 3 * (f_s + f_heads)), formula)
+    return setup.student_bench(
+        nets, naive_nets, fast_step=lambda x, opt: kd3.train_step(nets, teacher, x, opt, margs),
+        naive_loss=naive_loss, naive_transform=crop_flip_transform(setup.meta),
+        flops=2 * b * (f_t + 3 * (f_s + f_heads)),
+        formula=f"2B (F_T + 3 (F_S + F_heads)); B={b}, F_T={f_t}, F_S={f_s}, F_heads={f_heads}", student=student)
+
+
+def build_hidfd_distill(pair, args, device):
+    setup = PairSetup(hidfd, pair, args, device)
+    b, teacher, naive_teacher, one = args.batch, setup.teacher, setup.naive_teacher, setup.one
+    student, naive_student = setup.twins(hidfd.SharedClassifierStudent(setup.student(), teacher.classifier))
+    trained = runtime.FeaturesAndLogits(student)
+    f_t, f_s = forward_flops(teacher, "features", one), forward_flops(student, "features", one)
+    return setup.student_bench(
+        student, naive_student, fast_step=lambda x, opt: hidfd.distill_step(trained, teacher, x, opt),
+        naive_loss=lambda x: hidfd.align_loss(naive_student.features(x), naive_teacher.features(x).detach()),
+        naive_transform=crop_flip_transform(setup.meta), flops=b * (f_t + 3 * f_s),
+        formula=f"B (F_T,features + 3 F_S,features); B={b}, F_T,features={f_t}, F_S,features={f_s}")
+
+
+def build_bt_kd(pair, args, device):
+    setup = PairSetup(bt, pair, args, device)
+    margs, b, teacher, naive_teacher, one = setup.margs, args.batch, setup.teacher, setup.naive_teacher, setup.one
+    student, naive_student = setup.twins(setup.student())
+    f_t, f_s = forward_flops(teacher, "forward", one), forward_flops(student, "forward", one)
+    aug_gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (setup.meta["mean"], setup.meta["std"]))
+    return setup.student_bench(
+        student, naive_student,
+        fast_step=lambda x, opt: bt.kd_step(student, teacher, x, None, opt, aug_gen, lambda v: (v - mean) / std, margs),
+        naive_loss=lambda x: bt.kd_loss(naive_student(x), naive_teacher(x).detach(), margs.temperature),
+        naive_transform=bt_transform(setup.meta), flops=b * (f_t + 3 * f_s),
+        formula=f"B (F_T + 3 F_S); B={b}, F_T={f_t}, F_S={f_s}",
+        # kd_step takes images in [0, 1]: it augments them, then normalises
+        crop_pad=0, flip=False, mean=(0.0,) * setup.channels, std=(1.0,) * setup.channels)
 
 
 def build_hidfd_gan(pair, args, device):
-    margs, meta, images, teacher, naive_teacher, one = pair_setup(pair, args, device, hidfd.build_parser())
-    margs = hidfd.resolve_settings(margs)
-    c, b = meta["num_classes"], args.batch
-    G = hidfd.Generator(c, meta["channels"], meta["size"], margs.z_dim, margs.gan_width)
-    D = hidfd.Discriminator(c, meta["channels"], meta["size"], teacher.feat_dim, margs.gan_width)
-    naive_G, naive_D = copy.deepcopy(G).to(device), copy.deepcopy(D).to(device)
-    G, D = runtime.prepare_model(G, device), runtime.prepare_model(D, device)
-    gan_teacher = hidfd.GanRangeTeacher(teacher, meta["mean"], meta["std"]).to(device)
-    naive_gan_teacher = hidfd.GanRangeTeacher(naive_teacher, meta["mean"], meta["std"]).to(device)
-    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=lr, betas=tuple(margs.betas))
-                    for m, lr in ((G, margs.g_lr), (D, margs.d_lr)))
-    class_freq = hidfd.ClassFrequency(c, b, margs.gamma).to(device)
+    setup = PairSetup(hidfd, pair, args, device)
+    margs, b, c, teacher, meta, one = setup.margs, args.batch, setup.classes, setup.teacher, setup.meta, setup.one
+    G, naive_G = setup.twins(hidfd.Generator(c, setup.channels, meta["size"], margs.z_dim, margs.gan_width))
+    D, naive_D = setup.twins(hidfd.Discriminator(c, setup.channels, meta["size"], teacher.feat_dim,
+                                                 margs.gan_width))
+    gan_teacher, naive_gan_teacher = (hidfd.GanRangeTeacher(t, meta["mean"], meta["std"]).to(device)
+                                      for t in (teacher, setup.naive_teacher))
+    opt_g, opt_d, naive_opt_g, naive_opt_d = (torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(margs.betas))
+                                              for net, lr in ((G, margs.g_lr), (D, margs.d_lr),
+                                                              (naive_G, margs.g_lr), (naive_D, margs.d_lr)))
+    class_freq, naive_freq = (hidfd.ClassFrequency(c, b, margs.gamma).to(device) for _ in range(2))
     f_g = forward_flops(G, "forward", one.new_zeros(1, margs.z_dim), torch.zeros(1, dtype=torch.long, device=device))
     f_d, f_tf, f_t = (forward_flops(D, "forward", one), forward_flops(teacher, "features", one),
                       forward_flops(teacher, "forward", one))
-    # D step: G 1x, teacher features 1x, D 3x on real + fake; G step: G 3x, D 3x, teacher 2x (to its input)
-    formula = f"B (4 F_G + 9 F_D + F_T,features + 2 F_T); B={b}, F_G={f_g}, F_D={f_d}, F_T,features={f_tf}, F_T={f_t}"
-    for net, method in ((teacher, "features"), (G, "forward"), (D, "forward")):
-        compile_method(args, net, method)
+    setup.compile((teacher, "features"), (G, "forward"), (D, "forward"))
     labels = torch.randint(0, c, (args.pool,), generator=torch.Generator().manual_seed(args.seed))
     t_feats = torch.randn(args.pool, teacher.feat_dim, generator=torch.Generator().manual_seed(args.seed))
-    half = (0.5,) * meta["channels"]  # uint8 -> [-1, 1], the generator's range
-    batches = device_batches(images, meta, args, device, labels, t_feats, crop_pad=0, flip=False, mean=half, std=half)
+    half = (0.5,) * setup.channels  # uint8 -> [-1, 1], the generator's range
+    batches = setup.device_batches(labels, t_feats, crop_pad=0, flip=False, mean=half, std=half)
+    naive = setup.naive_batches(NaiveImages(setup.images, normalize_transform(half, half), labels, t_feats))
     noise = torch.Generator(device=device).manual_seed(args.seed + 2)
 
     def fast():
         x_real, y_real, t_real = next(batches)
         hidfd.discriminator_step(D, G, gan_teacher, x_real, y_real, t_real, opt_d, noise, margs)
         hidfd.generator_step(G, D, gan_teacher, class_freq, opt_g, b, noise, margs)
-
-    naive_opt_g = torch.optim.Adam(naive_G.parameters(), lr=margs.g_lr, betas=tuple(margs.betas))
-    naive_opt_d = torch.optim.Adam(naive_D.parameters(), lr=margs.d_lr, betas=tuple(margs.betas))
-    naive = naive_batches(NaiveImages(images, T.Compose([T.ToTensor(), T.Normalize(half, half)]), labels, t_feats),
-                          args)
-    naive_freq = hidfd.ClassFrequency(c, b, margs.gamma).to(device)
-    losses = []
 
     def naive_step():  # the textbook loop: two D forwards, a generator graph kept in the D step, .item()
         x_real, y_real, t_real = (t.to(device) for t in next(naive))
@@ -346,105 +344,42 @@ def build_hidfd_gan(pair, args, device):
         d_loss = sum(hidfd.adc_discriminator_loss(adv_r, adv_f, cls_r, cls_f, y_real, y_fake, margs.gan_loss)) + \
             margs.lambda_d * (hidfd.blend_loss(t_real, t_fake, d_real, d_fake)
                               + hidfd.trans_loss(t_real, t_fake, d_real, d_fake))
-        naive_update(naive_opt_d, d_loss, losses)
+        naive_update(naive_opt_d, d_loss)
         y_fake = torch.randint(0, c, (b,), device=device)
         x_fake = naive_G(torch.randn(b, margs.z_dim, device=device), y_fake)
         adv_f, cls_f, _ = naive_D(x_fake)
         t_logits = naive_gan_teacher(x_fake)
         g_loss = sum(hidfd.adc_generator_loss(adv_f, cls_f, y_fake, margs.gan_loss)) + \
             margs.lambda_g * hidfd.reg_loss(t_logits, naive_freq.n)
-        naive_update(naive_opt_g, g_loss, losses)
+        naive_update(naive_opt_g, g_loss)
         naive_freq.update(torch.bincount(t_logits.argmax(1), minlength=c))
 
-    return Bench(fast, naive_step, b * (4 * f_g + 9 * f_d + f_tf + 2 * f_t), formula)
-
-
-def build_hidfd_distill(pair, args, device):
-    margs, meta, images, teacher, naive_teacher, one = pair_setup(pair, args, device, hidfd.build_parser())
-    margs = hidfd.resolve_settings(margs)
-    student = hidfd.SharedClassifierStudent(models.build_model(pair[1], meta["num_classes"], meta["channels"]),
-                                            teacher.classifier)
-    naive_student = copy.deepcopy(student).to(device)
-    student = runtime.prepare_model(student, device)
-    trained = runtime.FeaturesAndLogits(student)
-    opt = runtime.make_optimizer([p for p in student.parameters() if p.requires_grad], margs)
-    b = args.batch
-    f_t, f_s = forward_flops(teacher, "features", one), forward_flops(student, "features", one)
-    formula = f"B (F_T,features + 3 F_S,features); B={b}, F_T,features={f_t}, F_S,features={f_s}"
-    compile_method(args, teacher, "features")
-    compile_method(args, student, "features")
-    batches = device_batches(images, meta, args, device)
-
-    def fast():
-        hidfd.distill_step(trained, teacher, next(batches)[0], opt)
-
-    naive_opt = runtime.make_optimizer([p for p in naive_student.parameters() if p.requires_grad], margs)
-    naive = naive_batches(NaiveImages(images, crop_flip_transform(meta, meta["size"])), args)
-    losses = []
-
-    def naive_step():
-        x = next(naive)[0].to(device)
-        naive_update(naive_opt, hidfd.align_loss(naive_student.features(x), naive_teacher.features(x).detach()),
-                     losses)
-
-    return Bench(fast, naive_step, b * (f_t + 3 * f_s), formula)
-
-
-def build_bt_kd(pair, args, device):
-    margs, meta, images, teacher, naive_teacher, one = pair_setup(pair, args, device, bt.build_parser())
-    margs = bt.resolve_settings(margs)
-    student = models.build_model(pair[1], meta["num_classes"], meta["channels"])
-    naive_student = copy.deepcopy(student).to(device)
-    student = runtime.prepare_model(student, device)
-    opt = runtime.make_optimizer(student.parameters(), margs)
-    b = args.batch
-    f_t, f_s = forward_flops(teacher, "forward", one), forward_flops(student, "forward", one)
-    formula = f"B (F_T + 3 F_S); B={b}, F_T={f_t}, F_S={f_s}"
-    compile_method(args, teacher, "features")
-    compile_method(args, student, "features")
-    zeros, ones = (0.0,) * meta["channels"], (1.0,) * meta["channels"]
-    batches = device_batches(images, meta, args, device, crop_pad=0, flip=False, mean=zeros, std=ones)  # [0, 1]
-    aug_gen = torch.Generator(device=device).manual_seed(args.seed + 2)
-    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (meta["mean"], meta["std"]))
-
-    def fast():
-        bt.kd_step(student, teacher, next(batches)[0], None, opt, aug_gen, lambda v: (v - mean) / std, margs)
-
-    naive_opt = runtime.make_optimizer(naive_student.parameters(), margs)
-    naive = naive_batches(NaiveImages(images, bt_transform(meta)), args)
-    losses = []
-
-    def naive_step():
-        x = next(naive)[0].to(device)
-        naive_update(naive_opt, bt.kd_loss(naive_student(x), naive_teacher(x).detach(), margs.temperature), losses)
-
-    return Bench(fast, naive_step, b * (f_t + 3 * f_s), formula)
+    # D step: G 1x, teacher features 1x, D 3x on real + fake; G step: G 3x, D 3x, teacher 2x (to its input)
+    return Bench(fast, naive_step, b * (4 * f_g + 9 * f_d + f_tf + 2 * f_t),
+                 f"B (4 F_G + 9 F_D + F_T,features + 2 F_T); B={b}, F_G={f_g}, F_D={f_d}, F_T,features={f_tf}, "
+                 f"F_T={f_t}")
 
 
 def build_bt_label(pair, args, device):
-    margs, meta, _, teacher, naive_teacher, one = pair_setup(pair, args, device, bt.build_parser())
-    margs = bt.resolve_settings(margs)
-    c, b = meta["num_classes"], args.batch
-    shape = (meta["channels"], meta["size"], meta["size"])
-    f_t = forward_flops(teacher, "forward", one)
-    compile_method(args, teacher, "features")
+    setup = PairSetup(bt, pair, args, device)
+    b, meta, teacher = args.batch, setup.meta, setup.teacher
+    f_t = forward_flops(teacher, "forward", setup.one)
+    setup.compile((teacher, "features"))
     quota = 2 ** 62  # quotas that never fill: every step is a draw batch of the composer's filling phase
     draw_args = argparse.Namespace(draw_batch=b, max_minutes=None)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    counts = [torch.zeros(c, dtype=torch.int64, device=device)]
+    counts, naive_counts = torch.zeros(setup.classes, dtype=torch.int64, device=device), [0] * setup.classes
+    naive = setup.naive_batches(NaiveNoise(setup.images, normalize_transform(meta["mean"], meta["std"])))
 
     def fast():
-        counts[0] = bt.compose_generated(teacher, "uniform", shape, counts[0], quota, b, draw_args, meta["mean"],
-                                         meta["std"], gen, True)[2]
-
-    naive = naive_batches(NaiveNoise(args.pool, shape, T.Compose([T.ToTensor(), T.Normalize(meta["mean"],
-                                                                                             meta["std"])])), args)
-    naive_counts = [0] * c
+        nonlocal counts
+        counts = bt.compose_generated(teacher, "uniform", setup.shape, counts, quota, b, draw_args, meta["mean"],
+                                      meta["std"], gen, True)[2]
 
     def naive_step():  # Algorithm 1 as printed: one sample at a time
         x = next(naive)[0].to(device)
         kept = []
-        for k, label in enumerate(naive_teacher(x).argmax(1).tolist()):
+        for k, label in enumerate(setup.naive_teacher(x).argmax(1).tolist()):
             if naive_counts[label] < quota:
                 naive_counts[label] += 1
                 kept.append(x[k])
@@ -457,30 +392,43 @@ BUILDERS = {"kd3": build_kd3, "hidfd-gan": build_hidfd_gan, "hidfd-distill": bui
             "bt-kd": build_bt_kd, "bt-label": build_bt_label}
 
 
-#### Benchmark ####
+#### Timing and the table ####
 
 def measure(bench, args, device):
     """Warm up, then `repeats` windows of `steps` steps per path: (fast, naive) seconds per step, per window.
-    Without DataLoader workers the windows alternate, so that other load hits both alike; with workers they
-    do not (the workers would prefetch in the background while the fast path is timed)."""
+    Without DataLoader workers the windows alternate, so that other load hits both alike; with workers they do
+    not (the workers would prefetch in the background while the fast path is timed)."""
+    cuda = device.type == "cuda"
+
     def warm_up(step):
         for _ in range(args.warmup):
             step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize(device)
 
-    def window(step):
-        return time_window(step, args.steps, device) / args.steps
+    def window(step):  # seconds per step; on GPU from CUDA events, which also count the kernels still queued
+        if not cuda:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            return (time.perf_counter() - start) / args.steps
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.steps):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000 / args.steps
 
-    if args.workers == 0:
-        warm_up(bench.fast)
-        warm_up(bench.naive)
-        pairs = [(window(bench.fast), window(bench.naive)) for _ in range(args.repeats)]
-        return [f for f, _ in pairs], [n for _, n in pairs]
     warm_up(bench.fast)
-    fast_s = [window(bench.fast) for _ in range(args.repeats)]
+    if args.workers:
+        fast_s = [window(bench.fast) for _ in range(args.repeats)]
+        warm_up(bench.naive)
+        return fast_s, [window(bench.naive) for _ in range(args.repeats)]
     warm_up(bench.naive)
-    return fast_s, [window(bench.naive) for _ in range(args.repeats)]
+    alternating = [(window(bench.fast), window(bench.naive)) for _ in range(args.repeats)]
+    return [f for f, _ in alternating], [n for _, n in alternating]
 
 
 def row_result(step_name, pair, shape, args, bench, fast_s, naive_s):
@@ -533,18 +481,18 @@ def run(args):
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     config = {k: v for k, v in vars(args).items() if k != "pairs"}
+    device_name = describe_device(device)
     print("config: " + json.dumps(config), flush=True)
-    print(f"device: {describe_device(device)}; torch {torch.__version__}; {args.threads} torch threads; naive "
-          f"DataLoader num_workers={args.workers}; peak for MFU: {args.peak_tflops or 'none'}", flush=True)
+    print(f"device: {device_name}; torch {torch.__version__}; {args.threads} torch threads; naive DataLoader "
+          f"num_workers={args.workers}; peak for MFU: {args.peak_tflops or 'none'}", flush=True)
     start, rows = time.time(), []
     for pair in args.pairs:
+        size = args.image_size or data.DATASETS[pair[2]]["size"]
+        shape = f"{data.DATASETS[pair[2]]['channels']}x{size}x{size}"
         for step_name in args.only:
             runtime.seed_everything(args.seed)
             bench = BUILDERS[step_name](pair, args, device)
-            fast_s, naive_s = measure(bench, args, device)
-            size = args.image_size or data.DATASETS[pair[2]]["size"]
-            row = row_result(step_name, pair, f"{data.DATASETS[pair[2]]['channels']}x{size}x{size}", args, bench,
-                             fast_s, naive_s)
+            row = row_result(step_name, pair, shape, args, bench, *measure(bench, args, device))
             rows.append(row)
             print(f"  {step_name} {row['pair']}: fast {row['fast_ms']:.1f} ms/step, naive {row['naive_ms']:.1f} "
                   f"ms/step ({row['fast_over_naive']:.2f}x)", flush=True)
@@ -553,12 +501,9 @@ def run(args):
     print(format_table(rows), flush=True)
     wall = time.time() - start
     print(f"wall time {wall:.1f} s", flush=True)
-    results = {"device": describe_device(device), "device_type": device.type, "torch": torch.__version__,
+    results = {"device": device_name, "device_type": device.type, "torch": torch.__version__,
                "threads": args.threads, "naive_workers": args.workers, "peak_tflops": args.peak_tflops,
-               "flop_convention": "FlopCounterMode forward FLOPs per image (2 per multiply-add, conv + matmul); "
-                                  "1x no-grad forward, 2x frozen network back-propagated to its input, "
-                                  "3x trained network",
-               "config": config, "wall_time_s": round(wall, 1), "rows": rows}
+               "flop_convention": FLOP_CONVENTION, "config": config, "wall_time_s": round(wall, 1), "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
@@ -567,9 +512,8 @@ def run(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(build_parser().parse_args(argv))
     except ValueError as e:
         sys.exit(f"error: {e}")
 
