@@ -485,6 +485,8 @@ def run(args):
     print("config: " + json.dumps(config), flush=True)
     print(f"device: {device_name}; torch {torch.__version__}; {args.threads} torch threads; naive DataLoader "
           f"num_workers={args.workers}; peak for MFU: {args.peak_tflops or 'none'}", flush=True)
+    for pair in args.pairs:
+        check_input_size(pair, args.image_size or data.DATASETS[pair[2]]["size"])
     start, rows = time.time(), []
     for pair in args.pairs:
         size = args.image_size or data.DATASETS[pair[2]]["size"]
@@ -509,6 +511,19 @@ def run(args):
             json.dump(results, f, indent=2)
         print(f"wrote {args.out}", flush=True)
     return results
+
+
+def check_input_size(pair, size):
+    """Refuse an --image-size the pair's networks cannot take, before anything is timed."""
+    meta = data.DATASETS[pair[2]]
+    for arch in pair[:2]:
+        try:
+            with torch.no_grad():
+                models.build_model(arch, meta["num_classes"], meta["channels"]).eval()(
+                    torch.zeros(1, meta["channels"], size, size))
+        except RuntimeError:
+            raise ValueError(f"--image-size {size}: {arch} cannot take {size}x{size} inputs "
+                             f"(the {pair[2]} pair runs at {meta['size']}x{meta['size']}) — give a larger size") from None
 
 
 def main(argv=None):

@@ -1555,6 +1555,8 @@ def _bad_inputs(tmp, synthetic_teacher):
         (hidfd, t + ["--lambda-g", "-0.5"], "--lambda-d and --lambda-g must be >= 0"),
         (kd3, t + ["--v-th", "1.5"], "--v-th must be in"),
         (bt, t + ["--strict", "2"], "--strict FRACTION must be in"),
+        (bench, ["--device", "cpu", "--quick", "--arch-pair", "lenet5:lenet5_half:mnist", "--image-size", "28"],
+         "--image-size 28: lenet5 cannot take 28x28 inputs"),
     ]
 
 
@@ -1562,7 +1564,7 @@ BAD_INPUT_IDS = ["teacher-missing", "header-vs-weights", "teacher-of-another-dat
                  "folder-non-image", "resume-truncated", "resume-missing-keys", "generator-corrupt",
                  "teacher-batch-0", "teacher-batch-negative", "teacher-epochs-0", "kd3-empty-source",
                  "bt-empty-source", "hidfd-gan-no-synthetic", "hidfd-n-synthetic-0", "hidfd-q", "hidfd-gamma",
-                 "hidfd-lambda-d", "hidfd-lambda-g", "kd3-v-th", "bt-strict-fraction"]
+                 "hidfd-lambda-d", "hidfd-lambda-g", "kd3-v-th", "bt-strict-fraction", "bench-image-size-too-small"]
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
