@@ -2,7 +2,7 @@
 operator, a comparison, a constant, a sign, a `.detach()`) must make one of the fast math tests fail. A mutant
 that survives is either a missing test or an equivalent change (same behaviour); the table says which.
 
-    python experiments/mutation_check.py                 # every function below: 160 mutants, ~37 min on one core
+    python experiments/mutation_check.py                 # every function below: 160 mutants (37 min with --workers 1)
     python experiments/mutation_check.py --only kd3.py   # one file
     python experiments/mutation_check.py --functions class_thresholds balanced_indices   # some functions
 
