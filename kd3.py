@@ -11,7 +11,7 @@ whose per-channel mean/std are mixed with another image's (Eqs. 11-17). Objectiv
     python kd3.py --dataset cifar10    # ResNet34 -> ResNet18 on ImageNet 32x32 (paper: 95.21%)
 
 Ablations of Table 2: --no-cls-share {onehot,soft}, --selection {random,student,teacher}, --no-mdcl, --no-md.
-On Fashion-MNIST (teacher 90.26%) the 20-epoch student reaches ~77% (docs/kd3.md has every row, 3 seeds).
+On Fashion-MNIST (teacher 90.26%) the 20-epoch student reaches ~76%, the 5-epoch one ~75% (docs/kd3.md).
 """
 
 import argparse
