@@ -522,8 +522,8 @@ def check_input_size(pair, size):
                 models.build_model(arch, meta["num_classes"], meta["channels"]).eval()(
                     torch.zeros(1, meta["channels"], size, size))
         except RuntimeError:
-            raise ValueError(f"--image-size {size}: {arch} cannot take {size}x{size} inputs "
-                             f"(the {pair[2]} pair runs at {meta['size']}x{meta['size']}) — give a larger size") from None
+            raise ValueError(f"--image-size {size}: {arch} cannot take {size}x{size} inputs (the {pair[2]} pair "
+                             f"runs at {meta['size']}x{meta['size']}) — give a larger size") from None
 
 
 def main(argv=None):
