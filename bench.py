@@ -88,6 +88,19 @@ def parse_pair(spec):
     return teacher_arch, student_arch, dataset
 
 
+def check_input_size(pair, size):
+    """Refuse an --image-size the pair's networks cannot take, before anything is timed."""
+    meta = data.DATASETS[pair[2]]
+    for arch in pair[:2]:
+        try:
+            with torch.no_grad():
+                models.build_model(arch, meta["num_classes"], meta["channels"]).eval()(
+                    torch.zeros(1, meta["channels"], size, size))
+        except RuntimeError:
+            raise ValueError(f"--image-size {size}: {arch} cannot take {size}x{size} inputs (the {pair[2]} pair "
+                             f"runs at {meta['size']}x{meta['size']}) — give a larger size") from None
+
+
 def resolve_settings(args):
     """Fill every None flag from SETTINGS (visible above) and validate; returns (args, device)."""
     device = runtime.get_device(args.device)
@@ -95,6 +108,8 @@ def resolve_settings(args):
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.pairs = [parse_pair(s) for s in args.arch_pair]
+    for pair in args.pairs if args.image_size else ():  # each dataset's own size fits its pair
+        check_input_size(pair, args.image_size)
     if min(args.batch, args.warmup, args.steps, args.repeats) < 1 or args.workers < 0:
         raise ValueError("--batch, --warmup, --steps and --repeats must be >= 1 and --workers >= 0")
     if args.pool < args.batch:
@@ -485,8 +500,6 @@ def run(args):
     print("config: " + json.dumps(config), flush=True)
     print(f"device: {device_name}; torch {torch.__version__}; {args.threads} torch threads; naive DataLoader "
           f"num_workers={args.workers}; peak for MFU: {args.peak_tflops or 'none'}", flush=True)
-    for pair in args.pairs:
-        check_input_size(pair, args.image_size or data.DATASETS[pair[2]]["size"])
     start, rows = time.time(), []
     for pair in args.pairs:
         size = args.image_size or data.DATASETS[pair[2]]["size"]
@@ -511,19 +524,6 @@ def run(args):
             json.dump(results, f, indent=2)
         print(f"wrote {args.out}", flush=True)
     return results
-
-
-def check_input_size(pair, size):
-    """Refuse an --image-size the pair's networks cannot take, before anything is timed."""
-    meta = data.DATASETS[pair[2]]
-    for arch in pair[:2]:
-        try:
-            with torch.no_grad():
-                models.build_model(arch, meta["num_classes"], meta["channels"]).eval()(
-                    torch.zeros(1, meta["channels"], size, size))
-        except RuntimeError:
-            raise ValueError(f"--image-size {size}: {arch} cannot take {size}x{size} inputs (the {pair[2]} pair "
-                             f"runs at {meta['size']}x{meta['size']}) — give a larger size") from None
 
 
 def main(argv=None):

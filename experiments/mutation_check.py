@@ -197,7 +197,8 @@ def main():
     lines = [f"Mutation check: {dead} of {total} mutants killed ({100 * dead / max(total, 1):.1f}%); {equivalent} of "
              f"the survivors are equivalent, so {dead} of {total - equivalent} behaviour-changing mutants are killed "
              f"({100 * dead / max(total - equivalent, 1):.1f}%). {time.time() - start:.0f} s, {args.workers} "
-             f"worker(s). Functions: {', '.join(args.functions) if args.functions else 'all'}.", "", "Survivors:", "", "| file | function | mutant | equivalent? |", "|---|---|---|---|"]
+             f"worker(s). Functions: {', '.join(args.functions) if args.functions else 'all'}.", "", "Survivors:", "",
+             "| file | function | mutant | equivalent? |", "|---|---|---|---|"]
     lines += [f"| {f} | `{fn}` | {d} | {EQUIVALENT.get((fn, d), '**no: needs a test**')} |"
               for f, fn, d, k in rows if not k]
     text = "\n".join(lines) + "\n"

@@ -117,8 +117,8 @@ def gan_agreement():
         if not records:
             continue
         with open(os.path.join(folder, run, "config.json")) as f:
-            config = json.load(f)
-        per_epoch = int(round(config["rho"] * 60000)) // config["gan_batch_size"]  # drop_last batches of D_c
+            batch = json.load(f)["gan_batch_size"]
+        per_epoch = records[0]["images"] // batch  # the real images of one GAN epoch, in drop_last batches
         ax.plot([r["epoch"] * per_epoch for r in records], [r["probe_agree"] for r in records], label=run)
         drawn += 1
     if not drawn:

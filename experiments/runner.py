@@ -133,9 +133,12 @@ def fill_docs(table, text, docs=os.path.join(REPO, "docs")):
     start, end = f"<!-- TABLE:{table} -->", f"<!-- /TABLE:{table} -->"
     for page in sorted(os.listdir(docs)):
         path = os.path.join(docs, page)
-        if not page.endswith(".md") or start not in open(path).read():
+        if not page.endswith(".md"):
             continue
-        before, _, rest = open(path).read().partition(start)
+        with open(path) as f:
+            before, marked, rest = f.read().partition(start)
+        if not marked:
+            continue
         after = rest.partition(end)[2] if end in rest else rest
         with open(path, "w") as f:
             f.write(f"{before}{start}\n{text.rstrip()}\n{end}{after}")
