@@ -1787,6 +1787,15 @@ def test_experiments_pending_jobs_skip_kept_results_and_go_seed_major(monkeypatc
     assert runner.field("t", "b", [2, 0], "student_acc") == [50.0, None]
 
 
+def test_experiments_only_names_a_row_or_ends_in_one_line(monkeypatch, tmp_path):
+    runner = _runner(monkeypatch, tmp_path)
+    runner.check_only(None, ["kd3", "random"])  # no --only: every row
+    runner.check_only(["random"], ["kd3", "random"])
+    with pytest.raises(SystemExit) as stop:
+        runner.check_only(["random", "kd"], ["kd3", "random"])  # a prefix is not a row
+    assert str(stop.value) == "error: --only kd: no such row (rows: kd3, random)"
+
+
 def test_experiments_fill_docs_replaces_the_marked_table_and_nothing_else(monkeypatch, tmp_path):
     runner = _runner(monkeypatch, tmp_path)
     page = tmp_path / "page.md"

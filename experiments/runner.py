@@ -45,6 +45,13 @@ def ensure_teacher(args):
                     "--data-root", args.data_root, "--device", args.device], cwd=REPO, check=True)
 
 
+def check_only(only, names):
+    """--only of a table script: every given row name must be one of the table's rows (one line, else)."""
+    unknown = [name for name in only or [] if name not in names]
+    if unknown:
+        sys.exit(f"error: --only {' '.join(unknown)}: no such row (rows: {', '.join(names)})")
+
+
 def result_dir(table, name, seed):
     return os.path.join(RESULTS, table, f"{name}-seed{seed}")
 

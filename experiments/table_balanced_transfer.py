@@ -10,6 +10,7 @@ balanced and unbalanced.
 
     python experiments/table_balanced_transfer.py                     # 3 seeds x 10 rows
     python experiments/table_balanced_transfer.py --epochs 10 --seeds 0 --max-draws 300000   # a short version
+    python experiments/table_balanced_transfer.py --only noise-uniform-balanced-aug-fixed   # one row
 
 Writes experiments/results/balanced_transfer.md (mean ± std over the finished seeds).
 """
@@ -29,22 +30,29 @@ ROWS = [  # (source, balance, augmentation targets or None)
 ]
 
 
+def row_name(source, balance, targets):
+    return f"{source.replace(':', '')}-{balance}-{'no-aug' if targets is None else f'aug-{targets}'}"
+
+
 def main():
     p = runner.base_parser(__doc__, epochs=40)
     p.add_argument("--max-draws", type=int, default=1_000_000, help="cap on noise draws of the balanced rows")
+    p.add_argument("--only", nargs="*", default=None, help="run only these rows (names without the -e<epochs> "
+                   "suffix, e.g. noise-uniform-balanced-no-aug); the table shows every row's kept runs")
     args = p.parse_args()
+    runner.check_only(args.only, [row_name(*row) for row in ROWS])
     runner.ensure_teacher(args)
     common = ["balanced_transfer.py", "--dataset", "fashionmnist", "--teacher", args.teacher, "--data-root",
               args.data_root, "--device", args.device, "--epochs", str(args.epochs), "--epoch-images", str(N)]
     jobs, rows = [], []
     for source, balance, targets in ROWS:
-        aug = "no-aug" if targets is None else f"aug-{targets}"
-        name = f"{source.replace(':', '')}-{balance}-{aug}-e{args.epochs}"
+        name = f"{row_name(source, balance, targets)}-e{args.epochs}"
         flags = ["--source", source, f"--{balance}"]
         flags += ["--no-augment"] if targets is None else ["--augment", "--aug-labels", targets]
         if balance == "balanced" and source.startswith("noise"):
             flags += ["--max-draws", str(args.max_draws)]
-        jobs += [(name, s, common + flags) for s in args.seeds]
+        if args.only is None or row_name(source, balance, targets) in args.only:
+            jobs += [(name, s, common + flags) for s in args.seeds]
         rows.append((name, source, balance, targets))
     runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     table = []

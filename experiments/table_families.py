@@ -63,6 +63,7 @@ def main():
     p.add_argument("--only", nargs="*", default=None, help="run only these rows (plain-kd, bt-web, bt-noise, "
                    "supervised); the table shows every row's kept runs")
     args = p.parse_args()
+    runner.check_only(args.only, [name for name, _, argv in rows(args) if argv is not None])
     runner.ensure_teacher(args)
     jobs = []
     for name, _, argv in rows(args):

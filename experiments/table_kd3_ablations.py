@@ -35,6 +35,7 @@ def main():
     p.add_argument("--web", default="fashionmnist-web", help="web data (a data.py source list)")
     p.add_argument("--only", nargs="*", default=None, help="run only these variants (names in VARIANTS)")
     args = p.parse_args()
+    runner.check_only(args.only, [v[0] for v in VARIANTS])
     runner.ensure_teacher(args)
     common = ["kd3.py", "--dataset", "fashionmnist", "--teacher", args.teacher, "--web", args.web,
               "--data-root", args.data_root, "--device", args.device, "--epochs", str(args.epochs)]
