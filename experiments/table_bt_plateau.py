@@ -6,11 +6,12 @@ under one change at a time: the temperature, the learning rate, He initialisatio
 accuracy after that epoch and, in brackets, the share of test images the student gives its most common class
 (100% = one class for everything: the plateau). One seed; about 5 minutes on one CPU core.
 
-    python experiments/table_bt_plateau.py
+    python experiments/table_bt_plateau.py [--data-root /usr/share/datasets] [--teacher checkpoints/...pt]
 
 Writes experiments/results/bt_plateau.md.
 """
 
+import argparse
 import os
 import sys
 
@@ -22,6 +23,7 @@ import balanced_transfer as bt  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import runtime  # noqa: E402
+import runner  # noqa: E402
 
 VARIANTS = [("the defaults: T 20, lr 1e-3, PyTorch init", {}), ("T 4", {"T": 4.0}), ("T 1", {"T": 1.0}),
             ("lr 3e-3", {"lr": 3e-3}), ("lr 3e-4", {"lr": 3e-4}), ("He initialisation", {"init": "he"})]
@@ -50,14 +52,21 @@ def distil(x, logits, test, meta, T=20.0, lr=1e-3, init="default", epochs=6):
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="/usr/share/datasets", help="where Fashion-MNIST is")
+    p.add_argument("--teacher", default=os.path.join("checkpoints", "fashionmnist-lenet5-seed0.pt"),
+                   help="the LeNet-5 Fashion-MNIST teacher (python teacher.py makes it)")
+    args = p.parse_args()
+    teacher_path = os.path.join(runner.REPO, args.teacher)
+    if not os.path.isfile(teacher_path):
+        sys.exit(f"error: no teacher at {args.teacher} (python teacher.py trains it)")
     torch.set_num_threads(1)
-    teacher, _ = models.load_checkpoint(os.path.join(os.path.dirname(HERE), "checkpoints",
-                                                     "fashionmnist-lenet5-seed0.pt"))
+    teacher, _ = models.load_checkpoint(teacher_path)
     teacher.eval().requires_grad_(False)
     meta = data.DATASETS["fashionmnist"]
-    test = data.load_dataset("fashionmnist", "test", "/usr/share/datasets")
-    args = bt.resolve_settings(bt.build_parser().parse_args(["--max-draws", "300000", "--no-augment"]))
-    x, _, report = bt.compose_transfer_set(teacher, args, torch.device("cpu"))
+    test = data.load_dataset("fashionmnist", "test", args.data_root)
+    settings = bt.resolve_settings(bt.build_parser().parse_args(["--max-draws", "300000", "--no-augment"]))
+    x, _, report = bt.compose_transfer_set(teacher, settings, torch.device("cpu"))
     logits = runtime.predict(teacher, x, meta["mean"], meta["std"])
     lines = ["| student | " + " | ".join(f"epoch {e}" for e in range(1, 7)) + " |", "|---|" + "---|" * 6]
     for name, kw in VARIANTS:
