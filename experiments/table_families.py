@@ -29,15 +29,17 @@ WEB = "fashionmnist-web"
 
 
 def rows(args):
-    """(name, label, argv or None, images-per-epoch rule)."""
+    """(name, label, argv): argv is this table's command for the row, or (table, run name) of the other table's
+    runs that the row reuses."""
     kd = ["--dataset", "fashionmnist", "--teacher", args.teacher, "--data-root", args.data_root, "--device",
           args.device, "--epochs", str(args.epochs)]
     return [
         ("plain-kd", "plain KD (T = 4, every web image)",
          ["balanced_transfer.py"] + kd + ["--source", WEB, "--unbalanced", "--no-augment", "--transfer-size", "50000",
                                           "--temperature", "4"]),
-        ("kd3", "KD3 (selection + shared classifier)", None),  # the ablation table's full KD3 runs
-        ("hidfd", f"HiDFD, rho = 0.1 of `{COLLECTION}` (`{' '.join(CONDITIONED)}`, 4,200 GAN iterations)", None),
+        ("kd3", "KD3 (selection + shared classifier)", ("kd3_ablations", f"kd3-e{args.epochs}")),
+        ("hidfd", f"HiDFD, rho = 0.1 of `{COLLECTION}` (`{' '.join(CONDITIONED)}`, 4,200 GAN iterations)",
+         ("hidfd_rho", f"rho0.1-hidfd-it4200-e{args.epochs}")),
         ("bt-web", "balanced transfer from the web set",
          ["balanced_transfer.py"] + kd + ["--source", WEB, "--transfer-size", "50000", "--no-augment"]),
         ("bt-noise", "balanced transfer from uniform noise",
@@ -63,19 +65,18 @@ def main():
     p.add_argument("--only", nargs="*", default=None, help="run only these rows (plain-kd, bt-web, bt-noise, "
                    "supervised); the table shows every row's kept runs")
     args = p.parse_args()
-    runner.check_only(args.only, [name for name, _, argv in rows(args) if argv is not None])
+    runner.check_only(args.only, [name for name, _, argv in rows(args) if isinstance(argv, list)])
     runner.ensure_teacher(args)
     jobs = []
     for name, _, argv in rows(args):
         for s in args.seeds:
-            if argv is not None and (args.only is None or name in args.only):
+            if isinstance(argv, list) and (args.only is None or name in args.only):
                 jobs.append((f"{name}-e{args.epochs}", s, argv))
     runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     chance = [] if args.dry_run else chance_accuracy(args)
     table = [["student at initialisation (chance)", runner.mean_std(chance), "0", "—"]]
-    for name, label, _ in rows(args):
-        source, key = (REUSED[name][0], REUSED[name][1].format(epochs=args.epochs)) if name in REUSED else (
-            TABLE, f"{name}-e{args.epochs}")
+    for name, label, argv in rows(args):
+        source, key = argv if isinstance(argv, tuple) else (TABLE, f"{name}-e{args.epochs}")
         accs = runner.field(source, key, args.seeds, "student_acc" if name != "supervised" else "teacher_acc")
         images = _images_seen(source, key, args.seeds[0])
         table.append([label, runner.mean_std(accs), f"{images:,}" if images else "—",
@@ -84,9 +85,6 @@ def main():
                        f"Fashion-MNIST, LeNet-5 teacher ({args.teacher}) -> LeNet-5-half, {args.epochs} student "
                        f"epochs, web set `{WEB}`, seeds {args.seeds}. Images seen: training images over all epochs "
                        "(HiDFD: its GAN's real and generated images are not counted).", dry_run=args.dry_run)
-
-
-REUSED = {"kd3": ("kd3_ablations", "kd3-e{epochs}"), "hidfd": ("hidfd_rho", "rho0.1-hidfd-it4200-e{epochs}")}
 
 
 def _images_seen(table, name, seed):
