@@ -20,16 +20,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 RUNS = os.path.join(HERE, "runs")
+DATA_ROOT = "/usr/share/datasets"  # where `apt-get install dataset-fashion-mnist` puts Fashion-MNIST
+TEACHER = os.path.join("checkpoints", "fashionmnist-lenet5-seed0.pt")  # the one teacher of every table
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of a table script: its docstring as written (commands on their own lines) and every flag's default."""
 
 
 def base_parser(description, epochs):
     """The flags every table script shares."""
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (mean ± std over them)")
     p.add_argument("--epochs", type=int, default=epochs, help="student epochs of every run")
-    p.add_argument("--data-root", default="/usr/share/datasets", help="where Fashion-MNIST is")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--teacher", default=os.path.join("checkpoints", "fashionmnist-lenet5-seed0.pt"),
+    p.add_argument("--data-root", default=DATA_ROOT, help="where Fashion-MNIST is")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where every run trains")
+    p.add_argument("--teacher", default=TEACHER,
                    help="one teacher for every run (trained by teacher.py if missing), so seeds vary the student only")
     p.add_argument("--dry-run", action="store_true", help="print the commands and the table so far; run nothing")
     p.add_argument("--report-only", action="store_true", help="write the table from the kept results; run nothing")

@@ -46,12 +46,13 @@ def main():
               args.data_root, "--device", args.device, "--epochs", str(args.epochs), "--epoch-images", str(N)]
     jobs, rows = [], []
     for source, balance, targets in ROWS:
-        name = f"{row_name(source, balance, targets)}-e{args.epochs}"
+        row = row_name(source, balance, targets)
+        name = f"{row}-e{args.epochs}"
         flags = ["--source", source, f"--{balance}"]
         flags += ["--no-augment"] if targets is None else ["--augment", "--aug-labels", targets]
         if balance == "balanced" and source.startswith("noise"):
             flags += ["--max-draws", str(args.max_draws)]
-        if args.only is None or row_name(source, balance, targets) in args.only:
+        if args.only is None or row in args.only:
             jobs += [(name, s, common + flags) for s in args.seeds]
         rows.append((name, source, balance, targets))
     runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)

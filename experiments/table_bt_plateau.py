@@ -52,10 +52,10 @@ def distil(x, logits, test, meta, T=20.0, lr=1e-3, init="default", epochs=6):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default="/usr/share/datasets", help="where Fashion-MNIST is")
-    p.add_argument("--teacher", default=os.path.join("checkpoints", "fashionmnist-lenet5-seed0.pt"),
-                   help="the LeNet-5 Fashion-MNIST teacher (python teacher.py makes it)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runner.HelpFormatter)
+    p.add_argument("--data-root", default=runner.DATA_ROOT, help="where Fashion-MNIST is")
+    p.add_argument("--teacher", default=runner.TEACHER, help="the LeNet-5 Fashion-MNIST teacher (python teacher.py "
+                   "makes it)")
     args = p.parse_args()
     teacher_path = os.path.join(runner.REPO, args.teacher)
     if not os.path.isfile(teacher_path):
