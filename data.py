@@ -117,17 +117,36 @@ def _missing(name, path, files):
 
 #### Readers (one per on-disk format) ####
 
+REPLACE_FILE = "replace it with a complete copy (--download fetches the MNIST family again)"
+REPLACE_DATA = "replace it with a complete copy of the dataset's release (docs/data.md says where)"
+
+
 def read_idx(path):
-    """IDX file (MNIST family), gzipped or not -> numpy array. Big-endian dims after a 4-byte magic."""
+    """IDX file (MNIST family), gzipped or not -> numpy array. Big-endian dims after a 4-byte magic.
+    A damaged file (truncated, not gzip though named .gz, a wrong magic, shorter than its header
+    says) is refused in one line that names it."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # cut gzip, BadGzipFile (an OSError), bad deflate
+        raise ValueError(f"{path} cannot be decompressed ({type(e).__name__}: {e}) — "
+                         f"{REPLACE_FILE}") from None
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if zero != 0 or dtype_code not in dtypes:
-        raise ValueError(f"{path} is not an IDX file (magic {raw[:4].hex()})")
+    if len(raw) < 4:
+        raise ValueError(f"{path} holds {len(raw)} bytes, not an IDX file — {REPLACE_FILE}")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code not in dtypes or ndim == 0:
+        raise ValueError(f"{path} is not an IDX file (magic {raw[:4].hex()}; MNIST-family files "
+                         f"start 00000801 or 00000803) — {REPLACE_FILE}")
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path} ends inside its IDX header — {REPLACE_FILE}")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     count = int(np.prod(dims))
+    needed = 4 + 4 * ndim + count * np.dtype(dtypes[dtype_code]).itemsize
+    if len(raw) < needed:
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, its header promises {needed} "
+                         f"({'x'.join(map(str, dims))} values) — {REPLACE_FILE}")
     return np.frombuffer(raw, dtype=dtypes[dtype_code], count=count, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -153,6 +172,10 @@ def _read_mnist_family(name, split, root):
                 system = " (the system install)" if folder == SYSTEM_FASHION_MNIST else ""
                 print(f"reading {name} from {folder}{system}", flush=True)
             images, labels = read_idx(paths[0]), read_idx(paths[1])
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                shapes = ["x".join(map(str, a.shape)) for a in (images, labels)]
+                raise ValueError(f"{paths[0]} ({shapes[0]}) and {paths[1]} ({shapes[1]}) are not N "
+                                 f"images of HxW and their N labels — {REPLACE_FILE}")
             return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
     raise _missing(name, " or ".join(folders), [s + "[.gz]" for s in stems])
 
@@ -160,10 +183,19 @@ def _read_mnist_family(name, split, root):
 _ANNOUNCED = set()
 
 
-def _unpickle(path):
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="latin1")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+def _unpickle(path, keys=("data",)):
+    """A pickled batch dict (CIFAR, downsampled ImageNet) holding `keys`; damaged: one line."""
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+    except Exception as e:  # truncated or not a pickle: EOFError, UnpicklingError, ValueError, ...
+        raise ValueError(f"{path} cannot be unpickled ({type(e).__name__}) — "
+                         f"{REPLACE_DATA}") from None
+    d = {(k.decode() if isinstance(k, bytes) else k): v
+         for k, v in (d.items() if isinstance(d, dict) else ())}
+    if any(k not in d for k in keys):
+        raise ValueError(f"{path} is not a batch file holding {', '.join(keys)} — {REPLACE_DATA}")
+    return d
 
 
 def _read_cifar(name, split, root):
@@ -174,7 +206,7 @@ def _read_cifar(name, split, root):
     path = os.path.join(root, folder)
     if not all(os.path.isfile(os.path.join(path, f)) for f in files):
         raise _missing(name, path, files)
-    batches = [_unpickle(os.path.join(path, f)) for f in files]
+    batches = [_unpickle(os.path.join(path, f), ("data", label_key)) for f in files]
     data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)  # R, G, B planes
     labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
     return torch.from_numpy(data), torch.from_numpy(labels)
@@ -188,7 +220,7 @@ def read_mat_v5(path):
     with open(path, "rb") as f:
         raw = f.read()
     if len(raw) < 128:
-        raise ValueError(f"{path} is too short to be a MAT file")
+        raise ValueError(f"{path} is too short to be a MAT file — {REPLACE_DATA}")
     endian = "<" if raw[126:128] == b"IM" else ">"
     mi_types = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
     mx_classes = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
@@ -217,16 +249,20 @@ def read_mat_v5(path):
         return out
 
     arrays, pos = {}, 128
-    while pos + 8 <= len(raw):
-        dtype, nbytes = struct.unpack(endian + "II", raw[pos:pos + 8])
-        element = raw[pos + 8:pos + 8 + nbytes]
-        if dtype == 15:  # miCOMPRESSED
-            arrays.update(read_matrix(zlib.decompress(element)))
-            pos += 8 + nbytes
-        else:
-            if dtype == 14:
-                arrays.update(read_matrix(raw[pos:pos + 8 + nbytes]))
-            pos += 8 + nbytes + (-nbytes % 8)
+    try:
+        while pos + 8 <= len(raw):
+            dtype, nbytes = struct.unpack(endian + "II", raw[pos:pos + 8])
+            element = raw[pos + 8:pos + 8 + nbytes]
+            if dtype == 15:  # miCOMPRESSED
+                arrays.update(read_matrix(zlib.decompress(element)))
+                pos += 8 + nbytes
+            else:
+                if dtype == 14:
+                    arrays.update(read_matrix(raw[pos:pos + 8 + nbytes]))
+                pos += 8 + nbytes + (-nbytes % 8)
+    except (struct.error, zlib.error, ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged: its element at byte {pos} cannot be read "
+                         f"({type(e).__name__}) — {REPLACE_DATA}") from None
     return arrays
 
 
@@ -236,6 +272,8 @@ def _read_svhn(split, root):
     if not os.path.isfile(path):
         raise _missing("svhn", root, [fname])
     arrays = read_mat_v5(path)
+    if "X" not in arrays or "y" not in arrays or arrays["X"].ndim != 4:
+        raise ValueError(f"{path} does not hold SVHN's X (32x32x3xN) and y — {REPLACE_DATA}")
     images = np.ascontiguousarray(arrays["X"].transpose(3, 2, 0, 1))  # MATLAB (H, W, C, N) -> (N, C, H, W)
     labels = arrays["y"].reshape(-1).astype(np.int64) % 10  # label 10 means digit 0
     return torch.from_numpy(images), torch.from_numpy(labels)
@@ -248,7 +286,11 @@ def _read_stl10(split, root):
     needed = [x_file] + ([y_file] if y_file else [])
     if not all(os.path.isfile(os.path.join(folder, f)) for f in needed):
         raise _missing("stl10", folder, needed)
-    images = np.fromfile(os.path.join(folder, x_file), dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
+    raw = np.fromfile(os.path.join(folder, x_file), dtype=np.uint8)
+    if len(raw) % (3 * 96 * 96):
+        raise ValueError(f"{os.path.join(folder, x_file)} is truncated: {len(raw)} bytes is not a "
+                         f"whole number of 3x96x96 images — {REPLACE_DATA}")
+    images = raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
     if y_file:
         labels = np.fromfile(os.path.join(folder, y_file), dtype=np.uint8).astype(np.int64) - 1  # 1-based on disk
     else:
@@ -260,20 +302,68 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 
 def _decode(path, size):
-    # torchvision's own PIL loader (Pillow ships with torchvision); torchvision.io's decoders are deprecated.
-    from PIL import UnidentifiedImageError
-    from torchvision.datasets.folder import pil_loader
+    """One image file -> uint8 RGB (3, size, size) (its own size when `size` is None): every PIL
+    mode converted (`_rgb`), the short side resized to `size` and the centre cropped
+    (`_resize_crop`). Returns (image, the file's PIL mode). An unreadable file: one line."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
     try:
-        img = torch.from_numpy(np.asarray(pil_loader(path), dtype=np.uint8).copy()).permute(2, 0, 1)  # RGB (3, H, W)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path} is not a readable image ({type(e).__name__}) — remove or replace that file") from None
-    if size is not None and img.shape[-2:] != (size, size):
-        img = _resize(img.unsqueeze(0), size)[0]
+        with Image.open(path) as img:
+            mode = img.mode
+            img = ImageOps.exif_transpose(img)  # camera photos: the orientation a viewer shows
+            rgb = _rgb(img)
+        factor = min(rgb.shape[:2]) // (2 * size) if size else 0
+        if factor > 1:  # a large photo: box-averaged by a whole factor first (memory), then resized
+            rgb = np.array(Image.fromarray(rgb).reduce(factor))
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path} is too large to decode safely ({str(e).split(',')[0]}; PIL's "
+                         f"decompression-bomb guard) — shrink that image or remove it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {str(e)[:80]}) — "
+                         f"remove or replace that file") from None
+    img = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W)
+    return (img if size is None else _resize_crop(img, size)), mode
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _rgb(img):
+    """A PIL image of any mode -> uint8 (H, W, 3). 16-bit gray (I;16*, and I, which holds 16-bit
+    PNG data) is scaled 0..65535 -> 0..255; float gray (F) is read as 0..255 and clipped; an alpha
+    channel (RGBA, LA, PA, or a palette/gray/RGB transparency key) is composited over white, as a
+    browser shows it; every other mode (1, L, P, RGB, CMYK, YCbCr, LAB, HSV, RGBX) goes through
+    PIL's own convert("RGB")."""
+    if img.mode in SIXTEEN_BIT_MODES + ("F",):
+        values = np.asarray(img, dtype=np.float64)
+        scale = 1.0 if img.mode == "F" else 257.0  # 65535 / 255
+        gray = np.clip(np.round(values / scale), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if "A" in img.getbands() or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[:, :, 3:] / 255
+        return np.round(rgba[:, :, :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _resize_crop(img, size):
+    """uint8 (C, H, W) -> (C, size, size): the short side resized to `size` (antialiased bilinear,
+    the long side in proportion), then the centre size x size cropped, as torchvision's
+    Resize(size) + CenterCrop(size) do. No image is stretched; a small image is enlarged."""
+    h, w = img.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        new_h, new_w = max(size, int(h * scale)), max(size, int(w * scale))
+        x = F.interpolate(img[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
+                          align_corners=False)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        img = x[0, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
     return img
 
 
 def _read_folder(path, size=None):
-    """ImageFolder layout (<path>/<class>/**/*.png): classes sorted by name, as torchvision does."""
+    """ImageFolder layout (<path>/<class>/**/*.png): classes sorted by name, as torchvision does.
+    Each image is brought to size x size on its own (`_decode`); with size None every image must
+    already have one size."""
     if not os.path.isdir(path):
         raise DatasetNotFoundError(f"image folder {path} does not exist (expected <path>/<class>/<image>.png)")
     classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
@@ -288,11 +378,21 @@ def _read_folder(path, size=None):
                     labels.append(label)
     if not files:
         raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
-    first = _decode(files[0], size)
-    images = torch.empty((len(files),) + tuple(first.shape), dtype=torch.uint8)
-    for i, f in enumerate(files):  # decoding happens once, at load time
-        images[i] = _decode(f, first.shape[-1])
-    return images, torch.tensor(labels, dtype=torch.int64)
+    images, modes = [], {}
+    for f in files:  # decoding happens once, at load time
+        img, mode = _decode(f, size)
+        if size is None and images and img.shape != images[0].shape:
+            raise ValueError(f"{f} is {img.shape[2]}x{img.shape[1]}, {files[0]} is "
+                             f"{images[0].shape[2]}x{images[0].shape[1]} — read the folder as a "
+                             f"source (each image is resized to the teacher's input), or give "
+                             f"load_images a shape")
+        images.append(img)
+        modes[mode] = modes.get(mode, 0) + 1
+    if size is not None:
+        counts = ", ".join(f"{m} {n}" for m, n in modes.items())
+        print(f"folder {path}: {len(files)} images (PIL modes: {counts}), each resized to {size} "
+              f"on its short side and centre-cropped to {size}x{size}", flush=True)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
 def _read_tinyimagenet(split, root):
@@ -311,7 +411,7 @@ def _read_tinyimagenet(split, root):
             raise _missing("tinyimagenet", os.path.join(base, "val"), ["val_annotations.txt", "images/*.JPEG"])
         rows = [line.split("\t") for line in open(ann).read().splitlines() if line.strip()]
         files = [(os.path.join(base, "val", "images", r[0]), index[r[1]]) for r in rows]
-    images = torch.stack([_decode(f, 64) for f, _ in files])
+    images = torch.stack([_decode(f, 64)[0] for f, _ in files])
     return images, torch.tensor([y for _, y in files], dtype=torch.int64)
 
 
@@ -325,10 +425,21 @@ def _read_downsampled_imagenet(name, split, root):
         raise _missing(name, folder, [st + ".npz" for st in stems])
     xs, ys = [], []
     for p in found:
-        d = dict(np.load(p)) if p.endswith(".npz") else _unpickle(p)
+        d = _load_npz(p) if p.endswith(".npz") else _unpickle(p, ("data", "labels"))
         xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, s, s))  # R, G, B planes, like CIFAR
         ys.append(np.asarray(d["labels"], dtype=np.int64) - 1)  # 1-based on disk
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def _load_npz(path):
+    try:
+        d = dict(np.load(path))
+    except Exception as e:  # a damaged zip: BadZipFile, EOFError, ValueError, OSError
+        raise ValueError(f"{path} cannot be read as npz ({type(e).__name__}) — "
+                         f"{REPLACE_DATA}") from None
+    if "data" not in d or "labels" not in d:
+        raise ValueError(f"{path} does not hold 'data' and 'labels' — {REPLACE_DATA}")
+    return d
 
 
 def _read_mnistm(split, root):
@@ -337,7 +448,8 @@ def _read_mnistm(split, root):
     if not os.path.isfile(label_file):
         raise _missing("mnistm", base, [f"mnist_m_{split}_labels.txt", f"mnist_m_{split}/*.png"])
     rows = [line.split() for line in open(label_file).read().splitlines() if line.strip()]
-    images = torch.stack([_decode(os.path.join(base, f"mnist_m_{split}", r[0]), 32) for r in rows])
+    folder = os.path.join(base, f"mnist_m_{split}")
+    images = torch.stack([_decode(os.path.join(folder, r[0]), 32)[0] for r in rows])
     return images, torch.tensor([int(r[1]) for r in rows], dtype=torch.int64)
 
 
@@ -441,7 +553,7 @@ def load_images(name, split="train", root="data", n=None, shape=None, seed=0):
         images, labels = load_images(name[len("shifted:"):], split, root, n, shape, seed)
         return style_shift(images, split_seed + 17), labels
     if name.startswith("folder:"):
-        return _read_folder(name[len("folder:"):])
+        return _read_folder(name[len("folder:"):], None if shape is None else shape[-1])
     if name in MNIST_FOLDERS:
         return _read_mnist_family(name, split, root)
     if name in ("cifar10", "cifar100"):
@@ -456,7 +568,7 @@ def load_images(name, split="train", root="data", n=None, shape=None, seed=0):
         path = os.path.join(root, "CINIC-10", "train" if split == "train" else "test")
         if not os.path.isdir(path):
             raise _missing("cinic10", os.path.join(root, "CINIC-10"), ["train/<class>/*.png", "test/<class>/*.png"])
-        return _read_folder(path)
+        return _read_folder(path, 32)
     if name in ("imagenet32", "imagenet64"):
         return _read_downsampled_imagenet(name, split, root)
     if name == "mnistm":

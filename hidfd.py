@@ -140,18 +140,28 @@ def resolve_settings(args):
             setattr(args, key, value)
     if args.collected is None:
         args.collected = COLLECTED[args.dataset]
-    if args.rho <= 0:
-        raise ValueError(f"--rho must be > 0, got {args.rho} — the paper uses 0.1 and 1.0")
-    if min(args.gan_epochs, args.epochs, args.gan_batch_size, args.batch_size, args.sample_every) < 1:
-        raise ValueError("epochs, batch sizes and --sample-every must be >= 1 — give positive values")
-    if args.n_synthetic < 0:
-        raise ValueError(f"--n-synthetic must be >= 0, got {args.n_synthetic} — the paper generates 50,000")
-    if not 0 <= args.q <= 1 or not 0 <= args.gamma <= 1:
-        raise ValueError(f"--q and --gamma must be in [0, 1], got {args.q} and {args.gamma} — they are a probability and an EMA "
-                         f"weight (paper: 0.7 and 0.5)")
-    if args.lambda_d < 0 or args.lambda_g < 0:
-        raise ValueError(f"--lambda-d and --lambda-g must be >= 0, got {args.lambda_d} and {args.lambda_g} — they weigh loss "
-                         f"terms (paper: 0.1)")
+    runtime.check_training_flags(args, SETTINGS, checkpoints=args.teacher is None)
+    if args.stage != "distill" and not args.no_synthetic:  # the GAN stage writes the generator file
+        runtime.check_writable_folder("--generator" if args.generator else "--checkpoint-dir",
+                                      os.path.dirname(os.path.abspath(generator_path(args))))
+    check = runtime.check_range  # Implementation Details, Eqs. (8)-(13): before any GAN epoch
+    check("--rho", args.rho, 0, open_low=True, paper="0.1 and 1.0")
+    check("--gan-epochs", args.gan_epochs, 1, paper="500")
+    check("--gan-batch-size", args.gan_batch_size, 1, fix="the authors' code uses 100")
+    check("--g-lr", args.g_lr, 0, open_low=True, paper="1e-4 (the authors' code 2e-4)")
+    check("--d-lr", args.d_lr, 0, open_low=True, paper="4e-4 (the authors' code 2e-4)")
+    check("--betas", list(args.betas), 0, 1, open_high=True,
+          fix="the authors' code uses 0 0.999 (Adam's beta1 beta2)")
+    check("--lambda-d", args.lambda_d, 0, paper="0.1 (it weighs L_blend + L_trans in Eq. (13))")
+    check("--lambda-g", args.lambda_g, 0, paper="0.1 (it weighs L_reg in Eq. (13))")
+    check("--q", args.q, 0, 1, paper="0.7 (Eq. (8)'s indicator I(p > q), p ~ U[0, 1])")
+    check("--gamma", args.gamma, 0, 1, paper="0.5 (the EMA weight of Eq. (10))")
+    check("--z-dim", args.z_dim, 1,
+          fix="the authors' code uses 128; " + runtime.family_default(SETTINGS, "z_dim"))
+    check("--gan-width", args.gan_width, 1, fix=runtime.family_default(SETTINGS, "gan_width"))
+    check("--sample-every", args.sample_every, 1,
+          fix=runtime.family_default(SETTINGS, "sample_every"))
+    check("--n-synthetic", args.n_synthetic, 0, fix="the authors generate 50,000")
     if args.no_synthetic and args.stage == "gan":
         raise ValueError("--stage gan trains the generator, which --no-synthetic never uses — drop one of them")
     if args.n_synthetic == 0 and not args.no_synthetic and args.stage != "gan":

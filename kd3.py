@@ -118,13 +118,15 @@ def resolve_settings(args):
             setattr(args, key, value)
     if args.web is None:
         args.web = WEB[args.dataset]
-    if args.epochs < 1 or args.batch_size < 1:
-        raise ValueError(f"--epochs and --batch-size must be >= 1, got {args.epochs} and {args.batch_size} — give positive "
-                         f"values")
-    if not 0 < args.v_th <= 1:
-        raise ValueError(f"--v-th must be in (0, 1], got {args.v_th} — the paper uses 0.95")
-    if args.tau <= 0 or args.mix_delta <= 0 or args.alpha < 0 or args.kd_t <= 0:
-        raise ValueError("--tau, --mix-delta and --kd-t must be > 0 and --alpha >= 0 — the paper uses tau 0.3, alpha 0.01")
+    runtime.check_training_flags(args, SETTINGS, checkpoints=args.teacher is None)
+    check = runtime.check_range  # the values of Sec. 4 "Implementation Details", before any work
+    check("--v-th", args.v_th, 0, 1, open_low=True, paper="0.95")
+    check("--tau", args.tau, 0, open_low=True, paper="0.3")
+    check("--alpha", args.alpha, 0, paper="0.01 (the authors' code 0.001)")
+    check("--mix-delta", args.mix_delta, 0, open_low=True, fix="the authors' code uses 0.1")
+    check("--proj-dim", args.proj_dim, 1, fix="the authors' code uses 128")
+    check("--kd-t", args.kd_t, 0, open_low=True, fix="the default is 4 (not given in the paper)")
+    check("--grid-size", args.grid_size, 1, fix="the default is 64 images per picture grid")
     return args
 
 

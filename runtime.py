@@ -188,9 +188,10 @@ class RunLog:
                 while os.path.exists(self.dir):
                     suffix += 1
                     self.dir = os.path.join(runs_dir, f"{name}-{stamp}-{suffix}")
-                os.makedirs(self.dir)
-                with open(os.path.join(self.dir, "config.json"), "w") as f:
-                    json.dump(self.config, f, indent=2)
+                with reporting_write(os.path.join(self.dir, "config.json")):
+                    os.makedirs(self.dir)
+                    with open(os.path.join(self.dir, "config.json"), "w") as f:
+                        json.dump(self.config, f, indent=2)
             self.dir = broadcast_object(self.dir)
             print("config: " + json.dumps(self.config), flush=True)
             print(f"run folder: {self.dir}", flush=True)
@@ -205,7 +206,8 @@ class RunLog:
         record = {"epoch": epoch + 1, **{k: _number(v) for k, v in metrics.items()}, "images": int(num_images),
                   "images_per_s": round(num_images / max(seconds, 1e-9), 1), "epoch_s": round(seconds, 2)}
         if self.main:
-            with open(self.path("metrics.jsonl"), "a") as f:
+            path = self.path("metrics.jsonl")
+            with reporting_write(path, self), open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.lines += 1
         self.last_record = record
@@ -226,7 +228,8 @@ class RunLog:
         state = {**state, "rng": gather_object(state["rng"]), "label": label, "metrics_lines": self.lines,
                  "last": self.last_record, "world_size": world_size()}
         if self.main:
-            models.atomic_save(state, self.path("state.pt"))
+            with reporting_write(self.path("state.pt"), self):
+                models.atomic_save(state, self.path("state.pt"))
         self.saved_label = label
 
     def check_finite(self, where, values):
@@ -243,7 +246,8 @@ class RunLog:
         results = {"method": method, "dataset": dataset, "wall_time_s": round(time.time() - self.start, 1),
                    **models._plain(results)}
         if self.main:
-            with open(self.path("results.json"), "w") as f:
+            path = self.path("results.json")
+            with reporting_write(path, self), open(path, "w") as f:
                 json.dump(results, f, indent=2)
         parts = [f"{k}={_fmt(v)}" for k, v in results.items()
                  if isinstance(v, (int, float, str)) and k not in ("method", "dataset")]
@@ -425,12 +429,124 @@ def restore_rng(states, generators):
         g.set_state(state["generators"][name])
 
 
+#### Checks before any work: flag ranges, paths to write, failed writes ####
+
+def check_range(flag, value, low=None, high=None, paper=None, open_low=False, open_high=False,
+                fix=None):
+    """Refuse a numeric flag (each element of a list) that is NaN, infinite or outside [low, high]
+    (an open end with open_low / open_high), in one line that names the range and the paper's value
+    (or `fix`)."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        above = low is None or (v > low if open_low else v >= low)
+        below = high is None or (v < high if open_high else v <= high)
+        if not (math.isfinite(v) and above and below):  # NaN fails no comparison, so isfinite
+            rule = _range_text(low, high, open_low, open_high)
+            fix = fix or f"the paper uses {paper}"
+            raise ValueError(f"{flag} must be {rule}, got {v} — {fix}")
+
+
+def _range_text(low, high, open_low, open_high):
+    if high is None:
+        return f"{'>' if open_low else '>='} {low}"
+    if low is None:
+        return f"{'<' if open_high else '<='} {high}"
+    return f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+
+SEED_MAX = 2**31 - 1  # numpy's seed is unsigned 32-bit; each rank adds its own offset (rank_seed)
+
+
+def paper_values(table, key):
+    """'0.05 (CIFAR-like), 0.001 (MNIST family)': the value of `key` per family of a settings table,
+    the tiny test family (synthetic) left out; one value when the families agree."""
+    values = {f: _show(v[key]) for f, v in table.items() if f != "synthetic" and key in v}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{v} ({FAMILY_NAMES.get(f, f)})" for f, v in values.items())
+
+
+def check_training_flags(args, table, source="the paper uses", checkpoints=True):
+    """The flags every training CLI shares, checked before any data is read: --epochs, --batch-size,
+    --lr, --momentum, --weight-decay and --milestones against their ranges (the message quotes
+    `table`'s values, which `source` names), --seed, and the folders the run writes: --runs-dir, and
+    --checkpoint-dir when `checkpoints` (the teacher cache and its lock file)."""
+    def quoted(key):
+        return f"{source} {paper_values(table, key)}"
+    check_range("--epochs", args.epochs, 1, fix=quoted("epochs"))
+    check_range("--batch-size", args.batch_size, 1, fix=quoted("batch_size"))
+    check_range("--lr", args.lr, 0, open_low=True, fix=quoted("lr"))
+    check_range("--momentum", args.momentum, 0, 1, open_high=True, fix=quoted("momentum"))
+    check_range("--weight-decay", args.weight_decay, 0, fix=quoted("weight_decay"))
+    check_range("--milestones", list(args.milestones), 1,
+                fix=quoted("milestones") + " (the lr is divided by 10 after that many epochs)")
+    check_range("--seed", args.seed, 0, SEED_MAX, fix=f"give a whole number from 0 to {SEED_MAX}")
+    check_writable_folder("--runs-dir", args.runs_dir)
+    if checkpoints:
+        check_writable_folder("--checkpoint-dir", args.checkpoint_dir)
+
+
+def check_writable_folder(flag, path, folder=None):
+    """Refuse a folder the run will write into (`folder`, default `path`) that cannot be written: a
+    file where it or a parent should be, or no write permission on it (or, when it does not exist
+    yet, on its nearest existing parent). Nothing is created."""
+    probe = os.path.abspath(folder or path)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag} {path}: {probe} is a file, not a folder — give another path (or "
+                         f"move that file away)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {probe} is not writable — give a path you can write to")
+
+
+def check_writable_file(flag, path):
+    """Refuse a file path the run will write that cannot be written (a folder of that name, or a
+    folder above it that cannot be made or written); missing folders are made when it is written."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder — give a file path, e.g. "
+                         f"{os.path.join(path, 'out.json')}")
+    check_writable_folder(flag, path, os.path.dirname(os.path.abspath(path)))
+
+
+def check_run_file(run_dir, filename, what, fix):
+    """--resume RUN_DIR needs RUN_DIR/filename (`what` it holds), a file that is not empty: else one
+    line that ends with `fix`."""
+    path = os.path.join(run_dir, filename)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        found = "an empty file" if os.path.isfile(path) else "none"
+        raise ValueError(f"--resume {run_dir}: expected {filename} ({what}) in that folder, found "
+                         f"{found} — {fix}")
+
+
+@contextlib.contextmanager
+def reporting_write(path, log=None):
+    """Turn a failed write of `path` (a full disk, permissions, torch.save's own errors) into one
+    line that says what happened and what of the run `log` is kept."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OSError):
+            reason = e.strerror or str(e)
+        else:
+            reason = f"torch.save: {str(e).splitlines()[0][:100]}"
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            reason += f"; {free / 2**20:.0f} MiB free there"
+        if log is not None and log.saved_label is not None:
+            kept = (f"the state after {log.saved_label} is kept in {log.path('state.pt')}: make "
+                    f"room (or fix the permissions) and resume with --resume {log.dir}")
+        else:
+            kept = ("nothing was saved: make room (or fix the permissions, or give another folder) "
+                    "and start the run again")
+        raise ValueError(f"writing {path} failed ({reason}) — {kept}") from None
+
+
 #### The command line ####
 
 def cli(run, parser, script, argv=None):
     """Parse argv and call run(args) for `script` (e.g. "kd3.py"). Bad input ends in one line `error: ...` (exit 1); Ctrl-C in one line that says
-    what was kept (exit 130). A run folder that holds no epoch is removed when its run stops before its first epoch
-    ends."""
+    what was kept (exit 130). A new run folder that holds no saved epoch (no state.pt) is removed
+    when its run stops, so "nothing was saved" and the runs folder agree."""
     args = parser.parse_args(argv)
     RunLog.current = None
     try:
@@ -453,10 +569,12 @@ def cli(run, parser, script, argv=None):
 
 
 def _drop_empty_run_folder():
-    """Remove the current run's folder when it holds no epoch at all (a run refused or stopped before its first
-    epoch ended; never a resumed run)."""
+    """Remove the current run's folder when no epoch's state was saved in it: a run refused or
+    stopped before its first state.pt, even with a metrics line or pictures written (never a resumed
+    run)."""
     log = RunLog.current
-    if log is not None and log.main and not log.resumed and log.lines == 0 and os.path.isdir(log.dir):
+    unsaved = log is not None and log.saved_label is None and not log.resumed
+    if unsaved and log.main and os.path.isdir(log.dir):
         shutil.rmtree(log.dir)
     RunLog.current = None
 

@@ -13,8 +13,10 @@ checkpoint keeps two processes from training the same teacher at once.
 
 import argparse
 import contextlib
+import hashlib
 import os
 import time
+import zipfile
 
 import torch
 import torch.nn.functional as F
@@ -75,12 +77,8 @@ def resolve_recipe(args):
     for key, value in recipe_for(args.dataset).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.epochs < 1 or args.batch_size < 1:
-        raise ValueError(f"--epochs and --batch-size must be >= 1, got {args.epochs} and {args.batch_size} — give positive "
-                         f"values (or leave them out for the recipe's)")
-    if args.lr <= 0 or args.momentum < 0 or args.weight_decay < 0 or any(m < 0 for m in args.milestones):
-        raise ValueError("--lr must be > 0 and --momentum, --weight-decay and --milestones >= 0 — leave them out for the "
-                         "recipe's")
+    runtime.check_training_flags(args, RECIPES, source="the recipes use",
+                                 checkpoints=uses_recipe(args))
     return args
 
 
@@ -145,8 +143,9 @@ def _train_teacher(args, cache):
     test_acc = log.last_record["test_acc"]
     path = cache or log.path("teacher.pt")
     if runtime.is_main():
-        models.save_checkpoint(path, net, args.arch, meta["num_classes"], meta["channels"], args, test_acc,
-                               dataset=args.dataset, image_size=meta["size"])
+        with runtime.reporting_write(path, log):
+            models.save_checkpoint(path, net, args.arch, meta["num_classes"], meta["channels"],
+                                   args, test_acc, dataset=args.dataset, image_size=meta["size"])
     print(f"saved teacher to {path}" + ("" if cache else " (not its recipe's settings, so not into the cache; "
                                                         "pass it to a method with --teacher)"), flush=True)
     return log.finish("teacher", args.dataset, {"arch": args.arch, "teacher_acc": test_acc, "checkpoint": path})
@@ -236,17 +235,71 @@ def get_teacher(args, device):
         if not os.path.isfile(path):
             train_missing_teacher(args, arch, path, device)
         print(f"loading cached teacher {path}", flush=True)
-    elif not os.path.isfile(path):
+    elif not os.path.exists(path):
         raise ValueError(f"--teacher {path} does not exist — give a checkpoint written by teacher.py, or leave "
                          f"--teacher out to use (or train) the cached teacher")
     else:
         print(f"loading teacher {path}", flush=True)
-    model, ckpt = models.load_checkpoint(path)
+    model, ckpt = read_teacher_file(path, "--teacher" if args.teacher else "the cached teacher")
     check_teacher(ckpt, args.dataset, args.teacher_arch, source=f"teacher {path}")
     args.teacher_arch = ckpt["arch"]
+    ckpt["path"], ckpt["sha256"] = path, file_sha256(path)  # a result names the teacher it ran with
     model = runtime.prepare_model(model, device).eval()
     model.requires_grad_(False)
     return model, ckpt
+
+
+def file_sha256(path):
+    """The sha256 of a file's bytes, as `sha256sum` prints it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_teacher_file(path, what="--teacher"):
+    """(model, checkpoint) of a teacher checkpoint. A file of another kind is named in one line
+    with what is expected: a folder, an empty file, TorchScript, a pickled model
+    (torch.save(model)), not a torch file, or another file of this project (a HiDFD generator,
+    a run's state.pt, a transfer set)."""
+    expected = "a checkpoint written by teacher.py (or models.save_checkpoint)"
+    if os.path.isdir(path):
+        inside = [f for f in ("teacher.pt", "student.pt") if os.path.isfile(os.path.join(path, f))]
+        hint = f", e.g. {os.path.join(path, inside[0])}" if inside else ""
+        raise ValueError(f"{what} {path} is a folder — give {expected}{hint}")
+    if os.path.getsize(path) == 0:
+        again = "; delete it and it is trained again" if what != "--teacher" else ""
+        raise ValueError(f"{what} {path} is an empty file (a save that never finished?) — give "
+                         f"{expected}{again}")
+    names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise ValueError(f"{what} {path} is a TorchScript module (torch.jit.save), not a "
+                         f"checkpoint — give {expected}; for a network of models.py, save its "
+                         f"state_dict with models.save_checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        if any(n.endswith("/data.pkl") for n in names):
+            raise ValueError(f"{what} {path} holds a pickled Python object (torch.save(model)), "
+                             f"which is not loaded (it would run code from the file) — give "
+                             f"{expected}; models.save_checkpoint(path, model, arch, ...) writes "
+                             f"one") from None
+        raise ValueError(f"{what} {path} is not a torch file (or is damaged) — give "
+                         f"{expected}") from None
+    kinds = (("images", "a transfer set (balanced_transfer.py's transfer_set.pt)"),
+             ("rng", "a run's state.pt (resume it with --resume <run folder>)"))
+    for key, kind in kinds:
+        if isinstance(ckpt, dict) and key in ckpt:
+            raise ValueError(f"{what} {path} is {kind}, not a teacher — give {expected}")
+    arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
+    if arch == "hidfd-generator":
+        raise ValueError(f"{what} {path} is a HiDFD generator (hidfd.py --stage gan), not a "
+                         f"teacher — give {expected}; the generator goes to hidfd.py --generator")
+    if arch is not None and arch not in models.MODELS:
+        raise ValueError(f"{what} {path} holds a {arch!r}, not a network of models.py — give "
+                         f"{expected}")
+    return models.load_checkpoint(path)
 
 
 def train_missing_teacher(args, arch, path, device):

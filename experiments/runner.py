@@ -43,12 +43,31 @@ def base_parser(description, epochs):
 
 
 def ensure_teacher(args):
-    """The shared Fashion-MNIST LeNet-5 teacher (seed 0), trained once if it is not cached."""
+    """The shared Fashion-MNIST LeNet-5 teacher (seed 0), trained once if it is not cached. Another
+    --teacher must exist: it is never trained here."""
     if os.path.isfile(os.path.join(REPO, args.teacher)) or args.dry_run or args.report_only:
         return
+    if os.path.normpath(args.teacher) != os.path.normpath(TEACHER):
+        sys.exit(f"error: --teacher {args.teacher} does not exist — give a teacher checkpoint "
+                 f"(relative to {REPO}), or leave it out for {TEACHER}, trained when missing")
     print(f"training the teacher {args.teacher} first", flush=True)
-    subprocess.run([sys.executable, "teacher.py", "--dataset", "fashionmnist", "--arch", "lenet5", "--seed", "0",
-                    "--data-root", args.data_root, "--device", args.device], cwd=REPO, check=True)
+    argv = ["teacher.py", "--dataset", "fashionmnist", "--arch", "lenet5", "--seed", "0",
+            "--data-root", args.data_root, "--device", args.device]
+    proc = subprocess.run([sys.executable] + argv, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    stop_on_failure("teacher.py", proc.returncode, proc.stderr)
+
+
+def stop_on_failure(what, returncode, output, log_path=None):
+    """A failed child CLI: its own `error: ...` line relayed as this script's one line (exit 1); a
+    child that ended otherwise (a crash, a kill) with the end of its output."""
+    if returncode == 0:
+        return
+    lines = [line for line in output.splitlines() if line.startswith("error: ")]
+    where = f" (its output: {os.path.relpath(log_path, REPO)})" if log_path else ""
+    if lines:
+        print(f"{what} stopped{where}", file=sys.stderr, flush=True)
+        sys.exit(lines[-1])
+    sys.exit(f"{what} failed (exit {returncode}){where}:\n{output[-3000:]}")
 
 
 def check_only(only, names):
@@ -92,8 +111,8 @@ def run_jobs(table, jobs, dry_run=False, report_only=False):
             output = log.read()
         run_folder = output.split("run folder: ")[1].split("\n")[0] if "run folder: " in output else None
         stopped = run_folder and os.path.isfile(os.path.join(REPO, run_folder, "results.json"))
-        if proc.returncode != 0 and not stopped:  # a run that stopped early by design keeps its results.json
-            sys.exit(f"{name} seed {seed} failed (exit {proc.returncode}):\n{output[-3000:]}")
+        if not stopped:  # a run that stopped early by design keeps its results.json
+            stop_on_failure(f"{name} seed {seed}", proc.returncode, output, log_path)
         out = result_dir(table, name, seed)
         os.makedirs(out, exist_ok=True)
         for fname in ("results.json", "metrics.jsonl", "config.json"):
