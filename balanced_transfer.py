@@ -18,7 +18,10 @@ measured runs: docs/balanced_transfer.md.
 """
 
 import argparse
+import copy
+import glob
 import itertools
+import os
 import time
 
 import torch
@@ -60,6 +63,19 @@ NOISE_SOURCES = {"noise-uniform": "uniform", "noise-gaussian": "gaussian", "nois
                  "noise-normal-normalised": "normal-normalised"}
 
 
+def draws_flag(text):
+    """--max-draws: a positive number of draws, or 'full' (draw until every quota is full)."""
+    if text == "full":
+        return text
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of draws nor 'full'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} draws: give at least 1, or 'full'")
+    return value
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="KD on a class-balanced arbitrary transfer set (WACV 2021).",
                                 formatter_class=runtime.HelpFormatter)
@@ -87,12 +103,21 @@ def build_parser():
                          help="Table 1 'X' rows: a random composition of the same size N")
     p.add_argument("--transfer-size", type=int, default=None, help="N of Algorithm 1 (Sec. 4.1: the teacher's "
                    "training-set size; default: data.DATASETS train_size, 60000 for FMNIST)")
-    p.add_argument("--max-draws", type=int, default=None, help="cap on draws per generated source (a ':N' suffix "
-                   "overrides it); the paper draws until balanced; " + runtime.family_default(SETTINGS, "max_draws"))
+    p.add_argument("--max-draws", type=draws_flag, default=None, help="cap on draws per generated source "
+                   "(a ':N' suffix overrides it); 'full': until every quota is full, as the paper does; "
+                   + runtime.family_default(SETTINGS, "max_draws"))
     p.add_argument("--max-minutes", type=float, default=None, help="time cap on drawing from a generated source "
                    "(default: none)")
     p.add_argument("--draw-batch", type=int, default=None, help="noise images per teacher forward while composing; "
                    + runtime.family_default(SETTINGS, "draw_batch"))
+    p.add_argument("--screen", default="bf16", choices=["bf16", "off"], help="pre-screen the draws with a bf16 "
+                   "copy of the teacher and label only the candidates of unfilled classes with the fp32 teacher "
+                   "(every kept image carries its fp32 label; docs/balanced_transfer.md); off: fp32 on every draw")
+    p.add_argument("--compose-cache", default=None, metavar="DIR", help="where a balanced composition from one "
+                   "generated source is saved every --save-minutes and at Ctrl-C, continued by the same command "
+                   "and reused once complete ('off': none; default: CHECKPOINT_DIR/transfer_sets)")
+    p.add_argument("--save-minutes", type=float, default=5.0, help="minutes between saves of the composition "
+                   "cache")
     p.add_argument("--strict", type=float, nargs="?", const=0.0, default=None, metavar="FRACTION",
                    help="refuse a transfer set where a class holds no image, or fewer than FRACTION of its quota "
                         "N/C (default: off)")
@@ -136,8 +161,19 @@ def resolve_settings(args):
         args.transfer_size = data.DATASETS[args.dataset]["train_size"]
     if args.transfer_size < data.DATASETS[args.dataset]["num_classes"]:
         raise ValueError("--transfer-size must be at least the number of classes — the quota N // C must be >= 1")
-    if min(args.epochs, args.batch_size, args.max_draws, args.draw_batch) < 1 or args.temperature <= 0:
-        raise ValueError("--epochs, --batch-size, --max-draws and --draw-batch must be >= 1 and --temperature > 0 — give "
+    runtime.check_training_flags(args, SETTINGS, source="the defaults are",
+                                 checkpoints=args.teacher is None)
+    runtime.check_range("--temperature", args.temperature, 0, open_low=True,
+                        fix="the default is 20, as in ZSKD and DeGAN (the paper gives none)")
+    if args.max_minutes is not None:
+        runtime.check_range("--max-minutes", args.max_minutes, 0, open_low=True,
+                            fix="leave it out for no time cap")
+    if args.compose_cache is None:
+        args.compose_cache = os.path.join(args.checkpoint_dir, "transfer_sets")
+    if not args.save_minutes > 0:
+        raise ValueError(f"--save-minutes must be > 0, got {args.save_minutes} — the default saves every 5 minutes")
+    if min(args.epochs, args.batch_size, args.draw_batch) < 1 or args.temperature <= 0:
+        raise ValueError("--epochs, --batch-size and --draw-batch must be >= 1 and --temperature > 0 — give "
                          "positive values")
     if args.epoch_images is not None and args.epoch_images < 1:
         raise ValueError(f"--epoch-images must be >= 1, got {args.epoch_images} — leave it out for one pass per epoch")
@@ -148,6 +184,9 @@ def resolve_settings(args):
                          f"below half their quota")
     for spec in args.source.split(","):
         data.parse_source(spec.strip())  # a source that asks for 0 images is an error now
+    if args.resume:
+        runtime.check_run_file(args.resume, "transfer_set.pt", "the composed set it trains on",
+                               "start a new run (it composes the set again)")
     return args
 
 
@@ -250,89 +289,379 @@ def to_uint8(x):
     return (x * 255).round().to(torch.uint8)
 
 
+def draw_noise(n, shape, kind, generator, mean=None, std=None):
+    """n noise images (n, *shape) as uint8, the format the transfer set is stored in. The paper's uniform
+    noise (U[0, 1] per pixel) is drawn directly on the 256 stored levels, each level equally likely, which
+    costs a fraction of drawing floats and rounding them; the other kinds are drawn as floats and quantised."""
+    if kind == "uniform":
+        return torch.randint(0, 256, (n, *shape), generator=generator, device=generator.device,
+                             dtype=torch.uint8)
+    return to_uint8(random_noise(n, shape, kind, generator, mean, std))
+
+
 def teacher_labels(teacher, images, mean, std, batch_size):
     return runtime.predict(teacher, images, mean, std, batch_size).argmax(1)
 
 
-def compose_generated(teacher, kind, shape, counts, quota, draws, args, mean, std, generator, balanced,
-                      progress=None):
-    """Lines 3-14 of Algorithm 1 for a generated source, streaming: draw batches, label them with the teacher, keep
-    what fills the quotas (balanced) or everything (unbalanced); stop when every class is full, after `draws`
-    draws, or after --max-minutes. progress(made, counts): called after every batch (prints a line now and then).
-    Returns (kept uint8 images, their teacher labels, updated counts, draws made, histogram of all draws)."""
-    kept_x, kept_y = [], []
-    raw_hist = torch.zeros_like(counts)
-    made, start = 0, time.time()
-    deadline = start + 60 * args.max_minutes if args.max_minutes else float("inf")
-    while made < draws and time.time() < deadline:
-        x = to_uint8(random_noise(min(args.draw_batch, draws - made), shape, kind, generator, mean, std))
-        labels = teacher_labels(teacher, x, mean, std, args.draw_batch)                     # line 7
-        made += len(x)
-        raw_hist += torch.bincount(labels, minlength=len(counts))
+# The screen. Once the large classes are full, Algorithm 1 needs the teacher's exact argmax only for the draws
+# that might belong to a class still below its quota; a bf16 copy of the teacher finds those several times faster
+# than the fp32 teacher labels everything. Every draw it passes is labelled by the fp32 teacher, so every kept
+# image carries the fp32 label. SCREEN_MARGIN is 4x the largest bf16-vs-fp32 logit error measured on 10^6
+# uniform draws for the Fashion-MNIST LeNet-5 (0.24), and the composer keeps measuring: every
+# SCREEN_CHECK_EVERY-th batch is labelled in full by the fp32 teacher and counted (agreement, misses). While
+# more than SCREEN_FROM_OPEN_SHARE of the draws fall in open classes, the screen would pass most of them
+# anyway, and the fp32 teacher labels every draw.
+SCREEN_MARGIN = 1.0
+SCREEN_CHECK_EVERY = 64
+SCREEN_FROM_OPEN_SHARE = 0.25
+
+
+class PairwiseMaxPool(torch.nn.Module):
+    """nn.MaxPool2d(2) written as two elementwise maxima: the same values, and several times faster on a CPU."""
+
+    def forward(self, x):                                                  # (B, C, H, W)
+        x = x[:, :, : x.shape[2] // 2 * 2, : x.shape[3] // 2 * 2]          # MaxPool2d drops an odd last row
+        x = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])                    # (B, C, H/2, W)
+        return torch.maximum(x[:, :, :, 0::2], x[:, :, :, 1::2])           # (B, C, H/2, W/2)
+
+
+def screen_network(teacher, mean, std):
+    """A bf16, channels_last copy of the frozen teacher that reads uint8 pixel values: the input normalisation
+    (x / 255 - mean) / std folded into its first convolution when that has no padding (else None is returned for
+    `folded` and the caller normalises), its 2x2 max-pools as PairwiseMaxPool. Returns (network, folded)."""
+    net = copy.deepcopy(teacher).eval()
+    first = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    folded = first is not None and first.padding in (0, (0, 0)) and first.bias is not None
+    if folded:  # conv(W, (x / 255 - m) / s) + b = conv(W / (255 s), x) + b - sum W m / s
+        scale = torch.tensor(std, device=first.weight.device).view(1, -1, 1, 1)
+        shift = torch.tensor(mean, device=first.weight.device).view(1, -1, 1, 1) / scale
+        with torch.no_grad():
+            first.bias -= (first.weight * shift).sum((1, 2, 3))
+            first.weight /= 255 * scale
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if (isinstance(child, torch.nn.MaxPool2d) and child.kernel_size in (2, (2, 2))
+                    and child.stride in (2, (2, 2)) and child.padding in (0, (0, 0))
+                    and child.dilation in (1, (1, 1)) and not child.ceil_mode):
+                setattr(module, name, PairwiseMaxPool())
+    return net.to(torch.bfloat16).to(memory_format=torch.channels_last), folded
+
+
+def screen_candidates(screen_logits, open_classes, margin):
+    """Draws whose exact argmax may be a class that still takes images: some open class's screened logit lies
+    within `margin` of the screened maximum. screen_logits (n, C) float; open_classes (C,) bool.
+    If no screened logit is off by more than margin / 2, every draw Algorithm 1 keeps is among them."""
+    top = screen_logits.amax(1, keepdim=True)                              # (n, 1)
+    return ((screen_logits >= top - margin) & open_classes).any(1)         # (n,) bool
+
+
+class Labeller:
+    """The teacher's labels of uint8 draws: exact (the fp32 teacher through runtime.predict) and, for the
+    streaming composer, screened (the bf16 screen_network; None when screening is off)."""
+
+    def __init__(self, teacher, mean, std, batch_size, screen=True):
+        self.teacher, self.mean, self.std, self.batch_size = teacher, mean, std, batch_size
+        self.screen, self.folded = screen_network(teacher, mean, std) if screen else (None, False)
+        device = next(teacher.parameters()).device
+        self.m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    def exact(self, x):                                                    # (n, C, H, W) uint8 -> (n,)
+        if not len(x):
+            return torch.zeros(0, dtype=torch.int64, device=x.device)
+        return teacher_labels(self.teacher, x, self.mean, self.std, self.batch_size)
+
+    @torch.inference_mode()
+    def screened_logits(self, x):                                          # (n, C, H, W) uint8 -> (n, C)
+        z = x.to(torch.bfloat16) if self.folded else ((x.float() / 255 - self.m) / self.s).to(torch.bfloat16)
+        return self.screen(z.contiguous(memory_format=torch.channels_last)).float()
+
+
+class NoiseStream:
+    """Algorithm 1's progress on one generated source, drawn in whole batches from one seeded generator: what
+    the composition cache holds, so that a run continues where the last one stopped. kept_at[k] is the draw
+    index of kept image k; batch_hist[b] the teacher's class histogram of batch b."""
+
+    def __init__(self, generator, num_classes):
+        self.generator, self.num_classes = generator, num_classes
+        self.made, self.seconds, self.complete = 0, 0.0, False
+        self.images, self.labels, self.kept_at, self.batch_hist = [], [], [], []
+        self.counts = torch.zeros(num_classes, dtype=torch.int64, device=generator.device)
+        self.screen = {"checked": 0, "agree": 0, "misses": 0, "labelled_exactly": 0}
+
+    def state_dict(self):
+        cat = (lambda parts, dtype: torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=dtype))
+        return {"made": self.made, "seconds": self.seconds, "complete": self.complete,
+                "images": cat(self.images, torch.uint8), "labels": cat(self.labels, torch.int64),
+                "kept_at": cat(self.kept_at, torch.int64), "counts": self.counts.cpu(),
+                "batch_hist": torch.stack(self.batch_hist).cpu() if self.batch_hist
+                else torch.zeros(0, self.num_classes, dtype=torch.int64),
+                "generator": self.generator.get_state(), "screen": dict(self.screen)}
+
+    def load_state_dict(self, state):
+        device = self.generator.device
+        self.made, self.seconds, self.complete = state["made"], state["seconds"], state["complete"]
+        self.images, self.labels = [state["images"].to(device)], [state["labels"].to(device)]
+        self.kept_at, self.counts = [state["kept_at"].to(device)], state["counts"].to(device)
+        self.batch_hist = list(state["batch_hist"].to(device))
+        self.generator.set_state(state["generator"])
+        self.screen = dict(state["screen"])
+
+    def histogram(self):
+        return sum(self.batch_hist, torch.zeros(self.num_classes, dtype=torch.int64,
+                                                device=self.counts.device))
+
+
+def compose_generated(stream, draw, labeller, quota, max_draws, balanced=True, on_batch=None):
+    """Lines 3-14 of Algorithm 1 for a generated source, streaming: draw a batch, label it with the teacher
+    (line 7), keep what fills the quotas (lines 8-10; balanced) or everything (unbalanced); stop when every
+    class is full (line 13), after `max_draws` draws, or when on_batch(stream) returns True. draw() -> one
+    batch of uint8 draws; labeller: a Labeller. Continues `stream` in place."""
+    while stream.made < max_draws and not stream.complete:
+        start = time.time()
+        x = draw()                                                         # (B, C, H, W) uint8
+        if stream.made + len(x) > max_draws:  # the cap ends inside this batch
+            x = x[: int(max_draws - stream.made)]
+        # the screen pays off once most draws fall in full classes; until then the fp32 teacher labels all
+        exact_all = labeller.screen is None or not balanced or open_share(stream, quota) > SCREEN_FROM_OPEN_SHARE
+        check = not exact_all and len(stream.batch_hist) % SCREEN_CHECK_EVERY == 0
+        if exact_all or check:
+            labels = labeller.exact(x)                                     # line 7, every draw
+            hist = torch.bincount(labels, minlength=stream.num_classes)
+            passed = torch.ones_like(labels, dtype=torch.bool)
+        if not exact_all:
+            screened = labeller.screened_logits(x)                         # (B, C)
+            passed_screen = screen_candidates(screened, stream.counts < quota, SCREEN_MARGIN)
+            if check:  # measure the screen against the exact labels of this batch
+                stream.screen["checked"] += len(x)
+                stream.screen["agree"] += int((screened.argmax(1) == labels).sum())
+                stream.screen["misses"] += int((~passed_screen & (stream.counts[labels] < quota)).sum())
+            else:
+                passed = passed_screen
+                labels = screened.argmax(1)
+                labels[passed] = labeller.exact(x[passed])                 # line 7 for the candidates
+                stream.screen["labelled_exactly"] += int(passed.sum())
+                hist = torch.bincount(labels, minlength=stream.num_classes)
+        index = stream.made + torch.arange(len(x), device=x.device)
+        x, labels, index = x[passed], labels[passed], index[passed]
         if balanced:
-            keep, counts = class_fill(labels, counts, quota)                                # lines 8-10
+            keep, stream.counts = class_fill(labels, stream.counts, quota)  # lines 8-10
         else:
             keep = torch.ones_like(labels, dtype=torch.bool)
-        kept_x.append(x[keep])
-        kept_y.append(labels[keep])
-        if progress:
-            progress(made, counts if balanced else raw_hist)
-        if balanced and bool((counts >= quota).all()):                                      # line 13
+            stream.counts = stream.counts + torch.bincount(labels, minlength=stream.num_classes)
+        stream.images.append(x[keep])
+        stream.labels.append(labels[keep])
+        stream.kept_at.append(index[keep])
+        stream.batch_hist.append(hist)
+        stream.made += len(passed)
+        stream.complete = balanced and bool((stream.counts >= quota).all())  # line 13
+        stream.seconds += time.time() - start
+        if on_batch and on_batch(stream):
             break
-    return torch.cat(kept_x), torch.cat(kept_y), counts, made, raw_hist
+    return stream
+
+
+def open_share(stream, quota):
+    """The share of the last batch's draws that fell in classes still below their quota (1 before any batch)."""
+    if not stream.batch_hist:
+        return 1.0
+    last = stream.batch_hist[-1]
+    return float(last[stream.counts < quota].sum()) / max(float(last.sum()), 1.0)
+
+
+def stream_prefix(state, quota=None, max_draws=None):
+    """The set Algorithm 1 gives on the first draws of a cached stream: with a smaller quota (the first `quota`
+    kept images of each class, in draw order) and/or fewer draws (whole batches). Returns (images, labels,
+    draws, histogram of those draws)."""
+    labels, kept_at, batch_hist = state["labels"], state["kept_at"], state["batch_hist"]
+    per_batch = state["made"] // max(len(batch_hist), 1)
+    keep = torch.ones_like(labels, dtype=torch.bool)
+    batches = len(batch_hist)
+    if max_draws is not None:
+        batches = min(batches, -(-max_draws // per_batch))
+        keep &= kept_at < batches * per_batch
+    if quota is not None:
+        onehot = F.one_hot(labels, batch_hist.shape[1]) * keep[:, None]    # (n, C)
+        rank = onehot.cumsum(0).gather(1, labels[:, None]).squeeze(1)      # 1-based rank within its class
+        keep &= rank <= quota
+        full = torch.bincount(labels[keep], minlength=batch_hist.shape[1]) >= quota
+        if bool(full.all()):  # the quota filled before these batches ended: stop at the batch that filled it
+            batches = min(batches, int(kept_at[keep].max()) // per_batch + 1)
+    return (state["images"][keep], labels[keep], batches * per_batch,
+            batch_hist[:batches].sum(0) if batches else torch.zeros(batch_hist.shape[1], dtype=torch.int64))
 
 
 class Progress:
-    """One line every `every` seconds while a source is drawn: draws, draws/s, per-class fill, ETA to the cap."""
+    """One line every `every` seconds while a source is drawn: draws, draws/s, per-class fill and the ETA to
+    full balance (each class's remaining quota over its measured rate per draw), and to the draw cap."""
 
-    def __init__(self, name, cap, quota, every=5.0):
-        self.name, self.cap, self.quota, self.every = name, cap, quota, every
-        self.start = self.shown = time.time()
+    def __init__(self, name, cap, quota, balanced, every=10.0):
+        self.name, self.cap, self.quota, self.balanced, self.every = name, cap, quota, balanced, every
+        self.shown, self.start_made, self.start = time.time(), None, time.time()
 
-    def __call__(self, made, counts):
+    def __call__(self, stream):
         now = time.time()
+        if self.start_made is None:
+            self.start_made = stream.made - int(stream.batch_hist[-1].sum())  # draws before this run
         if now - self.shown < self.every:
-            return
+            return False
         self.shown = now
-        rate = made / max(now - self.start, 1e-9)
-        print(f"  {self.name}: {made:,} of {self.cap:,} draws, {rate:,.0f} draws/s, per-class fill "
-              f"{counts.tolist()} of {self.quota} | ETA to the draw cap {runtime.format_seconds((self.cap - made) / rate)}",
-              flush=True)
+        rate = (stream.made - self.start_made) / max(now - self.start, 1e-9)
+        cap = "no draw cap" if self.cap == float("inf") else f"of {self.cap:,}"
+        line = (f"  {self.name}: {stream.made:,} draws ({cap}), {rate:,.0f} draws/s, "
+                f"per-class fill {stream.counts.tolist()} of {self.quota}")
+        if self.balanced:
+            need = draws_to_balance(stream.counts, stream.histogram(), stream.made, self.quota)
+            line += " | ETA to full balance " + (
+                "unknown (a class not seen yet)" if need == float("inf")
+                else f"{runtime.format_seconds(need / rate)} ({need:,.0f} more draws)")
+        if self.cap != float("inf"):
+            line += f" | to the draw cap {runtime.format_seconds((self.cap - stream.made) / rate)}"
+        print(line, flush=True)
+        return False
 
 
-def compose_transfer_set(teacher, args, device):
+def draws_to_balance(counts, histogram, made, quota):
+    """Expected further draws until every class holds `quota`: the slowest class's remaining quota over its
+    share of the draws so far (inf for a class not drawn yet)."""
+    missing = (quota - counts).clamp(min=0).double()
+    share = histogram.double() / max(made, 1)
+    need = torch.where(missing > 0, missing / share, torch.zeros_like(missing))
+    return float(need.max())
+
+
+def cache_name(args, spec, teacher_sha, quota, device):
+    """The file of a composition in the cache: everything that decides its draws and labels."""
+    return (f"{args.dataset}-{spec}-seed{args.seed}-draws{args.draw_batch}-{device.type}"
+            f"-teacher{teacher_sha[:16]}-quota{quota}.pt")
+
+
+def find_in_cache(folder, name, quota):
+    """(path, state) of the cached stream to read: the one of this quota, or a stream of a larger quota that has
+    already filled this one (its first `quota` per class are this quota's set). (path, None) when none."""
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+        return path, read_cached_stream(path)
+    stem = name.rsplit("-quota", 1)[0]
+    for other in sorted(glob.glob(os.path.join(folder, glob.escape(stem) + "-quota*.pt"))):
+        state = read_cached_stream(other)
+        if state["complete"] or bool((state["counts"] >= quota).all()):
+            if int(other.rsplit("-quota", 1)[1][:-3]) > quota:
+                return other, state
+    return path, None
+
+
+def read_cached_stream(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"the composition cache {path} cannot be read ({type(e).__name__}) — delete it to "
+                         f"compose that set again from the first draw") from None
+
+
+def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha):
+    """One balanced generated source through the composition cache (--compose-cache): continue its stream
+    (saved every --save-minutes and at Ctrl-C), or reuse a finished one; a finished set is never redrawn.
+    Returns (images, labels, draws, histogram of the draws, the cached state's screen counts, seconds)."""
+    folder = args.compose_cache
+    path, state = find_in_cache(folder, cache_name(args, spec, teacher_sha, quota, device), quota)
+    own = path.endswith(f"-quota{quota}.pt")
+    # a cached stream is drawn in whole batches, so that a later run continues it exactly
+    cap = float("inf") if args.max_draws == "full" else -(-args.max_draws // args.draw_batch) * args.draw_batch
+    if state is not None and (not own or state["complete"] or state["made"] >= cap):
+        images, labels, draws, hist = stream_prefix(state, None if own else quota,
+                                                    None if cap == float("inf") else cap)
+        print(f"  {spec}: read from the composition cache {path} ({state['made']:,} draws"
+              f"{'' if own else f', quota {quota} of its larger quota'})", flush=True)
+        return images.to(device), labels.to(device), draws, hist, state["screen"], state["seconds"]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    stream = NoiseStream(generator, meta["num_classes"])
+    if state is not None:
+        stream.load_state_dict(state)
+        print(f"  {spec}: continuing the composition cached in {path} from {stream.made:,} draws", flush=True)
+    shape = (meta["channels"], meta["size"], meta["size"])
+    progress = Progress(spec, cap, quota, balanced=True)
+    saved, deadline = [time.time()], time.time() + 60 * (args.max_minutes or float("inf"))
+
+    def save():
+        models.atomic_save(stream.state_dict(), path)
+        saved[0] = time.time()
+
+    def on_batch(stream):
+        progress(stream)
+        if time.time() - saved[0] > 60 * args.save_minutes:
+            save()
+        return time.time() > deadline
+
+    try:
+        compose_generated(stream, lambda: draw_noise(args.draw_batch, shape, kind, generator, meta["mean"],
+                                                     meta["std"]),
+                          labeller, quota, cap, balanced=True, on_batch=on_batch)
+    except KeyboardInterrupt:
+        if runtime.is_main():
+            save()
+            print(f"\ncomposition saved at {stream.made:,} draws in {path}: the same command continues it",
+                  flush=True)
+        raise
+    if runtime.is_main():
+        save()
+    state = stream.state_dict()
+    return (state["images"].to(device), state["labels"].to(device), stream.made, stream.histogram(),
+            state["screen"], stream.seconds)
+
+
+def compose_transfer_set(teacher, args, device, teacher_sha=None):
     """The transfer set D-bar: Algorithm 1 over args.source in order (balanced) or a random composition of N
-    samples (unbalanced). Returns (uint8 images, teacher labels, report dict)."""
+    samples (unbalanced). teacher_sha: the teacher file's sha256, which keys the composition cache (no cache
+    without it). Returns (uint8 images, teacher labels, report dict)."""
     meta = data.DATASETS[args.dataset]
     num_classes, shape = meta["num_classes"], (meta["channels"], meta["size"], meta["size"])
     n_total = args.transfer_size
     quota = n_total // num_classes  # N/C of Algorithm 1
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    labeller = Labeller(teacher, meta["mean"], meta["std"], args.draw_batch, screen=args.screen == "bf16")
+    specs = [s.strip() for s in args.source.split(",") if s.strip()]
+    cached = teacher_sha is not None and args.balanced and args.compose_cache != "off" and len(specs) == 1 and \
+        data.parse_source(specs[0])[0] in NOISE_SOURCES and data.parse_source(specs[0])[1] is None
     counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
     raw_hist = torch.zeros_like(counts)
-    parts_x, parts_y, per_source = [], [], []
-    for i, spec in enumerate(s.strip() for s in args.source.split(",") if s.strip()):  # line 3
+    parts_x, parts_y, per_source, screen, seconds = [], [], [], None, 0.0
+    for i, spec in enumerate(specs):  # line 3
         if args.balanced and bool((counts >= quota).all()):  # line 13: later sources are not needed
             per_source.append({"source": spec, "examined": 0, "kept": 0})
             continue
         name, count = data.parse_source(spec)
-        if name in NOISE_SOURCES:
-            # DEVIATION: at most --max-draws draws (and --max-minutes) per generated source, then we train on what
-            # was found — the paper draws until balanced, which for uniform noise on FMNIST takes ~10^8 draws.
+        if name in NOISE_SOURCES and cached:
+            x, y, examined, hist, screen, seconds = compose_cached(spec, NOISE_SOURCES[name], labeller, meta, quota,
+                                                                   args, device, teacher_sha)
+            counts = torch.bincount(y, minlength=num_classes)
+        elif name in NOISE_SOURCES:
+            # DEVIATION: at most --max-draws draws (and --max-minutes) per generated source by default, then we
+            # train on what was found — the paper draws until balanced (--max-draws full).
             draws = count or (args.max_draws if args.balanced else n_total)
-            x, y, counts, examined, hist = compose_generated(
-                teacher, NOISE_SOURCES[name], shape, counts, quota, draws, args, meta["mean"], meta["std"], generator,
-                args.balanced, Progress(spec, draws, quota if args.balanced else n_total))
+            draws = float("inf") if draws == "full" else draws
+            generator = torch.Generator(device=device).manual_seed(args.seed + i)
+            stream = NoiseStream(generator, num_classes)
+            stream.counts = counts
+            deadline = time.time() + 60 * (args.max_minutes or float("inf"))
+            progress = Progress(spec, draws, quota if args.balanced else n_total, args.balanced)
+            compose_generated(stream, lambda: draw_noise(args.draw_batch, shape, NOISE_SOURCES[name], generator,
+                                                         meta["mean"], meta["std"]),
+                              labeller, quota, draws, args.balanced,
+                              on_batch=lambda s: progress(s) or time.time() > deadline)
+            state = stream.state_dict()
+            x, y, examined, hist = state["images"].to(device), state["labels"].to(device), stream.made, \
+                stream.histogram()
+            counts, screen, seconds = stream.counts, state["screen"], stream.seconds
         else:
             x = data.load_source(spec, "train", args.data_root, shape[0], shape[1], args.seed + i)[0].to(device)
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed + i))
             x = x[order.to(device)]  # line 5: sample x_k from D_i at random
-            y = teacher_labels(teacher, x, meta["mean"], meta["std"], args.draw_batch)
+            y = labeller.exact(x)
             examined, hist = len(x), torch.bincount(y, minlength=num_classes)
             if args.balanced:
                 keep, counts = class_fill(y, counts, quota)  # lines 4-12, vectorised as in balanced_indices
                 x, y = x[keep], y[keep]
-        raw_hist += hist
+        raw_hist += hist.to(device)
         parts_x.append(x)
         parts_y.append(y)
         per_source.append({"source": spec, "examined": examined, "kept": len(x)})
@@ -346,7 +675,8 @@ def compose_transfer_set(teacher, args, device):
     short = {c: quota - h for c, h in enumerate(histogram) if h < quota}
     report = {"transfer_size": len(images), "quota": quota, "histogram": histogram,
               "draws": sum(s["examined"] for s in per_source if data.parse_source(s["source"])[0] in NOISE_SOURCES),
-              "raw_histogram": raw_hist.tolist(), "per_source": per_source, "short": short}
+              "raw_histogram": raw_hist.tolist(), "per_source": per_source, "short": short,
+              "screen": screen, "draw_seconds": round(seconds, 1), "teacher_sha256": teacher_sha}
     return images, labels, report
 
 
@@ -445,7 +775,7 @@ def run(args):
     runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
     runtime.download_if_asked(args)
-    teacher, _ = get_teacher(args, device)  # a --teacher that does not fit is refused before any data is read
+    teacher, teacher_ckpt = get_teacher(args, device)  # a --teacher that does not fit is refused before any data is read
     test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
     log = runtime.RunLog(f"balanced_transfer-{args.dataset}", args, args.runs_dir)
     test = (test_x.to(device), test_y.to(device))
@@ -455,13 +785,18 @@ def run(args):
     # The composed set is saved once in the run folder and read back by --resume: composing can take minutes
     # of teacher forwards, and on a GPU the teacher's argmax is not guaranteed to repeat bit for bit.
     if log.state:
-        saved = torch.load(log.path("transfer_set.pt"), map_location="cpu", weights_only=True)
-        images, labels, report, compose_s = (saved["images"].to(device), saved["labels"].to(device), saved["report"],
-                                             saved["compose_s"])
+        try:  # damaged (a full disk, a copy cut short): one line, before any training
+            saved = torch.load(log.path("transfer_set.pt"), map_location="cpu", weights_only=True)
+            images, labels = saved["images"].to(device), saved["labels"].to(device)
+            report, compose_s = saved["report"], saved["compose_s"]
+        except Exception as e:
+            raise ValueError(f"--resume {log.dir}: its transfer_set.pt cannot be read "
+                             f"({type(e).__name__}) — the composed set is damaged: start a new "
+                             f"run (it composes the set again)") from None
         print(f"transfer set read from {log.path('transfer_set.pt')}", flush=True)
     else:
         start = time.time()
-        images, labels, report = compose_transfer_set(teacher, args, device)
+        images, labels, report = compose_transfer_set(teacher, args, device, teacher_ckpt["sha256"])
         compose_s = time.time() - start
         if runtime.is_main():
             models.atomic_save({"images": images.cpu(), "labels": labels.cpu(), "report": report,
