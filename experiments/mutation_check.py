@@ -5,11 +5,12 @@ that survives is either a missing test or an equivalent change (same behaviour);
     python experiments/mutation_check.py                 # every function below: 160 mutants (37 min with --workers 1)
     python experiments/mutation_check.py --only kd3.py   # one file
     python experiments/mutation_check.py --functions class_thresholds balanced_indices   # some functions
+    python experiments/mutation_check.py --wiring        # the one-line wiring mutants of WIRING instead
 
 Each mutant is written into a scratch copy of the repository and the file's math tests run there
 (`python -m pytest -x -q test_all.py -k ...`); nothing in the working tree is touched. Writes
-experiments/results/mutation.md (a run over a subset: mutation-subset.md). A development check: it needs pytest
-only, like the test suite.
+experiments/results/mutation.md (a run over a subset: mutation-subset.md; --wiring: mutation-wiring.md). A
+development check: it needs pytest only, like the test suite.
 """
 
 import argparse
@@ -57,6 +58,125 @@ EQUIVALENT = {
 SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
          ast.Pow: ast.Mult, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Eq: ast.NotEq,
          ast.NotEq: ast.Eq, ast.And: ast.Or, ast.Or: ast.And}
+
+# Semantic mutants of the wiring between those functions: one-line changes a careful developer could make while
+# moving code, each changing what a run computes (file, what it breaks, the line as written, the mutant). Run by
+# --wiring against the wiring tests (WIRING_TESTS); the streaming composer of balanced_transfer.py has tests of
+# its own and no mutant here.
+WIRING = [
+    ("kd3.py", "N_T(x) from the perturbed half of [x, x^]",
+     "t_logits = teacher.classifier(t_feat[:b]).float()", "t_logits = teacher.classifier(t_feat[b:]).float()"),
+    ("kd3.py", "Eq. (9) compares the teacher with itself",
+     "weights = alignment_weights(F.softmax(n_s, dim=1), F.softmax(t_logits, dim=1))",
+     "weights = alignment_weights(F.softmax(t_logits, dim=1), F.softmax(t_logits, dim=1))"),
+    ("kd3.py", "L_wfa aligns with the perturbed images' teacher features",
+     'terms = {"wfa": weighted_feature_alignment(s_feat[:b], t_feat[:b], weights)}',
+     'terms = {"wfa": weighted_feature_alignment(s_feat[:b], t_feat[b:], weights)}'),
+    ("kd3.py", "L^T_mdcl contrasts the teacher's head with the student's",
+     'terms["mdcl_t"] = mdcl_loss(z_t[:b].float(), z_t[b:].float(), **kw)',
+     'terms["mdcl_t"] = mdcl_loss(z_t[:b].float(), z_s[b:].float(), **kw)'),
+    ("kd3.py", "Eq. (18) drops L^T_mdcl",
+     'loss = loss + args.alpha * (terms["mdcl_s"] + terms["mdcl_t"])', 'loss = loss + args.alpha * terms["mdcl_s"]'),
+    ("kd3.py", "--contrastive reads the other way round",
+     'positive_in_denominator=args.contrastive == "ntxent")', 'positive_in_denominator=args.contrastive == "paper")'),
+    ("kd3.py", "soft labels: the teacher's outputs not softened",
+     'terms["cls"] = F.kl_div(F.log_softmax(s_logits / T, dim=1), F.softmax(t_logits / T, dim=1),',
+     'terms["cls"] = F.kl_div(F.log_softmax(s_logits / T, dim=1), F.softmax(t_logits, dim=1),'),
+    ("kd3.py", "one-hot labels: the student's own argmax",
+     'terms["cls"] = F.cross_entropy(s_logits, t_logits.argmax(dim=1))',
+     'terms["cls"] = F.cross_entropy(s_logits, s_logits.argmax(dim=1))'),
+    ("kd3.py", "Eq. (9)'s N_S is the teacher's prediction",
+     "if shared_predictions(args) else s_logits", "if shared_predictions(args) else t_logits"),
+    ("kd3.py", "N_S is read only once alpha(t) = 1", "    if alpha_t > 0:", "    if alpha_t >= 1:"),
+    ("kd3.py", "Eq. (3) with teacher and student swapped",
+     "combined = combine_predictions(p_teacher_web, p_student_web, alpha_t)",
+     "combined = combine_predictions(p_student_web, p_teacher_web, alpha_t)"),
+    ("kd3.py", "random selection from the first k web images only",
+     "torch.randperm(len(web_x), generator=generator)[:k]", "torch.randperm(k, generator=generator)"),
+    ("kd3.py", "alpha(t) one epoch ahead",
+     "alpha_schedule(epoch, args.epochs))", "alpha_schedule(epoch + 1, args.epochs))"),
+    ("kd3.py", "every epoch the same order and crops", "seed=self.args.seed + epoch", "seed=self.args.seed"),
+    ("kd3.py", "the optimiser holds the student but not the projection heads",
+     "opt = runtime.make_optimizer([p for p in trained.parameters() if p.requires_grad], args)",
+     "opt = runtime.make_optimizer([p for p in student.parameters() if p.requires_grad], args)"),
+    ("kd3.py", "MixDistribution mixes each image with itself",
+     "return mix_distribution(x, lam, torch.randperm(b, device=x.device))",
+     "return mix_distribution(x, lam, torch.arange(b, device=x.device))"),
+    ("kd3.py", "the teacher's projection head reads the student's features",
+     "self.head_t(t_feat)", "self.head_t(s_feat)"),
+    ("hidfd.py", "the discriminator step gets G's optimiser",
+     "terms = discriminator_step(D_trained, G, gan_teacher, x_real, y_real, t_real, opt_d, noise, args)",
+     "terms = discriminator_step(D_trained, G, gan_teacher, x_real, y_real, t_real, opt_g, noise, args)"),
+    ("hidfd.py", "fake samples scored with the real labels",
+     "adc_discriminator_loss(adv_r, adv_f, cls_r, cls_f, y_real, y_fake, args.gan_loss)",
+     "adc_discriminator_loss(adv_r, adv_f, cls_r, cls_f, y_real, y_real, args.gan_loss)"),
+    ("hidfd.py", "the q-indicator compares with 1 - q",
+     "blend_on = blend_indicator(p, args.q, args.blend_reading)",
+     "blend_on = blend_indicator(p, 1 - args.q, args.blend_reading)"),
+    ("hidfd.py", "L_blend applied without its indicator",
+     "d_loss = adv_d + cls_d + args.lambda_d * (blend_on * blend + trans)",
+     "d_loss = adv_d + cls_d + args.lambda_d * (blend + trans)"),
+    ("hidfd.py", "Eq. (8) with real and fake teacher features swapped",
+     "blend, trans = blend_loss(t_real, t_fake, d_real, d_fake), trans_loss(t_real, t_fake, d_real, d_fake)",
+     "blend, trans = blend_loss(t_fake, t_real, d_real, d_fake), trans_loss(t_real, t_fake, d_real, d_fake)"),
+    ("hidfd.py", "L_reg ignores the class frequencies",
+     "reg = reg_loss(t_logits, class_freq.n, weights=args.reg_weights)",
+     "reg = reg_loss(t_logits, torch.ones_like(class_freq.n), weights=args.reg_weights)"),
+    ("hidfd.py", "L_reg weighted by lambda_d", "g_loss = adv_g + cls_g + args.lambda_g * reg",
+     "g_loss = adv_g + cls_g + args.lambda_d * reg"),
+    ("hidfd.py", "the class frequencies are never updated",
+     "class_freq.update(runtime.all_reduce_sum(counts.clone()))", "runtime.all_reduce_sum(counts.clone())"),
+    ("hidfd.py", "G's samples scored against class 0",
+     "adv_g, cls_g = adc_generator_loss(adv_f.float(), cls_f.float(), y_fake, args.gan_loss)",
+     "adv_g, cls_g = adc_generator_loss(adv_f.float(), cls_f.float(), torch.zeros_like(y_fake), args.gan_loss)"),
+    ("hidfd.py", "G conditioned on other labels than it is scored on",
+     "x_fake = G_trained(z, y_fake)", "x_fake = G_trained(z, y_fake.flip(0))"),
+    ("hidfd.py", "the teacher sees [-1, 1] images unmapped",
+     "return (to_unit_range(x) - self.mean) / self.std", "return (x - self.mean) / self.std"),
+    ("hidfd.py", "D_c is not inflated N times",
+     "indices = torch.cat([torch.arange(n_c).repeat(N), n_c + torch.arange(n_s)])",
+     "indices = torch.cat([torch.arange(n_c), n_c + torch.arange(n_s)])"),
+    ("hidfd.py", "the student agreement compares the student with itself",
+     '"teacher_agree": (s_logits.argmax(1) == teacher.classifier(t_feat).argmax(1)).float().mean()',
+     '"teacher_agree": (s_logits.argmax(1) == s_logits.argmax(1)).float().mean()'),
+    ("hidfd.py", "the distillation stage ignores --milestones",
+     'save={"student": student, "opt": opt}, rngs={"loader": loader}, extra=extra,\n'
+     "                                optimizer=opt, lr=args.lr, milestones=args.milestones)",
+     'save={"student": student, "opt": opt}, rngs={"loader": loader}, extra=extra,\n'
+     "                                optimizer=opt, lr=args.lr, milestones=())"),
+    ("balanced_transfer.py", "kd_loss with student and teacher logits swapped",
+     "loss = kd_loss(trained(x).float(), t_logits, args.temperature)",
+     "loss = kd_loss(t_logits, trained(x).float(), args.temperature)"),
+    ("balanced_transfer.py", "Eq. (2) at temperature 1",
+     "loss = kd_loss(trained(x).float(), t_logits, args.temperature)",
+     "loss = kd_loss(trained(x).float(), t_logits, 1.0)"),
+    ("balanced_transfer.py", "the same augmentation at every step",
+     "augmented = augment(x, aug_gen)", "augmented = augment(x, torch.Generator(x.device).manual_seed(0))"),
+    ("balanced_transfer.py", "with-originals holds every composed image twice",
+     "x, cached_logits = torch.cat([x, augmented]), None", "x, cached_logits = torch.cat([x, x]), None"),
+    ("balanced_transfer.py", "the student sees unnormalised images", "    x = normalize(x)\n", "    x = x\n"),
+    ("balanced_transfer.py", "the last partial batch of an epoch dropped",
+     "steps = -(-per_epoch // args.batch_size)", "steps = per_epoch // args.batch_size"),
+    ("runtime.py", "milestones take effect one epoch late", "return base_lr * 0.1 ** sum(epoch >= m for m in milestones)",
+     "return base_lr * 0.1 ** sum(epoch > m for m in milestones)"),
+    ("runtime.py", "each epoch runs with the previous epoch's lr",
+     'group["lr"] = step_lr(self.lr, self.milestones, epoch)', 'group["lr"] = step_lr(self.lr, self.milestones, epoch - 1)'),
+    ("runtime.py", "the non-finite stop misses inf", "bad = {k: v for k, v in values.items() if not math.isfinite(v)}",
+     "bad = {k: v for k, v in values.items() if math.isnan(v)}"),
+    ("runtime.py", "prediction in train mode", "    model.eval()\n    logits = [", "    model.train()\n    logits = ["),
+    ("data.py", "every source of a mix drawn with one seed",
+     "images, labels = load_images(name, split, root, n=count, shape=(channels, size, size), seed=seed + i)",
+     "images, labels = load_images(name, split, root, n=count, shape=(channels, size, size), seed=seed)"),
+    ("data.py", "every pass over a loader in the same order",
+     "order = torch.randperm(n, generator=self.order_gen) if self.shuffle else torch.arange(n)",
+     "order = torch.randperm(n, generator=torch.Generator().manual_seed(0)) if self.shuffle else torch.arange(n)"),
+]
+# Wiring mutants that cannot change behaviour, each with the reason (keyed by the mutant's description).
+WIRING_EQUIVALENT = {}
+WIRING_TESTS = ("matches_its_reference or sends_gradient_where or reads_the_student_before or milestones_act or "
+                "non_finite_stop_catches or mean_and_std_are or reshuffles_and_redraws or drawn_independently or "
+                "eval_mode_and_restores or gan_loop_trains or kd3_loop_applies or student_loops_of or "
+                "golden_trajectory")
 
 
 def mutation_sites(function):
@@ -150,24 +270,79 @@ def run_mutant(job):
     return proc.returncode != 0
 
 
+def run_lanes(jobs, workers):
+    """run_mutant over `jobs` with one scratch copy per worker: each worker takes every workers-th job, in order.
+    Returns, per job, whether a test failed."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        lanes = [pool.submit(lambda lane: [run_mutant(j) for j in jobs[lane::workers]], w) for w in range(workers)]
+        killed = [None] * len(jobs)
+        for w, lane in enumerate(lanes):
+            killed[w::workers] = lane.result()
+    return killed
+
+
+def scratch_copies(workers):
+    """One scratch copy per worker of the repository's modules and tests (what test_all.py imports)."""
+    scratches = [tempfile.mkdtemp(prefix="mutants-") for _ in range(workers)]
+    for scratch in scratches:
+        for f in os.listdir(REPO):
+            if f.endswith(".py"):
+                shutil.copy(os.path.join(REPO, f), scratch)
+    return scratches
+
+
+def wiring_check(workers):
+    """Every mutant of WIRING against WIRING_TESTS; writes experiments/results/mutation-wiring.md."""
+    start, scratches = time.time(), scratch_copies(workers)
+    for filename in sorted({w[0] for w in WIRING}):
+        if run_mutant((scratches[0], filename, WIRING_TESTS, open(os.path.join(REPO, filename)).read())):
+            sys.exit(f"the wiring tests fail without any mutant ({filename}): fix them first")
+    found, stale = [], []
+    for filename, description, line, mutant in WIRING:
+        source = open(os.path.join(REPO, filename)).read()
+        if source.count(line) != 1:  # the code moved: the mutant must be written again
+            stale.append((filename, description))
+            continue
+        found.append((filename, description, source.replace(line, mutant)))
+    killed = run_lanes([(scratches[i % workers], f, WIRING_TESTS, m) for i, (f, _, m) in enumerate(found)],
+                       workers)
+    for scratch in scratches:
+        shutil.rmtree(scratch)
+    total, dead = len(found), sum(killed)
+    equivalent = sum(1 for (_, d, _), k in zip(found, killed) if not k and d in WIRING_EQUIVALENT)
+    lines = [f"Wiring mutation check: {dead} of {total} mutants killed ({100 * dead / max(total, 1):.1f}%); "
+             f"{equivalent} of the survivors are equivalent, so {dead} of {total - equivalent} behaviour-changing "
+             f"mutants are killed ({100 * dead / max(total - equivalent, 1):.1f}%). {time.time() - start:.0f} s, "
+             f"{workers} worker(s).", "", "| file | mutant | killed? |", "|---|---|---|"]
+    lines += [f"| {f} | {d} | {'yes' if k else WIRING_EQUIVALENT.get(d, '**no: needs a test**')} |"
+              for (f, d, _), k in zip(found, killed)]
+    if stale:
+        lines += ["", "Not run (the line is no longer in the file once): "
+                  + "; ".join(f"{f}: {d}" for f, d in stale)]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "mutation-wiring.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=list(TARGETS), choices=list(TARGETS), help="files to mutate")
     p.add_argument("--functions", nargs="*", default=None, metavar="NAME",
                    help="mutate only these functions (default: every function in TARGETS)")
     p.add_argument("--workers", type=int, default=2, help="mutants tested at once (one CPU core each)")
+    p.add_argument("--wiring", action="store_true", help="run the wiring mutants of WIRING instead")
     args = p.parse_args()
+    if args.wiring:
+        return wiring_check(args.workers)
     known = {fn for functions, _ in TARGETS.values() for fn in functions}
     unknown = sorted(set(args.functions or ()) - known)
     if unknown:
         p.error(f"--functions: {', '.join(unknown)} not in TARGETS (choose from {', '.join(sorted(known))})")
     if args.functions:  # only the files that hold the named functions
         args.only = [f for f in args.only if set(TARGETS[f][0]) & set(args.functions)]
-    scratches = [tempfile.mkdtemp(prefix="mutants-") for _ in range(args.workers)]
-    for scratch in scratches:  # the repository's modules and tests (what test_all.py imports)
-        for f in os.listdir(REPO):
-            if f.endswith(".py"):
-                shutil.copy(os.path.join(REPO, f), scratch)
+    scratches = scratch_copies(args.workers)
     start, rows = time.time(), []
     for filename in args.only:  # the unmutated file must pass its tests, or every mutant would look killed
         source = open(os.path.join(REPO, filename)).read()
@@ -178,13 +353,7 @@ def main():
         functions = [fn for fn in functions if not args.functions or fn in args.functions]
         found = list(mutants(filename, functions))
         jobs = [(scratches[i % args.workers], filename, tests, m) for i, (_, _, m) in enumerate(found)]
-        # one scratch copy per worker: each worker takes every workers-th job, in order
-        with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-            lanes = [pool.submit(lambda lane: [run_mutant(j) for j in jobs[lane::args.workers]], w)
-                     for w in range(args.workers)]
-            killed = [None] * len(jobs)
-            for w, lane in enumerate(lanes):
-                killed[w::args.workers] = lane.result()
+        killed = run_lanes(jobs, args.workers)
         for (function, description, _), dead in zip(found, killed):
             rows.append((filename, function, description, dead))
         alive = sum(1 for r in rows if r[0] == filename and not r[3])
