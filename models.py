@@ -32,9 +32,10 @@ class Network(nn.Module):
 # (6, 16, 120 channels; half: 3, 8, 60), then fc 84 (half: 42) and the classifier.
 
 class LeNet5(Network):
-    def __init__(self, num_classes=10, in_channels=1, width=1.0):
+    def __init__(self, num_classes=10, in_channels=1, width=1.0, feat_dim=None):
         super().__init__()
         c1, c2, c3, f1 = (int(round(c * width)) for c in (6, 16, 120, 84))
+        f1 = feat_dim or f1  # feat_dim: the last hidden layer's width, whatever the conv widths
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, c1, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # (B, c1, 14, 14)
             nn.Conv2d(c1, c2, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),           # (B, c2, 5, 5)
@@ -55,6 +56,12 @@ def lenet5(num_classes=10, in_channels=1):
 
 def lenet5_half(num_classes=10, in_channels=1):
     return LeNet5(num_classes, in_channels, width=0.5)
+
+
+def lenet5_half_f84(num_classes=10, in_channels=1):
+    """LeNet-5-half with LeNet-5's 84 features: a student whose features are as wide as the teacher's, as in
+    the papers' ResNet34 -> ResNet18 pairs (512 -> 512)."""
+    return LeNet5(num_classes, in_channels, width=0.5, feat_dim=84)
 
 
 #### CIFAR-style ResNet (3x3 stem, no max-pool; any input size via adaptive pooling) ####
@@ -550,7 +557,7 @@ def inception_v3(num_classes=100, in_channels=3):
 #### Registry and checkpoints ####
 
 MODELS = {
-    "lenet5": lenet5, "lenet5_half": lenet5_half,
+    "lenet5": lenet5, "lenet5_half": lenet5_half, "lenet5_half_f84": lenet5_half_f84,
     "resnet18": resnet18, "resnet34": resnet34,
     "vgg13": vgg13, "vgg16": vgg16,
     "alexnet": alexnet, "alexnet_half": alexnet_half,

@@ -25,6 +25,10 @@ VARIANTS = [  # (name, flags, Table 2 row, Table 2 CIFAR-10 accuracy of ResNet34
     ("no-cls-share-soft", ["--no-cls-share", "soft"], "no classifier sharing (soft)", 93.98),
     ("no-mdcl", ["--no-mdcl"], "no L_mdcl", 94.48),
     ("no-md", ["--no-md"], "no MD (crop + flip views)", 94.61),
+    # the student's features as wide as the teacher's (84), as in the paper's ResNet34 -> ResNet18 (512 -> 512)
+    ("kd3-f84", ["--student-arch", "lenet5_half_f84"], "full KD3, student features 84 wide (= teacher)", None),
+    ("no-cls-share-onehot-f84", ["--student-arch", "lenet5_half_f84", "--no-cls-share", "onehot"],
+     "no classifier sharing (one-hot), student features 84 wide", None),
 ]
 PAPER_FULL = VARIANTS[0][3]
 SOURCES = ("shifted", "shapes", "noise")  # the three parts of fashionmnist-web, in order
