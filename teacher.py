@@ -5,10 +5,12 @@ trained teachers that every method file loads.
     python teacher.py --dataset cifar10 --arch resnet34        # SGD 0.05, 240 epochs, /10 at 150/180/210
 
 A teacher trained with its recipe is cached at checkpoints/<dataset>-<arch>-seed<seed>.pt; `get_teacher(...)`
-(used by kd3.py, hidfd.py and balanced_transfer.py) loads it, or trains it with the recipe when it is missing.
+(used by kd3.py, hidfd.py and balanced_transfer.py) loads it; when it is missing, the committed
+teacher of teachers/ (COMMITTED), else it trains it with the recipe first.
 The cache holds only recipe teachers and is never replaced silently: a run with other settings keeps its
-checkpoint in its run folder, and a cached teacher is retrained only with --overwrite. A lock file next to the
-checkpoint keeps two processes from training the same teacher at once.
+checkpoint in its run folder, and a cached teacher is retrained only with --overwrite. Nothing here
+writes into teachers/. A lock file next to the checkpoint keeps two processes from training the same
+teacher at once.
 """
 
 import argparse
@@ -38,6 +40,13 @@ RECIPES = {
     "synthetic": dict(arch="lenet5", optimizer="adam", lr=2e-3, momentum=0.0, weight_decay=0.0, epochs=8,
                       milestones=(), batch_size=128),
 }
+
+
+# The committed teachers, by (dataset, arch, seed): recipe teachers kept in the repository, so
+# that a fresh clone distils from the very network the results name by its sha256 (each run's
+# config.json and results.json). get_teacher loads one when the cache has none.
+TEACHERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "teachers")
+COMMITTED = {("fashionmnist", "lenet5", 0): os.path.join(TEACHERS, "fashionmnist-lenet5.pt")}
 
 
 def recipe_for(dataset):
@@ -133,8 +142,9 @@ def _train_teacher(args, cache):
                                flip=meta["flip"], mean=meta["mean"], std=meta["std"], device=device, seed=args.seed,
                                rank=runtime.rank(), world_size=runtime.world_size())
     test_x, test_y = test_x.to(device), test_y.to(device)
+    lr_schedule = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)  # lr / 10
     training = runtime.Training(log, args.epochs, save={"model": net, "opt": opt}, rngs={"loader": loader},
-                                optimizer=opt, lr=args.lr, milestones=args.milestones)
+                                lr_schedule=lr_schedule)
     for epoch in training.epochs():
         for x, y in loader:
             training.record(len(y), **train_step(trained, x, y, opt))
@@ -148,7 +158,26 @@ def _train_teacher(args, cache):
                                    args, test_acc, dataset=args.dataset, image_size=meta["size"])
     print(f"saved teacher to {path}" + ("" if cache else " (not its recipe's settings, so not into the cache; "
                                                         "pass it to a method with --teacher)"), flush=True)
-    return log.finish("teacher", args.dataset, {"arch": args.arch, "teacher_acc": test_acc, "checkpoint": path})
+    sha = file_sha256(path) if runtime.is_main() else None
+    committed = COMMITTED.get((args.dataset, args.arch, args.seed)) if cache else None
+    if sha and committed and os.path.isfile(committed):
+        print(compare_with_committed(test_acc, sha, committed), flush=True)
+    return log.finish("teacher", args.dataset, {"arch": args.arch, "teacher_acc": test_acc,
+                                                "checkpoint": path, "teacher_sha256": sha})
+
+
+def compare_with_committed(test_acc, sha, committed):
+    """One line: how a teacher just trained with the recipe compares with the committed one."""
+    ckpt = torch.load(committed, map_location="cpu", weights_only=True)
+    same = sha == file_sha256(committed)
+    where = os.path.relpath(committed)
+    return (f"the committed teacher {where}: {ckpt['acc']:.2f}% test accuracy; this one: "
+            f"{test_acc:.2f}% ({test_acc - ckpt['acc']:+.2f} points), "
+            + ("the same file (sha256 equal)" if same else
+               "another network (sha256 differs: another processor, thread count or torch "
+               "version sums in another order)")
+            + f". The methods load this cached one from now on; --teacher {where} gives them the "
+            "committed one")
 
 
 #### The cache ####
@@ -222,19 +251,28 @@ def check_teacher(ckpt, dataset, arch=None, source="teacher"):
 
 
 def get_teacher(args, device):
-    """The frozen teacher of a method run: --teacher PATH if given, else the cached recipe teacher for
-    (--dataset, --teacher-arch, --seed), trained now when missing (saying so, with an estimate of its time).
-    Sets args.teacher_arch to the checkpoint's architecture. Returns (model in eval mode on device, checkpoint)."""
+    """The frozen teacher of a method run: --teacher PATH if given, else the cached recipe teacher
+    for (--dataset, --teacher-arch, --teacher-seed), else the committed one (COMMITTED), else the
+    recipe teacher trained now (saying so, with an estimate of its time). --seed never picks the
+    teacher: every student seed distils the same one. Sets args.teacher_arch to the checkpoint's
+    architecture and args.teacher_sha256 to its file's sha256 (the run's config.json names it; a
+    --resume run must find the teacher it started with). Returns (model in eval mode, ckpt)."""
     path = args.teacher
     if path is None:
         arch = args.teacher_arch or recipe_for(args.dataset)["arch"]
-        path = teacher_path(args.dataset, arch, args.seed, args.checkpoint_dir)
+        path = teacher_path(args.dataset, arch, args.teacher_seed, args.checkpoint_dir)
         if runtime.is_main():
             with CacheLock(path, wait=True):  # another process training it: wait for its checkpoint
                 pass
-        if not os.path.isfile(path):
-            train_missing_teacher(args, arch, path, device)
-        print(f"loading cached teacher {path}", flush=True)
+        committed = COMMITTED.get((args.dataset, arch, args.teacher_seed))
+        if not os.path.isfile(path) and committed and os.path.isfile(committed):
+            print(f"no cached teacher at {path}: loading the committed teacher "
+                  f"{os.path.relpath(committed)}", flush=True)
+            path = committed
+        else:
+            if not os.path.isfile(path):
+                train_missing_teacher(args, arch, path, device)
+            print(f"loading cached teacher {path}", flush=True)
     elif not os.path.exists(path):
         raise ValueError(f"--teacher {path} does not exist — give a checkpoint written by teacher.py, or leave "
                          f"--teacher out to use (or train) the cached teacher")
@@ -244,6 +282,12 @@ def get_teacher(args, device):
     check_teacher(ckpt, args.dataset, args.teacher_arch, source=f"teacher {path}")
     args.teacher_arch = ckpt["arch"]
     ckpt["path"], ckpt["sha256"] = path, file_sha256(path)  # a result names the teacher it ran with
+    if getattr(args, "teacher_sha256", None) not in (None, ckpt["sha256"]):  # from --resume
+        raise ValueError(f"--resume {args.resume}: the run started with the teacher of sha256 "
+                         f"{args.teacher_sha256[:12]}..., but {path} is {ckpt['sha256'][:12]}..."
+                         " — "
+                         f"put that teacher back at {path}, or start a new run")
+    args.teacher_sha256 = ckpt["sha256"]
     model = runtime.prepare_model(model, device).eval()
     model.requires_grad_(False)
     return model, ckpt
@@ -304,15 +348,18 @@ def read_teacher_file(path, what="--teacher"):
 
 def train_missing_teacher(args, arch, path, device):
     """Train the recipe teacher a method needs into the cache, after saying what runs and for about how long."""
-    argv = ["--dataset", args.dataset, "--arch", arch, "--seed", str(args.seed), "--data-root", args.data_root,
-            "--device", device.type, "--checkpoint-dir", args.checkpoint_dir]
+    argv = ["--dataset", args.dataset, "--arch", arch, "--seed", str(args.teacher_seed),
+            "--data-root", args.data_root, "--device", device.type,
+            "--checkpoint-dir", args.checkpoint_dir]
     teacher_args = resolve_recipe(build_parser().parse_args(argv + (["--download"] if args.download else [])))
     if not args.download:
         data.load_dataset(args.dataset, "train", args.data_root)  # its data missing: the error comes now
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the method's draws unchanged
         seconds = estimate_seconds(teacher_args, device)
-        print(f"no cached teacher at {path}: training it first with the {data.DATASETS[args.dataset]['family']} "
-              f"recipe, about {runtime.format_seconds(seconds)} on {device.type} (estimated from 3 timed steps):"
+        print(f"no cached teacher at {path} (and none committed): training it first with the "
+              f"{data.DATASETS[args.dataset]['family']} recipe, "
+              f"about {runtime.format_seconds(seconds)} "
+              f"on {device.type} (estimated from 3 timed steps):"
               f"\n    python teacher.py {' '.join(argv)}", flush=True)
         train_teacher(teacher_args)
     runtime.barrier()  # under torchrun rank 0 wrote the checkpoint that every rank loads next

@@ -6,6 +6,7 @@ matplotlib is used here only (pip install -r requirements-plots.txt); the method
     python experiments/plots.py            # writes experiments/results/<table>-accuracy.png, ...-histograms.png
 """
 
+import argparse
 import json
 import os
 
@@ -13,9 +14,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import table_families  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from runner import RESULTS  # noqa: E402
+from runner import DATA_ROOT, RESULTS, TEACHER  # noqa: E402
 
 
 def save(fig, filename):
@@ -32,17 +33,25 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def accuracy_curves(table):
+def accuracy_curves(table, variants=None, chance=None):
     """Test accuracy per student epoch, one colour per variant: the mean over its seeds as a line and the
-    seeds' min..max as a band (HiDFD's GAN epochs have no test accuracy and are left out)."""
-    folder = os.path.join(RESULTS, table)
-    runs = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, "metrics.jsonl")))
-    if not runs:
-        return None
+    seeds' min..max as a band (HiDFD's GAN epochs have no test accuracy and are left out).
+    variants: {label: (table, run name)}, the runs to draw when a table reuses other tables' runs;
+    default: the table's own runs, each labelled by its name. chance: a dotted line there."""
+    if variants is None:
+        folder = os.path.join(RESULTS, table)
+        names = sorted({d.rsplit("-seed", 1)[0] for d in os.listdir(folder)})
+        variants = {name: (table, name) for name in names}
     curves = {}  # variant -> list of per-seed accuracy lists
-    for run in runs:
-        records = [r for r in read_jsonl(os.path.join(folder, run, "metrics.jsonl")) if "test_acc" in r]
-        curves.setdefault(run.rsplit("-seed", 1)[0], []).append([r["test_acc"] for r in records])
+    for label, (source, name) in variants.items():
+        folder = os.path.join(RESULTS, source)
+        runs = sorted(d for d in os.listdir(folder) if d.rsplit("-seed", 1)[0] == name
+                      and os.path.isfile(os.path.join(folder, d, "metrics.jsonl")))
+        for run in runs:
+            records = read_jsonl(os.path.join(folder, run, "metrics.jsonl"))
+            curves.setdefault(label, []).append([r["test_acc"] for r in records if "test_acc" in r])
+    if not curves:
+        return None
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (variant, seeds) in enumerate(sorted(curves.items())):
         n = min(len(c) for c in seeds)  # epochs every seed has (all of them for finished runs)
@@ -54,6 +63,8 @@ def accuracy_curves(table):
         if len(seeds) > 1:
             ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], color=colour,
                             alpha=0.15, linewidth=0)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0f}%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("student epoch")
     ax.set_ylabel("test accuracy (%)")
@@ -61,6 +72,20 @@ def accuracy_curves(table):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, f"{table}-accuracy.png")
+
+
+def families_variants():
+    """Every row of the families table, with the other tables' runs that its KD3 and HiDFD rows
+    reuse (table_families.rows names them), at the student epochs of its kept runs."""
+    folder = os.path.join(RESULTS, table_families.TABLE)
+    epochs = max(int(d.rsplit("-seed", 1)[0].rsplit("-e", 1)[1]) for d in os.listdir(folder))
+    settings = argparse.Namespace(teacher=TEACHER, data_root=DATA_ROOT, device="cpu", epochs=epochs)
+    variants = {}
+    for name, _, argv in table_families.rows(settings):
+        own = (table_families.TABLE, f"{name}-e{epochs}")
+        source, run = argv if isinstance(argv, tuple) else own
+        variants[name if source == table_families.TABLE else f"{name} ({source})"] = (source, run)
+    return variants
 
 
 def transfer_histograms():
@@ -138,7 +163,10 @@ def main():
     if not os.path.isdir(RESULTS):
         raise SystemExit(f"no results yet in {RESULTS}: run a table script first")
     tables = sorted(d for d in os.listdir(RESULTS) if os.path.isdir(os.path.join(RESULTS, d)))
-    for path in [accuracy_curves(t) for t in tables] + [transfer_histograms(), gan_agreement()]:
+    families = table_families.TABLE
+    curves = [accuracy_curves(t, families_variants(), chance=100 / 10) if t == families
+              else accuracy_curves(t) for t in tables]
+    for path in curves + [transfer_histograms(), gan_agreement()]:
         if path:
             print(f"wrote {path}")
 

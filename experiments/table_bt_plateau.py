@@ -54,12 +54,12 @@ def distil(x, logits, test, meta, T=20.0, lr=1e-3, init="default", epochs=6):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runner.HelpFormatter)
     p.add_argument("--data-root", default=runner.DATA_ROOT, help="where Fashion-MNIST is")
-    p.add_argument("--teacher", default=runner.TEACHER, help="the LeNet-5 Fashion-MNIST teacher (python teacher.py "
-                   "makes it)")
+    p.add_argument("--teacher", default=runner.TEACHER, help="the LeNet-5 Fashion-MNIST teacher")
     args = p.parse_args()
     teacher_path = os.path.join(runner.REPO, args.teacher)
     if not os.path.isfile(teacher_path):
-        sys.exit(f"error: no teacher at {args.teacher} (python teacher.py trains it)")
+        sys.exit(f"error: no teacher at {args.teacher} — give a teacher checkpoint, or leave "
+                 f"--teacher out for the committed {runner.TEACHER}")
     torch.set_num_threads(1)
     teacher, _ = models.load_checkpoint(teacher_path)
     teacher.eval().requires_grad_(False)
