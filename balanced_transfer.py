@@ -93,6 +93,8 @@ def build_parser():
     p.add_argument("--download", action="store_true", help="fetch the teacher's dataset with torchvision first")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws, the student and the augmentation")
+    p.add_argument("--teacher-seed", type=int, default=0,
+                   help="the recipe teacher's seed (one teacher for every --seed, as the tables)")
     p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
     # Transfer set (Algorithm 1, Sec. 4.1)
@@ -213,6 +215,28 @@ def balanced_indices(pred_labels, quota, num_classes):
             continue
         keep, counts = class_fill(labels.long(), counts, quota)
         kept.append(keep.nonzero().squeeze(1))
+    return kept
+
+
+def algorithm1_literal(sources, teacher, quota, counts, generator):
+    """Lines 3-14 of Algorithm 1 as printed, one sample at a time in plain Python: the reference
+    beside the vectorised `class_fill` / `balanced_indices`, which the composer runs.
+
+    sources: D_1..D_M, each a sequence of samples; teacher: a sample -> the class T predicts for it;
+    quota: N/C; counts: c_0..c_{C-1} (line 2: zeros), updated in place; generator: the random order
+    in which line 5 samples each D_i. Returns, per source, the positions in D_i of the kept samples,
+    in the order they were kept."""
+    kept = [[] for _ in sources]
+    for i, D_i in enumerate(sources):  # line 3
+        remaining = torch.randperm(len(D_i), generator=generator).tolist()
+        while any(c < quota for c in counts) and remaining:  # line 4
+            k = remaining.pop(0)  # lines 5-6: sample x_k from D_i and remove it
+            label = teacher(D_i[k])  # line 7
+            if counts[label] < quota:  # line 8
+                kept[i].append(k)  # line 9
+                counts[label] += 1  # line 10
+        if all(c == quota for c in counts):  # line 13
+            break
     return kept
 
 
@@ -387,7 +411,11 @@ class NoiseStream:
         self.made, self.seconds, self.complete = 0, 0.0, False
         self.images, self.labels, self.kept_at, self.batch_hist = [], [], [], []
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=generator.device)
-        self.screen = {"checked": 0, "agree": 0, "misses": 0, "labelled_exactly": 0}
+        # batches: those that went through the screen, every SCREEN_CHECK_EVERY-th of them a check batch;
+        # checked: draws of the check batches (agree, misses: the screen against fp32 there); screened: draws
+        # of the other screened batches, of which labelled_exactly were passed on to the fp32 teacher
+        self.screen = {"batches": 0, "checked": 0, "agree": 0, "misses": 0, "screened": 0,
+                       "labelled_exactly": 0}
 
     def state_dict(self):
         cat = (lambda parts, dtype: torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=dtype))
@@ -405,7 +433,7 @@ class NoiseStream:
         self.kept_at, self.counts = [state["kept_at"].to(device)], state["counts"].to(device)
         self.batch_hist = list(state["batch_hist"].to(device))
         self.generator.set_state(state["generator"])
-        self.screen = dict(state["screen"])
+        self.screen.update(state["screen"])
 
     def histogram(self):
         return sum(self.batch_hist, torch.zeros(self.num_classes, dtype=torch.int64,
@@ -424,12 +452,13 @@ def compose_generated(stream, draw, labeller, quota, max_draws, balanced=True, o
             x = x[: int(max_draws - stream.made)]
         # the screen pays off once most draws fall in full classes; until then the fp32 teacher labels all
         exact_all = labeller.screen is None or not balanced or open_share(stream, quota) > SCREEN_FROM_OPEN_SHARE
-        check = not exact_all and len(stream.batch_hist) % SCREEN_CHECK_EVERY == 0
+        check = not exact_all and stream.screen["batches"] % SCREEN_CHECK_EVERY == 0
         if exact_all or check:
             labels = labeller.exact(x)                                     # line 7, every draw
             hist = torch.bincount(labels, minlength=stream.num_classes)
             passed = torch.ones_like(labels, dtype=torch.bool)
         if not exact_all:
+            stream.screen["batches"] += 1
             screened = labeller.screened_logits(x)                         # (B, C)
             passed_screen = screen_candidates(screened, stream.counts < quota, SCREEN_MARGIN)
             if check:  # measure the screen against the exact labels of this batch
@@ -440,6 +469,7 @@ def compose_generated(stream, draw, labeller, quota, max_draws, balanced=True, o
                 passed = passed_screen
                 labels = screened.argmax(1)
                 labels[passed] = labeller.exact(x[passed])                 # line 7 for the candidates
+                stream.screen["screened"] += len(x)
                 stream.screen["labelled_exactly"] += int(passed.sum())
                 hist = torch.bincount(labels, minlength=stream.num_classes)
         index = stream.made + torch.arange(len(x), device=x.device)
@@ -680,13 +710,23 @@ def compose_transfer_set(teacher, args, device, teacher_sha=None):
     return images, labels, report
 
 
-def kd_step(trained, teacher, x, cached_logits, opt, aug_gen, normalize, args):
-    """Line 15, Eq. (2), on one batch x (B, C, H, W) in [0, 1] of the transfer set: augment (Sec. 4.2), the
-    teacher's soft outputs as targets, one update of the student. cached_logits: the teacher's logits of the
-    composed images (B, C), or None. Returns the batch's terms, with the histogram of the targets' argmax."""
-    if args.augment:
+# Under torchrun kd_step gets the student wrapped in DistributedDataParallel (`trained`: its
+# backward averages the gradients over the processes, so that every process takes the same step)
+# and the teacher, which it only reads, as it is: there is no gradient of the teacher to average.
+
+def kd_step(trained, teacher, x, cached_logits, opt, aug_gen, normalize, *, tau, augmentation=True,
+            aug_labels="relabel"):
+    """Line 15, Eq. (2), on one batch x (B, C, H, W) in [0, 1] of the transfer set: augment
+    (Sec. 4.2), the teacher's soft outputs as targets, one update of the student.
+
+    cached_logits: the teacher's logits of the composed images (B, C), or None; tau: the
+    temperature of Eq. (2). augmentation=False trains on the composed images as they are;
+    aug_labels: the targets of augmented images, "relabel" (the teacher labels each afresh),
+    "fixed" (cached_logits) or "with-originals" (the composed images beside their augmented
+    copies). Returns the batch's terms, with the histogram of the targets' argmax."""
+    if augmentation:
         augmented = augment(x, aug_gen)  # a fresh augmentation each time
-        if args.aug_labels == "with-originals":
+        if aug_labels == "with-originals":
             x, cached_logits = torch.cat([x, augmented]), None
         else:
             x = augmented
@@ -698,7 +738,7 @@ def kd_step(trained, teacher, x, cached_logits, opt, aug_gen, normalize, args):
             t_logits = teacher(x).float()
         t_logits = t_logits.clone()  # a normal tensor, usable by autograd
     with runtime.autocast(x.device):
-        loss = kd_loss(trained(x).float(), t_logits, args.temperature)
+        loss = kd_loss(trained(x).float(), t_logits, tau)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -722,15 +762,20 @@ def train(args, teacher, student, transfer_x, transfer_logits, test, log):
     aug_gen = torch.Generator(device=device).manual_seed(runtime.rank_seed(args.seed + 2))
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
+
+    def normalize(v):
+        return (v - mean) / std
+
     opt = runtime.make_optimizer(student.parameters(), args)
+    lr_schedule = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)  # lr / 10
     training = runtime.Training(log, args.epochs, save={"student": student, "opt": opt},
-                                rngs={"aug": aug_gen, "loader": loader}, optimizer=opt, lr=args.lr,
-                                milestones=args.milestones)
+                                rngs={"aug": aug_gen, "loader": loader}, lr_schedule=lr_schedule)
     trained = runtime.distribute(student)
     for epoch in training.epochs():
         for x, *cached in itertools.islice(loader, steps):
-            training.record(len(x), **kd_step(trained, teacher, x, cached[0] if cached else None, opt, aug_gen,
-                                              lambda v: (v - mean) / std, args))
+            training.record(len(x), **kd_step(
+                trained, teacher, x, cached[0] if cached else None, opt, aug_gen, normalize,
+                tau=args.temperature, augmentation=args.augment, aug_labels=args.aug_labels))
         training.end_epoch(test_acc=runtime.evaluate(student, *test, meta["mean"], meta["std"]))
 
 

@@ -300,7 +300,9 @@ def build_kd3(pair, args, device):
             kd3.mdcl_loss(z_s[:b], z_s[b:], **kw) + kd3.mdcl_loss(z_t[:b], z_t[b:], **kw))
 
     return setup.student_bench(
-        nets, naive_nets, fast_step=lambda x, opt: kd3.train_step(nets, teacher, x, opt, margs),
+        nets, naive_nets,
+        fast_step=lambda x, opt: kd3.train_step(nets, teacher, x, opt, tau=margs.tau,
+                                                alpha=margs.alpha, mix_delta=margs.mix_delta),
         naive_loss=naive_loss, naive_transform=crop_flip_transform(setup.meta),
         flops=2 * b * (f_t + 3 * (f_s + f_heads)),
         formula=f"2B (F_T + 3 (F_S + F_heads)); B={b}, F_T={f_t}, F_S={f_s}, F_heads={f_heads}", student=student)
@@ -328,7 +330,8 @@ def build_bt_kd(pair, args, device):
     mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (setup.meta["mean"], setup.meta["std"]))
     return setup.student_bench(
         student, naive_student,
-        fast_step=lambda x, opt: bt.kd_step(student, teacher, x, None, opt, aug_gen, lambda v: (v - mean) / std, margs),
+        fast_step=lambda x, opt: bt.kd_step(student, teacher, x, None, opt, aug_gen,
+                                            lambda v: (v - mean) / std, tau=margs.temperature),
         naive_loss=lambda x: bt.kd_loss(naive_student(x), naive_teacher(x).detach(), margs.temperature),
         naive_transform=bt_transform(setup.meta), flops=b * (f_t + 3 * f_s),
         formula=f"B (F_T + 3 F_S); B={b}, F_T={f_t}, F_S={f_s}",
@@ -361,8 +364,10 @@ def build_hidfd_gan(pair, args, device):
 
     def fast():
         x_real, y_real, t_real = next(batches)
-        hidfd.discriminator_step(D, G, gan_teacher, x_real, y_real, t_real, opt_d, noise, margs)
-        hidfd.generator_step(G, D, gan_teacher, class_freq, opt_g, b, noise, margs)
+        hidfd.discriminator_step(D, G, gan_teacher, x_real, y_real, t_real, opt_d, noise,
+                                 z_dim=margs.z_dim, lambda_d=margs.lambda_d, q=margs.q)
+        hidfd.generator_step(G, D, gan_teacher, class_freq, opt_g, b, noise, z_dim=margs.z_dim,
+                             lambda_g=margs.lambda_g)
 
     def naive_step():  # the textbook loop: two D forwards, a generator graph kept in the D step, .item()
         x_real, y_real, t_real = (t.to(device) for t in next(naive))
@@ -406,6 +411,7 @@ def build_bt_label(pair, args, device):
     counts = torch.full((setup.classes,), quota, dtype=torch.int64, device=device)
     counts[torch.bincount(labeller.exact(draw()), minlength=setup.classes).argsort()[:2]] = 0
     naive_counts = counts.tolist()
+    order_gen = torch.Generator().manual_seed(args.seed)
     naive = setup.naive_batches(NaiveNoise(setup.images, normalize_transform(meta["mean"], meta["std"])))
 
     def fast():
@@ -413,14 +419,12 @@ def build_bt_label(pair, args, device):
         stream.counts = counts.clone()
         bt.compose_generated(stream, draw, labeller, quota, b)
 
-    def naive_step():  # Algorithm 1 as printed: one sample at a time
+    def naive_step():  # Algorithm 1 as printed, one sample at a time (labels: one batched forward)
         x = next(naive)[0].to(device)
-        kept = []
-        for k, label in enumerate(setup.naive_teacher(x).argmax(1).tolist()):
-            if naive_counts[label] < quota:
-                naive_counts[label] += 1
-                kept.append(x[k])
-        return kept
+        labels = setup.naive_teacher(x).argmax(1).tolist()
+        kept = bt.algorithm1_literal([range(len(x))], labels.__getitem__, quota, naive_counts,
+                                     order_gen)
+        return [x[k] for k in kept[0]]
 
     return Bench(fast, naive_step, b * f_t, f"B F_T; B={b}, F_T={f_t}")
 

@@ -73,6 +73,8 @@ def build_parser():
     p.add_argument("--download", action="store_true", help="fetch the teacher's dataset with torchvision first")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--seed", type=int, default=0, help="seed of D_c's draw, the GAN, D_s and the student")
+    p.add_argument("--teacher-seed", type=int, default=0,
+                   help="the recipe teacher's seed (one teacher for every --seed, as the tables)")
     p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache and the default generator path")
     p.add_argument("--stage", default="all", choices=["gan", "distill", "all"], help="Algorithm A-1: module 1 "
@@ -417,6 +419,10 @@ class SharedClassifierStudent(nn.Module):
 
 
 #### One step of Algorithm A-1 ####
+# Under torchrun a step gets the network it updates wrapped in DistributedDataParallel (D_trained,
+# G_trained, trained: its backward averages the gradients over the processes, so that every process
+# takes the same step) and the networks it only reads as they are (G in the discriminator step, D in
+# the generator step, the teacher): their gradients are not averaged, their optimiser does not step.
 
 def sample_noise_and_labels(n, num_classes, z_dim, noise):
     """Line 4: the noise-label pairs (z, y) of one batch, drawn from the `noise` generator."""
@@ -424,44 +430,50 @@ def sample_noise_and_labels(n, num_classes, z_dim, noise):
     return torch.randn(n, z_dim, device=noise.device, generator=noise), y
 
 
-def discriminator_step(D_trained, G, teacher, x_real, y_real, t_real, opt_d, noise, args):
+def discriminator_step(D_trained, G, teacher, x_real, y_real, t_real, opt_d, noise, *, z_dim,
+                       lambda_d, q, blend_reading="equation", gan_loss="standard"):
     """Line 5: one update of N_D with L_D = L_adc_d + lambda_d (I(p > q) L_blend + L_trans), Eq. (13).
-    x_real (B, C, H, W) in [-1, 1], y_real (B,) teacher labels, t_real (B, D_T) teacher features of D_c;
-    teacher: GanRangeTeacher. Returns the batch's terms."""
+    x_real (B, C, H, W) in [-1, 1], y_real (B,) teacher labels, t_real (B, D_T) teacher features of
+    D_c; teacher: GanRangeTeacher; noise: the generator of z, y and p. blend_reading: "equation" or
+    "text" (blend_indicator); gan_loss: "standard" or "hinge" (adc_discriminator_loss). Returns the
+    batch's terms."""
     b = len(x_real)
-    z, y_fake = sample_noise_and_labels(b, G.num_classes, args.z_dim, noise)
+    z, y_fake = sample_noise_and_labels(b, G.num_classes, z_dim, noise)
     with torch.no_grad(), runtime.autocast(x_real.device):
         x_fake = G(z, y_fake)                                                       # (B, C, H, W), no path to G
         t_fake = teacher.features(x_fake).float()                                   # (B, D_T) Phi_T(x^)
     with runtime.autocast(x_real.device):
         adv, cls, feat = D_trained(torch.cat([x_real, x_fake]))                     # real and fake in one pass
     (adv_r, adv_f), (cls_r, cls_f), (d_real, d_fake) = (t.float().split(b) for t in (adv, cls, feat))
-    adv_d, cls_d = adc_discriminator_loss(adv_r, adv_f, cls_r, cls_f, y_real, y_fake, args.gan_loss)
+    adv_d, cls_d = adc_discriminator_loss(adv_r, adv_f, cls_r, cls_f, y_real, y_fake, gan_loss)
     blend, trans = blend_loss(t_real, t_fake, d_real, d_fake), trans_loss(t_real, t_fake, d_real, d_fake)
     p = torch.rand((), device=noise.device, generator=noise)
-    blend_on = blend_indicator(p, args.q, args.blend_reading)                       # I(p > q), Eq. (8)
+    blend_on = blend_indicator(p, q, blend_reading)                             # I(p > q), Eq. (8)
     # Eq. (13)
-    d_loss = adv_d + cls_d + args.lambda_d * (blend_on * blend + trans)
+    d_loss = adv_d + cls_d + lambda_d * (blend_on * blend + trans)
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
     return {"d_loss": d_loss, "adv_d": adv_d, "cls_d": cls_d, "blend": blend, "trans": trans, "blend_on": blend_on}
 
 
-def generator_step(G_trained, D, teacher, class_freq, opt_g, n, noise, args):
-    """Lines 6-8: one update of N_G with L_G = L_adc_g + lambda_g L_reg, Eq. (13), then the class frequencies of
-    Eq. (10) from the teacher's labels of this batch. Gradients reach G through D and the frozen teacher (whose
-    parameters do not train). Returns the batch's terms, with the teacher-label histogram of G's samples."""
+def generator_step(G_trained, D, teacher, class_freq, opt_g, n, noise, *, z_dim, lambda_g,
+                   reg_weights="paper", gan_loss="standard"):
+    """Lines 6-8: one update of N_G with L_G = L_adc_g + lambda_g L_reg, Eq. (13), then the class
+    frequencies of Eq. (10) from the teacher's labels of this batch. Gradients reach G through D and
+    the frozen teacher (whose parameters do not train). reg_weights: "paper" or "normalised"
+    (reg_loss); gan_loss: "standard" or "hinge" (adc_generator_loss). Returns the batch's terms,
+    with the teacher-label histogram of G's samples."""
     num_classes = class_freq.n.numel()
-    z, y_fake = sample_noise_and_labels(n, num_classes, args.z_dim, noise)
+    z, y_fake = sample_noise_and_labels(n, num_classes, z_dim, noise)
     with runtime.autocast(noise.device):
         x_fake = G_trained(z, y_fake)
         adv_f, cls_f, _ = D(x_fake)
         t_logits = teacher(x_fake).float()                                          # (B, C) N_T(x^)
-    adv_g, cls_g = adc_generator_loss(adv_f.float(), cls_f.float(), y_fake, args.gan_loss)
-    reg = reg_loss(t_logits, class_freq.n, weights=args.reg_weights)
+    adv_g, cls_g = adc_generator_loss(adv_f.float(), cls_f.float(), y_fake, gan_loss)
+    reg = reg_loss(t_logits, class_freq.n, weights=reg_weights)
     # Eq. (13)
-    g_loss = adv_g + cls_g + args.lambda_g * reg
+    g_loss = adv_g + cls_g + lambda_g * reg
     opt_g.zero_grad(set_to_none=True)
     g_loss.backward()
     opt_g.step()
@@ -508,17 +520,28 @@ def train_gan(args, teacher, collected, log):
     class_freq = ClassFrequency(num_classes, bs, args.gamma).to(device)
     loader = collected.gan_batches(bs)
     noise = torch.Generator(device=device).manual_seed(runtime.rank_seed(args.seed + 2))  # each rank its own
-    probe = ConditioningProbe(args, collected, gan_teacher, log)
+    d_step = dict(z_dim=args.z_dim, lambda_d=args.lambda_d, q=args.q,
+                  blend_reading=args.blend_reading, gan_loss=args.gan_loss)
+    g_step = dict(z_dim=args.z_dim, lambda_g=args.lambda_g, reg_weights=args.reg_weights,
+                  gan_loss=args.gan_loss)
+    probe = ConditioningProbe(args, collected, gan_teacher)
     training = runtime.Training(log, args.gan_epochs, stage="gan", what="GAN epoch",
                                 save={"G": G, "D": D, "opt_g": opt_g, "opt_d": opt_d, "class_freq": class_freq},
                                 rngs={"noise": noise, "loader": loader})
     G_trained, D_trained = runtime.distribute(G), runtime.distribute(D)
     for epoch in training.epochs():
         for x_real, y_real, t_real in loader:                                       # (B, C, H, W), (B,), (B, D_T)
-            terms = discriminator_step(D_trained, G, gan_teacher, x_real, y_real, t_real, opt_d, noise, args)
-            terms.update(generator_step(G_trained, D, gan_teacher, class_freq, opt_g, len(x_real), noise, args))
+            terms = discriminator_step(D_trained, G, gan_teacher, x_real, y_real, t_real, opt_d,
+                                       noise, **d_step)
+            terms.update(generator_step(G_trained, D, gan_teacher, class_freq, opt_g, len(x_real),
+                                        noise, **g_step))
             training.record(len(x_real), **terms)
-        training.end_epoch(**probe.measure(G, D, epoch))
+        metrics = probe.measure(G, D)
+        last = epoch + 1 == args.gan_epochs
+        if ((epoch + 1) % args.sample_every == 0 or last) and runtime.is_main():
+            save_sample_grid(G, meta, log.path(f"samples-gan-epoch{epoch + 1:03d}.png"), args.seed,
+                             f"GAN epoch {epoch + 1}: row = the class G is asked for")
+        training.end_epoch(**metrics)
     probe.warn_if_unconditioned()
     return G
 
@@ -527,10 +550,10 @@ class ConditioningProbe:
     """Whether G learns its labels, measured after every GAN epoch (no effect on training, no random draw):
     the teacher's agreement with y on a fixed set of (z, y) generated in eval mode (as module 2 generates), the
     teacher-class histogram of those samples, and D's classifier (its "real" columns) on held-out real images
-    of the source (not in D_c) against the teacher's labels. Also writes the labelled sample grids."""
+    of the source (not in D_c) against the teacher's labels."""
 
-    def __init__(self, args, collected, gan_teacher, log, n=1000):
-        self.args, self.collected, self.teacher, self.log = args, collected, gan_teacher, log
+    def __init__(self, args, collected, gan_teacher, n=1000):
+        self.collected, self.teacher = collected, gan_teacher
         device, num_classes = collected.x.device, collected.meta["num_classes"]
         g = torch.Generator().manual_seed(args.seed + 5)
         self.z = torch.randn(n, args.z_dim, generator=g).to(device)
@@ -538,7 +561,7 @@ class ConditioningProbe:
         self.agreement = None
 
     @torch.no_grad()
-    def measure(self, G, D, epoch):
+    def measure(self, G, D):
         runtime.broadcast_buffers(G)
         was_training = G.training
         G.eval()
@@ -555,10 +578,6 @@ class ConditioningProbe:
             with runtime.autocast(self.z.device):
                 cls = D(heldout_x)[1].float()[:, :num_classes]
             report["d_heldout_acc"] = (cls.argmax(1) == heldout_y).float().mean().item() * 100
-        last = epoch + 1 == self.args.gan_epochs
-        if ((epoch + 1) % self.args.sample_every == 0 or last) and runtime.is_main():
-            save_sample_grid(G, self.collected.meta, self.log.path(f"samples-gan-epoch{epoch + 1:03d}.png"),
-                             self.args.seed, f"GAN epoch {epoch + 1}: row = the class G is asked for")
         return report
 
     def warn_if_unconditioned(self):
@@ -625,9 +644,10 @@ def distill(args, teacher, collected_x, synthetic_x, test, log, extra):
     student = runtime.prepare_model(SharedClassifierStudent(
         models.build_model(args.student_arch, meta["num_classes"], meta["channels"]), teacher.classifier), device)
     opt = runtime.make_optimizer([p for p in student.parameters() if p.requires_grad], args)
+    lr_schedule = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)  # lr / 10
     training = runtime.Training(log, args.epochs, stage="distill", what="distill epoch",
                                 save={"student": student, "opt": opt}, rngs={"loader": loader}, extra=extra,
-                                optimizer=opt, lr=args.lr, milestones=args.milestones)
+                                lr_schedule=lr_schedule)
     trained = runtime.distribute(runtime.FeaturesAndLogits(student))
     for epoch in training.epochs():
         for (x,) in loader:
@@ -749,7 +769,8 @@ def run(args):
     meta = data.DATASETS[args.dataset]
     runtime.download_if_asked(args)
     variant = "collected-only" if args.no_synthetic else "hidfd"
-    teacher, _ = get_teacher(args, device)  # a --teacher that does not fit is refused before any data is read
+    # a --teacher that does not fit is refused before any data is read
+    teacher, teacher_ckpt = get_teacher(args, device)
     if args.stage == "distill" and not args.no_synthetic:
         check_generator(args, meta)  # refused now, before anything is trained
     test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
@@ -760,7 +781,9 @@ def run(args):
     test = (test_x.to(device), test_y.to(device))
     teacher_acc = runtime.evaluate(teacher, *test, meta["mean"], meta["std"])
     print(f"teacher {args.teacher_arch}: {teacher_acc:.2f}% test accuracy; device {device}", flush=True)
-    results = {"variant": variant, "teacher_acc": teacher_acc, "student_acc": None, "collected": args.collected,
+    results = {"variant": variant, "teacher_acc": teacher_acc,
+               "teacher_sha256": teacher_ckpt["sha256"], "student_acc": None,
+               "collected": args.collected,
                "rho": args.rho, "n_collected": len(collected.x), "collected_teacher_hist": collected.hist}
     # a run resumed in its distill stage rebuilds G from its state.pt (not from the --generator file, which a
     # later run may have overwritten) and regenerates the same D_s from it

@@ -63,6 +63,8 @@ def build_parser():
     p.add_argument("--download", action="store_true", help="fetch the teacher's dataset with torchvision first")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--seed", type=int, default=0, help="seed of the student, the selection and the augmentation")
+    p.add_argument("--teacher-seed", type=int, default=0,
+                   help="the recipe teacher's seed (one teacher for every --seed, as the tables)")
     p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
     # Optimisation (Sec. 4 "Implementation Details")
@@ -310,19 +312,24 @@ class KD3Networks(nn.Module):
 
 
 #### One step of Algorithm 1 ####
-
-def shared_predictions(args):
-    """Whether N_S(x) of Eqs. (3) and (9) is g_T(phi_S(x)) while the student trains a classifier of its own."""
-    return bool(args.no_cls_share) and args.no_cls_share_predictions == "shared"
-
+# Under torchrun a step gets the network it updates wrapped in DistributedDataParallel (`trained`:
+# its backward averages the gradients over the processes, so that every process takes the same
+# step) and the networks it only reads as they are (the teacher; the student that Stage 1 predicts
+# with): they have no gradient to average.
 
 @torch.no_grad()
-def select_web_instances(epoch, args, p_teacher_web, student, web_x, meta, generator, shared_classifier=None):
-    """Stage 1 (lines 4-8) over the whole web set D-bar. Returns (alpha(t), indices of D_s (k,), y_pred (N,)).
-    p_teacher_web: N_T(x) of every web image (N, K), computed once; generator: the draws of --selection random;
-    shared_classifier: g_T, when N_S(x) must come from it rather than from the student's own classifier."""
+def select_web_instances(epoch, p_teacher_web, student, web_x, meta, generator, *, total_epochs,
+                         v_th, selection="combined", threshold="paper", shared_classifier=None):
+    """Stage 1 (lines 4-8) over the whole web set D-bar.
+    Returns (alpha(t), indices of D_s (k,), y_pred (N,)).
+
+    p_teacher_web: N_T(x) of every web image (N, K), computed once; total_epochs: I of Eq. (4);
+    v_th: V_th of Eq. (6); selection: "combined" (Eqs. 3-8), or Table 2's "random", "student",
+    "teacher"; threshold: "paper" or "flexmatch" (class_thresholds); generator: the draws of
+    selection "random"; shared_classifier: g_T, when N_S(x) must come from it rather than from the
+    student's own classifier."""
     # line 5, Eq. (4); Table 2's "teacher only" / "student only" fix alpha(t) at 0 / 1
-    alpha_t = {"teacher": 0.0, "student": 1.0}.get(args.selection, alpha_schedule(epoch, args.epochs))
+    alpha_t = {"teacher": 0.0, "student": 1.0}.get(selection, alpha_schedule(epoch, total_epochs))
     p_student_web = p_teacher_web
     if alpha_t > 0:
         # Eq. (2): N_S(x) = g_T(phi_S(x)) with the shared classifier
@@ -331,46 +338,57 @@ def select_web_instances(epoch, args, p_teacher_web, student, web_x, meta, gener
     # line 6, Eq. (3)
     combined = combine_predictions(p_teacher_web, p_student_web, alpha_t)
     # lines 7-8, Eqs. (5)-(8)
-    mask, pred = select_instances(combined, args.v_th, args.threshold)
-    if args.selection == "random":
+    mask, pred = select_instances(combined, v_th, threshold)
+    if selection == "random":
         # Table 2 "random": as many images as the combined rule selects, drawn uniformly from the whole web set
         k = int(mask.sum())
         return alpha_t, torch.randperm(len(web_x), generator=generator)[:k].to(web_x.device), pred
     return alpha_t, mask.nonzero().squeeze(1), pred
 
 
-def train_step(trained, teacher, x, opt, args):
-    """Stage 2 (lines 9-15) on one batch x (B, C, H, W) of D_s: one update of N_S and the projection heads.
-    trained: KD3Networks (under torchrun inside DistributedDataParallel). Returns the batch's terms."""
+def train_step(trained, teacher, x, opt, *, tau, alpha, mix_delta, mdcl=True, md=True,
+               mdcl_reduction="mean", contrastive="paper", cls_share="shared",
+               shared_predictions=False, kd_t=None):
+    """Stage 2 (lines 9-15) on one batch x (B, C, H, W) of D_s: one update of N_S and the projection
+    heads. trained: KD3Networks (under torchrun inside DistributedDataParallel). Returns the batch's
+    terms.
+
+    tau: the temperature of Eqs. (15)-(16); alpha: the weight of L_mdcl in Eq. (18); mix_delta: the
+    delta of lambda ~ Beta(delta, delta), Eq. (11). The variants of Table 2 and the authors' code:
+    mdcl=False drops L_mdcl ("No L_mdcl"); md=False makes the contrastive view by crop + flip ("No
+    MD"); mdcl_reduction "mean" or "sum" and contrastive "paper" or "ntxent" (mdcl_loss); cls_share
+    "onehot" or "soft" trains the student's own classifier by CE on the teacher's argmax or by KL at
+    temperature kd_t ("No classifier sharing"), with N_S(x) of Eq. (9) from g_T on the student's
+    features when shared_predictions."""
     b = len(x)
-    use_mdcl = not args.no_mdcl
     # line 12, Eq. (12): the perturbed copy x^ of every image, fed through both networks with x
-    inputs = torch.cat([x, contrastive_view(x, args.no_md, args.mix_delta)]) if use_mdcl else x  # (2B or B, ...)
+    inputs = torch.cat([x, contrastive_view(x, not md, mix_delta)]) if mdcl else x  # (2B or B, ...)
     with torch.no_grad(), runtime.autocast(x.device):
         t_feat = teacher.features(inputs).float()                                   # (2B, D_T) phi_T
         t_logits = teacher.classifier(t_feat[:b]).float()                           # (B, K) N_T(x)
     with runtime.autocast(x.device):
         s_feat, s_logits, z_s, z_t = trained(inputs, t_feat)
     s_feat, s_logits = s_feat.float(), s_logits[:b].float()
-    # N_S(x) of Eq. (9): the student's predictions, or (--no-cls-share-predictions shared) g_T on its features
-    n_s = teacher.classifier(s_feat[:b].detach()) if shared_predictions(args) else s_logits
+    # N_S(x) of Eq. (9): the student's predictions, or (shared_predictions) g_T on its features
+    n_s = teacher.classifier(s_feat[:b].detach()) if shared_predictions else s_logits
     # line 10, Eq. (9)
     weights = alignment_weights(F.softmax(n_s, dim=1), F.softmax(t_logits, dim=1))
     # line 11, Eq. (10)
     terms = {"wfa": weighted_feature_alignment(s_feat[:b], t_feat[:b], weights)}
     loss = terms["wfa"]
-    if use_mdcl:
-        kw = dict(tau=args.tau, reduction=args.mdcl_reduction, positive_in_denominator=args.contrastive == "ntxent")
+    if mdcl:
+        kw = dict(tau=tau, reduction=mdcl_reduction,
+                  positive_in_denominator=contrastive == "ntxent")
         # line 13, Eqs. (15)-(17)
         terms["mdcl_s"] = mdcl_loss(z_s[:b].float(), z_s[b:].float(), **kw)
         terms["mdcl_t"] = mdcl_loss(z_t[:b].float(), z_t[b:].float(), **kw)  # trains the teacher's head only
         # line 14, Eq. (18)
-        loss = loss + args.alpha * (terms["mdcl_s"] + terms["mdcl_t"])
-    if args.no_cls_share == "onehot":  # Table 2 "No classifier sharing": the student's own head learns the labels
+        loss = loss + alpha * (terms["mdcl_s"] + terms["mdcl_t"])
+    if cls_share == "onehot":  # Table 2 "No classifier sharing": the student's own head trains
         terms["cls"] = F.cross_entropy(s_logits, t_logits.argmax(dim=1))
         loss = loss + terms["cls"]
-    elif args.no_cls_share == "soft":
-        T = args.kd_t
+    elif cls_share == "soft":
+        T = kd_t
         terms["cls"] = F.kl_div(F.log_softmax(s_logits / T, dim=1), F.softmax(t_logits / T, dim=1),
                                 reduction="batchmean") * T ** 2
         loss = loss + terms["cls"]
@@ -390,22 +408,37 @@ def train(args, teacher, student, web, test, log):
     Returns why training stopped early, or None."""
     trained = KD3Networks(student, teacher.feat_dim, args.proj_dim, with_heads=not args.no_mdcl).to(web.x.device)
     opt = runtime.make_optimizer([p for p in trained.parameters() if p.requires_grad], args)
+    lr_schedule = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)  # lr / 10
     select_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: the same random selection
-    shared = teacher.classifier if shared_predictions(args) else None
-    training = runtime.Training(log, args.epochs, save={"networks": trained, "opt": opt}, rngs={"select": select_gen},
-                                optimizer=opt, lr=args.lr, milestones=args.milestones)
+    shared = uses_shared_predictions(args)
+    select = dict(total_epochs=args.epochs, v_th=args.v_th, selection=args.selection,
+                  threshold=args.threshold,
+                  shared_classifier=teacher.classifier if shared else None)
+    step = dict(tau=args.tau, alpha=args.alpha, mix_delta=args.mix_delta, mdcl=not args.no_mdcl,
+                md=not args.no_md, mdcl_reduction=args.mdcl_reduction, contrastive=args.contrastive,
+                cls_share=args.no_cls_share or "shared", shared_predictions=shared, kd_t=args.kd_t)
+    training = runtime.Training(log, args.epochs, save={"networks": trained, "opt": opt},
+                                rngs={"select": select_gen}, lr_schedule=lr_schedule)
     trained = runtime.distribute(trained)
     for epoch in training.epochs():
-        alpha_t, selected, pred = select_web_instances(epoch, args, web.p_teacher, student, web.x, web.meta,
-                                                       select_gen, shared)                 # Stage 1
+        alpha_t, selected, pred = select_web_instances(                                    # Stage 1
+            epoch, web.p_teacher, student, web.x, web.meta, select_gen, **select)
         for x in web.batches(selected, epoch):                                             # Stage 2
-            training.record(len(x), **train_step(trained, teacher, x, opt, args))
-        training.end_epoch(test_acc=runtime.evaluate(student, *test, web.meta["mean"], web.meta["std"]),
-                           alpha_t=alpha_t, **web.report(epoch, selected, pred, log))
+            training.record(len(x), **train_step(trained, teacher, x, opt, **step))
+        test_acc = runtime.evaluate(student, *test, web.meta["mean"], web.meta["std"])
+        if epoch in (0, args.epochs - 1):
+            web.save_pictures(epoch, selected, pred, log)
+        training.end_epoch(test_acc=test_acc, alpha_t=alpha_t, **web.report(selected, pred))
         if len(selected) == 0 and alpha_t == 1:  # N_S no longer moves, so the selection stays empty
             return (f"no web image was selected at epoch {epoch + 1} with alpha(t) = 1: the student did not change, "
                     f"so no later epoch can select one")
     return None
+
+
+def uses_shared_predictions(args):
+    """Whether N_S(x) of Eqs. (3) and (9) is g_T(phi_S(x)) while the student trains a classifier of
+    its own."""
+    return bool(args.no_cls_share) and args.no_cls_share_predictions == "shared"
 
 
 class WebSet:
@@ -443,14 +476,17 @@ class WebSet:
             flip=self.meta["flip"], mean=self.meta["mean"], std=self.meta["std"], device=self.x.device,
             seed=self.args.seed + epoch, indices=selected, rank=runtime.rank(), world_size=runtime.world_size()))
 
-    def report(self, epoch, selected, pred, log):
-        """What the selection kept: its size, per predicted class, per source (and the kept fraction of each), the
-        teacher's accuracy on the kept in-distribution images (vs on all of them: teacher_acc_in_distribution);
-        picture grids at the first and last epoch."""
-        if epoch in (0, self.args.epochs - 1) and runtime.is_main():
+    def save_pictures(self, epoch, selected, pred, log):
+        """epoch<k>-selected.png and epoch<k>-rejected.png: kept and dropped images, captioned."""
+        if runtime.is_main():
             short = [data.parse_source(s)[0].replace("shifted:", "s-") for s in self.sources]  # caption width
             pictures.selection_grids(self.x, selected, pred, self.source, short, self.meta["classes"],
                                      log.path(f"epoch{epoch + 1}"), self.args.grid_size, seed=self.args.seed)
+
+    def report(self, selected, pred):
+        """What the selection kept: its size, per predicted class, per source (and the kept fraction
+        of each), the teacher's accuracy on the kept in-distribution images (vs on all of them:
+        teacher_acc_in_distribution)."""
         kept = torch.zeros(len(self.x), dtype=torch.bool, device=self.x.device)
         kept[selected] = True
         per_source = torch.bincount(self.source[selected], minlength=len(self.sources))
@@ -471,7 +507,8 @@ def variant_name(args):
     if args.selection != "combined":
         parts.append(args.selection)
     if args.no_cls_share:
-        parts.append(f"no-cls-share-{args.no_cls_share}" + ("-shared-predictions" if shared_predictions(args) else ""))
+        shared = "-shared-predictions" if uses_shared_predictions(args) else ""
+        parts.append(f"no-cls-share-{args.no_cls_share}{shared}")
     if args.no_mdcl:
         parts.append("no-mdcl")
     if args.no_md:
@@ -499,7 +536,8 @@ def run(args):
     runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
     runtime.download_if_asked(args)
-    teacher, _ = get_teacher(args, device)  # a --teacher that does not fit is refused before any data is read
+    # a --teacher that does not fit is refused before any data is read
+    teacher, teacher_ckpt = get_teacher(args, device)
     test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
     web = WebSet(args, device)
     web.label_with(teacher)
@@ -521,6 +559,7 @@ def run(args):
     print(f"saved student to {path} (connector and shared classifier folded into its classifier)", flush=True)
     results = log.finish("kd3", args.dataset, {
         "variant": variant, "teacher_acc": teacher_acc, "student_acc": last["test_acc"], "web": args.web,
+        "teacher_sha256": teacher_ckpt["sha256"],
         "web_size": len(web.x), "web_sources": web.sources, "teacher_web_hist": web.teacher_hist,
         "selected": last["selected"], "selected_frac": last["selected"] / len(web.x),
         "selected_per_class": last["selected_per_class"], "selected_per_source": last["selected_per_source"],

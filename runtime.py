@@ -5,12 +5,14 @@ training (torchrun + DistributedDataParallel). Nothing here knows about distilla
 
 A training loop written with it reads like its algorithm box:
 
-    training = runtime.Training(log, args.epochs, save={"student": student, "opt": opt}, rngs={"loader": loader},
-                                optimizer=opt, lr=args.lr, milestones=args.milestones)
-    for epoch in training.epochs():               # resumes after the last saved epoch, sets the epoch's lr
+    lr_schedule = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)
+    training = runtime.Training(log, args.epochs, save={"student": student, "opt": opt},
+                                rngs={"loader": loader}, lr_schedule=lr_schedule)
+    for epoch in training.epochs():               # resumes after the last saved epoch
         for x, y in loader:
             training.record(len(x), **train_step(trained, x, y, opt))
-        training.end_epoch(test_acc=runtime.evaluate(student, test_x, test_y, mean, std))  # log + state.pt
+        test_acc = runtime.evaluate(student, test_x, test_y, mean, std)
+        training.end_epoch(test_acc=test_acc)     # log, step the lr schedule, write state.pt
 
 `training.record` keeps per-epoch sums on the device (no host sync in the batch loop); `end_epoch` turns them
 into epoch means with one sync (summed over the processes under torchrun), stops the run on a non-finite
@@ -26,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -86,11 +89,6 @@ def make_optimizer(params, args):
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-
-
-def step_lr(base_lr, milestones, epoch):
-    """The papers' step schedule: base_lr divided by 10 at each milestone epoch reached (0-based epoch)."""
-    return base_lr * 0.1 ** sum(epoch >= m for m in milestones)
 
 
 #### Prediction ####
@@ -302,6 +300,8 @@ def resume_config(args, parser, script):
             saved = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"--resume {run_dir}: its config.json is not valid JSON ({e}) — start a new run") from None
+    # the teacher's sha256, which get_teacher adds: the resumed run must find that teacher again
+    teacher_sha256 = saved.pop("teacher_sha256", None) if isinstance(saved, dict) else None
     if not isinstance(saved, dict) or set(saved) != set(vars(parser.parse_args([]))):
         raise ValueError(f"--resume {run_dir}: its config.json was not written by {script} (other arguments) — resume it "
                          f"with the script that started it")
@@ -310,7 +310,8 @@ def resume_config(args, parser, script):
     if conflicts:
         raise ValueError(f"--resume {run_dir}: these flags contradict the run's config.json: {', '.join(conflicts)} — "
                          f"leave them out (the saved config is used) or start a new run")
-    return argparse.Namespace(**{**saved, "resume": run_dir})
+    return argparse.Namespace(**{**saved, "resume": run_dir},
+                              **({"teacher_sha256": teacher_sha256} if teacher_sha256 else {}))
 
 
 #### One training loop: epochs, per-epoch sums, state.pt ####
@@ -323,20 +324,23 @@ class Training:
     rngs: {name: torch.Generator or data.DeviceLoader} whose random state is stored per rank, with the global
           torch (and CUDA) generator.
     extra: plain values stored with every state (what a later stage needs to rebuild itself on --resume).
-    optimizer/lr/milestones: the step schedule, set at the start of each epoch (`step_lr`).
+    lr_schedule: a torch lr scheduler (the methods' MultiStepLR), stepped once at the end of every
+          epoch, after the epoch's lr is logged; saved and restored with `save`.
 
     When the run's state.pt belongs to this stage, everything is restored from it and `epochs()` continues
     after its last saved epoch."""
 
     def __init__(self, log, total_epochs, stage="train", what="epoch", save=None, rngs=None, extra=None,
-                 optimizer=None, lr=None, milestones=()):
+                 lr_schedule=None):
         self.log, self.total, self.stage, self.what = log, total_epochs, stage, what
         self.save, self.extra = dict(save or {}), dict(extra or {})
+        self.lr_schedule = lr_schedule
+        if lr_schedule is not None:
+            self.save["lr_schedule"] = lr_schedule
         self.generators = {}
         for name, rng in (rngs or {}).items():
             for sub, g in (rng.generators().items() if isinstance(rng, data.DeviceLoader) else [("", rng)]):
                 self.generators[f"{name}.{sub}" if sub else name] = g
-        self.optimizer, self.lr, self.milestones = optimizer, lr, tuple(milestones)
         self.first_epoch = 0
         state = log.state
         if state is not None and state["stage"] == stage:
@@ -352,11 +356,8 @@ class Training:
                             for t in obj.parameters()), torch.device("cpu"))
 
     def epochs(self):
-        """The epoch indices still to train (0-based); each starts a fresh set of sums and sets the lr."""
+        """The epoch indices still to train (0-based); each starts a fresh set of sums."""
         for epoch in range(self.first_epoch, self.total):
-            if self.optimizer is not None:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = step_lr(self.lr, self.milestones, epoch)
             self.epoch, self.start, self.sums, self.seen = epoch, time.time(), {}, 0
             yield epoch
 
@@ -370,17 +371,23 @@ class Training:
 
     def end_epoch(self, **metrics):
         """Close the epoch: epoch means of the recorded terms (one sync, summed over the ranks), stop on a
-        non-finite one, log them with `metrics` (and the lr), save the state. Returns the logged record."""
+        non-finite one, log them with `metrics` (and the lr), step the lr schedule, save the state.
+        Returns the logged record."""
         names = list(self.sums)
         totals = _sum_over_ranks([self.sums[k] for k in names] + [torch.tensor(float(self.seen))], self.device)
         seen = totals.pop()
         means = {k: v / seen if self.sums[k].is_floating_point() else _counts(v) for k, v in zip(names, totals)}
         label = f"{self.what} {self.epoch + 1}"
         self.log.check_finite(label, {k: v for k, v in means.items() if isinstance(v, float)})
-        lr = {} if self.optimizer is None else {"lr": self.optimizer.param_groups[0]["lr"]}
+        lr = {} if self.lr_schedule is None else {"lr": self.lr_schedule.get_last_lr()[0]}
         record = self.log.log_epoch(self.epoch, self.total, {**({} if self.stage == "train" else {"stage": self.stage}),
                                                              **means, **metrics, **lr},
                                     int(seen), time.time() - self.start)
+        if self.lr_schedule is not None:
+            with warnings.catch_warnings():  # an epoch without a batch: the optimiser never stepped
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step",
+                                        UserWarning)
+                self.lr_schedule.step()  # the next epoch's lr, saved with the optimiser
         self.log.save_state({"stage": self.stage, "epoch": self.epoch + 1, **self.extra,
                              **{name: obj.state_dict() for name, obj in self.save.items()},
                              "rng": rng_state(self.generators)}, f"{label}/{self.total}")
@@ -480,6 +487,9 @@ def check_training_flags(args, table, source="the paper uses", checkpoints=True)
     check_range("--milestones", list(args.milestones), 1,
                 fix=quoted("milestones") + " (the lr is divided by 10 after that many epochs)")
     check_range("--seed", args.seed, 0, SEED_MAX, fix=f"give a whole number from 0 to {SEED_MAX}")
+    if hasattr(args, "teacher_seed"):  # the method CLIs: the seed of the recipe teacher they load
+        check_range("--teacher-seed", args.teacher_seed, 0, SEED_MAX,
+                    fix=f"give a whole number from 0 to {SEED_MAX}")
     check_writable_folder("--runs-dir", args.runs_dir)
     if checkpoints:
         check_writable_folder("--checkpoint-dir", args.checkpoint_dir)

@@ -716,7 +716,9 @@ def _kd3_step(student, teacher, x, args, lr=0.1):
     """One kd3.train_step of `student` (and fresh projection heads) on x; returns its terms (+ the networks)."""
     nets = kd3.KD3Networks(student, teacher.feat_dim, args.proj_dim, with_heads=not args.no_mdcl)
     opt = torch.optim.SGD([p for p in nets.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=5e-4)
-    terms = kd3.train_step(nets, teacher, x, opt, args)
+    terms = kd3.train_step(nets, teacher, x, opt, tau=args.tau, alpha=args.alpha,
+                           mix_delta=args.mix_delta, mdcl=not args.no_mdcl,
+                           cls_share=args.no_cls_share or "shared", kd_t=args.kd_t)
     terms["networks"] = nets
     return terms
 
@@ -741,7 +743,8 @@ def test_classifier_sharing_keeps_teacher_classifier_fixed():
     nets = kd3.KD3Networks(model, t.feat_dim, 128)
     head_t_before = nets.head_t.linear.weight.clone()
     opt = torch.optim.SGD([p for p in nets.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=5e-4)
-    terms = kd3.train_step(nets, t, torch.randn(8, 1, 32, 32), opt, _args())
+    x = torch.randn(8, 1, 32, 32)
+    terms = kd3.train_step(nets, t, x, opt, tau=0.3, alpha=0.01, mix_delta=0.1)
     assert set(terms) >= {"wfa", "mdcl_s", "mdcl_t"} and torch.isfinite(terms["wfa"])
     for k, v in t.state_dict().items():
         assert torch.equal(v, teacher_state[k]), k
@@ -773,11 +776,14 @@ def test_random_selection_takes_as_many_as_combined():
     meta = data.DATASETS["fashionmnist"]
     p_t = torch.distributions.Dirichlet(torch.full((10,), 0.2)).sample((300,))  # peaked teacher probabilities
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    _, idx_c, _ = kd3.select_web_instances(1, _args(), p_t, model, web, meta, gen())
-    alpha, idx_r, _ = kd3.select_web_instances(1, _args(selection="random"), p_t, model, web, meta, gen())
+    hp = dict(total_epochs=10, v_th=0.95)
+    _, idx_c, _ = kd3.select_web_instances(1, p_t, model, web, meta, gen(), **hp)
+    alpha, idx_r, _ = kd3.select_web_instances(1, p_t, model, web, meta, gen(), **hp,
+                                               selection="random")
     assert alpha == pytest.approx(math.exp(-5 * (1 / 5 - 1) ** 2))
     assert 0 < len(idx_c) < 300 and len(idx_r) == len(idx_c) and not torch.equal(idx_r.sort()[0], idx_c)
-    alpha_t, idx_t, _ = kd3.select_web_instances(3, _args(selection="teacher"), p_t, model, web, meta, gen())
+    alpha_t, idx_t, _ = kd3.select_web_instances(3, p_t, model, web, meta, gen(), **hp,
+                                                 selection="teacher")
     conf, pred = p_t.max(1)
     counts = [int((pred == k).sum()) for k in range(10)]
     keep = [i for i in range(300) if conf[i] > counts[pred[i]] / max(counts) * 0.95]  # Eq. (8) on N_T alone
@@ -1003,11 +1009,11 @@ def test_generator_step_conditions_on_the_labels_it_scores():
     gan_teacher = hidfd.GanRangeTeacher(teacher, (0.5,), (0.5,))
     G = hidfd.Generator(10, 1, 32, z_dim=8, width=4)
     D = hidfd.Discriminator(10, 1, 32, teacher.feat_dim, width=4)
-    args = argparse.Namespace(z_dim=8, gan_loss="standard", lambda_g=0.1, reg_weights="paper")
     noise = torch.Generator().manual_seed(3)
     _, y = hidfd.sample_noise_and_labels(6, 10, 8, torch.Generator().manual_seed(3))  # the draws the step makes
     freq = hidfd.ClassFrequency(10, 6, 0.5)
-    terms = hidfd.generator_step(G, D, gan_teacher, freq, torch.optim.SGD(G.parameters(), lr=0.0), 6, noise, args)
+    opt = torch.optim.SGD(G.parameters(), lr=0.0)
+    terms = hidfd.generator_step(G, D, gan_teacher, freq, opt, 6, noise, z_dim=8, lambda_g=0.1)
     rows = G.norms[0].gain.weight.grad.abs().sum(1)                                   # (10,) per class
     sampled = set(y.tolist())
     assert len(sampled) > 1 and all(rows[c] > 0 for c in sampled) and all(rows[c] == 0 for c in set(range(10)) - sampled)
@@ -1171,6 +1177,35 @@ def test_class_fill_continues_from_previous_counts():
     assert keep.tolist() == [True, True, False, True, False] and counts.tolist() == [2, 2]
 
 
+def test_algorithm1_literal_keeps_what_the_vectorised_versions_keep():
+    g = torch.Generator().manual_seed(1)
+    filled = []
+    for trial in range(24):
+        c = int(torch.randint(2, 7, (1,), generator=g))
+        probs = torch.rand(c, generator=g) ** 3  # skewed, like a teacher on arbitrary data
+        sizes = torch.randint(1, 60, (int(torch.randint(2, 4, (1,), generator=g)),), generator=g)
+        sources = [torch.multinomial(probs, int(n), replacement=True, generator=g) for n in sizes]
+        quota = int(torch.randint(1, 10, (1,), generator=g))
+        samples = [[(i, k) for k in range(len(s))] for i, s in enumerate(sources)]  # x_k of D_i
+        counts = [0] * c
+        literal = bt.algorithm1_literal(samples, lambda x: int(sources[x[0]][x[1]]), quota, counts,
+                                        torch.Generator().manual_seed(trial))
+        order_gen = torch.Generator().manual_seed(trial)  # the same random order of line 5
+        orders = [torch.randperm(len(s), generator=order_gen) for s in sources]
+        vectorised = bt.balanced_indices([s[o] for s, o in zip(sources, orders)], quota, c)
+        assert literal == [o[k].tolist() for o, k in zip(orders, vectorised)]
+        chunked, running = [], torch.zeros(c, dtype=torch.int64)  # class_fill, chunk by chunk
+        for s, o in zip(sources, orders):
+            keep = [o[:0]]
+            for chunk in o.split(int(torch.randint(1, 20, (1,), generator=g))):
+                fill, running = bt.class_fill(s[chunk], running, quota)
+                keep.append(chunk[fill])
+            chunked.append(torch.cat(keep).tolist())
+        assert literal == chunked and counts == running.tolist()
+        filled.append(all(n == quota for n in counts))
+    assert any(filled) and not all(filled)  # quotas that fill and quotas that do not
+
+
 ## Eq. (2): kd_loss ##
 
 class IndexTeacher(torch.nn.Module):
@@ -1246,6 +1281,157 @@ def test_random_noise_ranges_and_statistics():
     assert bright.min() >= 0 and bright.max() <= 1 and abs(bright.mean().item() - 0.25) < 0.01  # E[U]E[U]
     with pytest.raises(ValueError, match="unknown noise"):
         bt.random_noise(1, (1, 2, 2), "pink", g)
+
+
+#### balanced_transfer.py: the streaming composer, its screen and its cache ####
+
+def noise_teacher(seed=0):
+    """A LeNet-5 with random weights that calls uniform noise every class, some rarely, like a trained teacher."""
+    torch.manual_seed(seed)
+    net = models.build_model("lenet5", 10, 1).eval()
+    x = bt.draw_noise(4096, (1, 32, 32), "uniform", torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # a classifier over the noise features' spread, its classes from 18% down to 2%
+        f = net.features((x.float() / 255 - 0.5) / 0.25)
+        w = torch.randn(10, net.feat_dim) / f.std(0).norm() * 4
+        net.classifier.weight.copy_(w)
+        net.classifier.bias.copy_(-(w @ f.mean(0)) + torch.linspace(2.5, -2.5, 10))
+    return runtime.prepare_model(net, torch.device("cpu")).eval().requires_grad_(False)
+
+
+def compose_stream(teacher, quota, max_draws, screen=True, batch=512, seed=0, stream=None, balanced=True):
+    gen = torch.Generator().manual_seed(seed)
+    stream = stream or bt.NoiseStream(gen, 10)
+    labeller = bt.Labeller(teacher, (0.5,), (0.25,), batch, screen=screen)
+    return bt.compose_generated(stream, lambda: bt.draw_noise(batch, (1, 32, 32), "uniform", stream.generator),
+                                labeller, quota, max_draws, balanced)
+
+
+def test_uniform_noise_is_drawn_on_the_256_levels_each_equally_likely():
+    x = bt.draw_noise(4000, (1, 8, 8), "uniform", torch.Generator().manual_seed(0))
+    assert x.dtype == torch.uint8 and x.shape == (4000, 1, 8, 8)
+    counts = torch.bincount(x.flatten().long(), minlength=256).double()
+    assert counts.min() > 0.8 * 1000 and counts.max() < 1.2 * 1000  # 256,000 pixels: 1,000 per level
+    gauss = bt.draw_noise(10, (1, 4, 4), "gaussian", torch.Generator().manual_seed(0))
+    assert torch.equal(gauss, bt.to_uint8(bt.random_noise(10, (1, 4, 4), "gaussian",
+                                                          torch.Generator().manual_seed(0))))
+
+
+def test_pairwise_max_pool_equals_max_pool2d_on_even_and_odd_sizes():
+    for h, w in ((8, 8), (7, 9), (28, 28)):
+        x = torch.randn(3, 4, h, w)
+        assert torch.equal(bt.PairwiseMaxPool()(x), F.max_pool2d(x, 2))
+
+
+def test_screen_candidates_by_hand():
+    logits = torch.tensor([[5.0, 4.5, 0.0], [5.0, 3.0, 4.2], [1.0, 2.0, 3.0]])
+    open_classes = torch.tensor([False, True, False])
+    # row 0: class 1 is 0.5 below the top (within the margin 1); row 1: 2.0 below; row 2: class 1 is 1.0 below
+    assert bt.screen_candidates(logits, open_classes, 1.0).tolist() == [True, False, True]
+    assert bt.screen_candidates(logits, torch.tensor([True, False, False]), 1.0).tolist() == [True, True, False]
+    assert bt.screen_candidates(logits, torch.zeros(3, dtype=torch.bool), 1.0).tolist() == [False] * 3
+
+
+def test_the_screen_is_within_half_its_margin_of_the_fp32_teacher():
+    teacher = noise_teacher()
+    labeller = bt.Labeller(teacher, (0.5,), (0.25,), 1024)
+    assert labeller.folded  # LeNet-5's first convolution has no padding: the normalisation is folded into it
+    x = bt.draw_noise(2048, (1, 32, 32), "uniform", torch.Generator().manual_seed(1))
+    exact = runtime.predict(teacher, x, (0.5,), (0.25,), 1024)
+    error = (labeller.screened_logits(x) - exact).abs().max().item()
+    assert 0 < error < bt.SCREEN_MARGIN / 2, error
+
+
+def test_the_screen_changes_no_kept_image_or_label():
+    teacher = noise_teacher()
+    plain = compose_stream(teacher, quota=60, max_draws=float("inf"), screen=False, batch=256)
+    screened = compose_stream(teacher, quota=60, max_draws=float("inf"), screen=True, batch=256)
+    assert screened.complete and screened.screen["screened"] >= 4 * 256  # most batches went through the screen
+    assert screened.screen["labelled_exactly"] < screened.screen["screened"] / 2  # and it passed few draws on
+    assert screened.screen["checked"] > 0 and screened.screen["misses"] == 0
+    a, b = plain.state_dict(), screened.state_dict()
+    assert a["made"] == b["made"] and torch.equal(a["counts"], b["counts"])
+    for key in ("images", "labels", "kept_at"):
+        assert torch.equal(a[key], b[key]), key
+    # the kept images are the first `quota` draws of each class in draw order: their fp32 labels by hand
+    labels = runtime.predict(teacher, b["images"], (0.5,), (0.25,), 512).argmax(1)
+    assert torch.equal(labels, b["labels"])
+
+
+def test_the_composer_stops_only_when_every_quota_is_full_or_the_draws_end():
+    teacher = noise_teacher()
+    capped = compose_stream(teacher, quota=10 ** 6, max_draws=1000, screen=False)
+    assert capped.made == 1000 and not capped.complete  # the cap ends inside the second batch of 512
+    full = compose_stream(teacher, quota=3, max_draws=float("inf"), batch=64)
+    counts = full.counts.tolist()
+    assert counts == [3] * 10 and full.complete
+    # it went on after the first class filled: that class filled within the first batch
+    first_full = torch.stack(full.batch_hist).cumsum(0)
+    assert int((first_full >= 3).any(1).nonzero()[0]) == 0 and full.made > 64
+    # and it stopped at the batch that filled the last class
+    assert full.made == 64 * len(full.batch_hist) and int(full.state_dict()["kept_at"].max()) >= full.made - 64
+
+
+def test_a_continued_stream_equals_an_uninterrupted_one_and_prefixes_give_smaller_quotas():
+    teacher = noise_teacher()
+    whole = compose_stream(teacher, quota=40, max_draws=512 * 30).state_dict()
+    part = compose_stream(teacher, quota=40, max_draws=512 * 12)
+    gen = torch.Generator()
+    resumed = bt.NoiseStream(gen, 10)
+    resumed.load_state_dict(part.state_dict())  # as read back from the cache
+    resumed = compose_stream(teacher, quota=40, max_draws=512 * 30, stream=resumed).state_dict()
+    for key in ("made", "counts", "images", "labels", "kept_at", "batch_hist"):
+        assert torch.equal(torch.as_tensor(whole[key]), torch.as_tensor(resumed[key])), key
+    # quota 15 from the quota-40 stream = Algorithm 1 run with quota 15 on the same draws
+    small = compose_stream(teacher, quota=15, max_draws=512 * 30).state_dict()
+    images, labels, draws, hist = bt.stream_prefix(whole, quota=15)
+    assert torch.equal(images, small["images"]) and torch.equal(labels, small["labels"])
+    if small["counts"].min() >= 15:  # it filled: the prefix ends at the batch where the slower stream ended
+        assert draws == small["made"] and torch.equal(hist, small["batch_hist"].sum(0))
+    # fewer draws: the kept images of the first 2 batches, and their histogram
+    assert whole["made"] > 512 * 2
+    images, labels, draws, hist = bt.stream_prefix(whole, max_draws=512 * 2)
+    first2 = compose_stream(teacher, quota=40, max_draws=512 * 2).state_dict()
+    assert draws == 1024 and torch.equal(images, first2["images"]) and torch.equal(hist, first2["batch_hist"].sum(0))
+
+
+def test_draws_to_balance_by_hand():
+    counts, hist = torch.tensor([10, 4, 0]), torch.tensor([500, 40, 10])
+    # class 1: 6 more at 40/1000 per draw = 150 draws; class 2: 10 more at 10/1000 = 1000 draws
+    assert bt.draws_to_balance(counts, hist, 1000, 10) == pytest.approx(1000)
+    assert bt.draws_to_balance(counts, torch.tensor([500, 40, 0]), 1000, 10) == float("inf")
+    assert bt.draws_to_balance(torch.tensor([10, 10, 10]), hist, 1000, 10) == 0
+
+
+def test_max_draws_flag_reads_numbers_and_full():
+    assert bt.draws_flag("full") == "full" and bt.draws_flag("1_000_000") == 1_000_000
+    for bad in ("0", "-5", "lots"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bt.draws_flag(bad)
+
+
+def test_cli_composition_cache_continues_reuses_and_is_never_replaced(synthetic_teacher, tmp_path):
+    common = ["balanced_transfer.py", "--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
+              "--source", "noise-uniform", "--transfer-size", "200", "--epochs", "1", "--no-augment",
+              "--compose-cache", str(tmp_path / "cache"), "--draw-batch", "256"]
+    out = run_cli(common + ["--max-draws", "512"], cwd=tmp_path)
+    first = read_results(tmp_path)
+    (cache,) = (tmp_path / "cache").iterdir()
+    assert first["draws"] == 512 and "-quota20.pt" in cache.name and first["teacher_sha256"] in cache.name + \
+        first["teacher_sha256"] and cache.name.split("-teacher")[1][:16] == first["teacher_sha256"][:16]
+    out = run_cli(common + ["--max-draws", "1536"], cwd=tmp_path)
+    assert "continuing the composition cached in" in out and "from 512 draws" in out
+    done = read_results(tmp_path)
+    assert done["draws"] == 1536 and sum(done["histogram"]) > sum(first["histogram"])
+    saved = cache.read_bytes()
+    out = run_cli(common + ["--max-draws", "1536"], cwd=tmp_path)  # drawn already: read, not drawn again
+    again = read_results(tmp_path)
+    assert "read from the composition cache" in out and cache.read_bytes() == saved
+    assert again["histogram"] == done["histogram"] and again["draws"] == done["draws"]
+    cache.write_bytes(b"not a torch file")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "balanced_transfer.py")] + common[1:] +
+                          ["--max-draws", "1536"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: the composition cache") \
+        and "delete it" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_augment_keeps_shape_and_range_and_is_seeded():
@@ -1357,8 +1543,10 @@ def assert_resume_matches(module, argv, save_number, tmp_path, monkeypatch, caps
     with open(os.path.join(cut, "results.json")) as f:
         got = json.load(f)
     paths = ("student_checkpoint", "checkpoint", "generator")
-    assert {k: v for k, v in got.items() if k not in TIMING_KEYS + paths} == \
-        {k: v for k, v in expected.items() if k not in TIMING_KEYS + paths}
+    # teacher.py's teacher_sha256: that of the file it wrote, whose stored args name the run's folders
+    skip = TIMING_KEYS + paths + (("teacher_sha256",) if module is teacher else ())
+    assert {k: v for k, v in got.items() if k not in skip} == \
+        {k: v for k, v in expected.items() if k not in skip}
     for key in paths:
         if key in expected:
             a = torch.load(expected[key], weights_only=True)["state_dict"]
@@ -2643,6 +2831,17 @@ def test_every_link_in_the_readme_and_docs_resolves():
     assert _anchor("`kd3_ablations`: KD3, Table 2") == "kd3_ablations-kd3-table-2"
 
 
+@pytest.mark.parametrize("page", ["kd3.md", "hidfd.md", "balanced_transfer.md"])
+def test_the_step_script_of_each_method_page_runs(page, one_thread, capsys):
+    """docs/<method>.md's script under "The steps in a script": tiny networks, each step once."""
+    text = open(os.path.join(HERE, "docs", page)).read()
+    section = text.split("\n## The steps in a script\n", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```\n", 1)[0]
+    exec(compile(code, f"docs/{page}", "exec"), {"__name__": "__main__"})
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 1 and "nan" not in printed, printed  # one line of finite terms
+
+
 #### Wiring: each step updates and reads what the paper says ####
 # The equations are checked above; here, what connects them: which networks one step updates and
 # where each loss term sends gradient, which inputs each term reads, what each variant changes, the
@@ -2669,20 +2868,13 @@ def kd3_step(
     kd_t=4.0,
     no_cls_share_predictions="own",
 ):
-    """Adapter: kd3's Stage-2 step (Algorithm 1, lines 9-15) with its hyperparameters by name."""
-    hp = argparse.Namespace(
-        tau=tau,
-        alpha=alpha,
-        mix_delta=mix_delta,
-        no_mdcl=no_mdcl,
-        no_md=no_md,
-        mdcl_reduction=mdcl_reduction,
-        contrastive=contrastive,
-        no_cls_share=no_cls_share,
-        kd_t=kd_t,
-        no_cls_share_predictions=no_cls_share_predictions,
+    """Adapter: kd3's Stage-2 step (Algorithm 1, lines 9-15), the variants named as the flags."""
+    return kd3.train_step(
+        nets, teacher, x, opt, tau=tau, alpha=alpha, mix_delta=mix_delta, mdcl=not no_mdcl,
+        md=not no_md, mdcl_reduction=mdcl_reduction, contrastive=contrastive,
+        cls_share=no_cls_share or "shared",
+        shared_predictions=bool(no_cls_share) and no_cls_share_predictions == "shared", kd_t=kd_t,
     )
-    return kd3.train_step(nets, teacher, x, opt, hp)
 
 
 def hidfd_d_step(
@@ -2701,10 +2893,10 @@ def hidfd_d_step(
     blend_reading="equation",
 ):
     """Adapter: HiDFD's discriminator step (Algorithm A-1, line 5)."""
-    hp = argparse.Namespace(
-        z_dim=z_dim, gan_loss=gan_loss, lambda_d=lambda_d, q=q, blend_reading=blend_reading
+    return hidfd.discriminator_step(
+        D, G, teacher, x_real, y_real, t_real, opt_d, noise, z_dim=z_dim, lambda_d=lambda_d, q=q,
+        blend_reading=blend_reading, gan_loss=gan_loss,
     )
-    return hidfd.discriminator_step(D, G, teacher, x_real, y_real, t_real, opt_d, noise, hp)
 
 
 def hidfd_g_step(
@@ -2721,10 +2913,10 @@ def hidfd_g_step(
     reg_weights="paper",
 ):
     """Adapter: HiDFD's generator step (Algorithm A-1, lines 6-8)."""
-    hp = argparse.Namespace(
-        z_dim=z_dim, gan_loss=gan_loss, lambda_g=lambda_g, reg_weights=reg_weights
+    return hidfd.generator_step(
+        G, D, teacher, class_freq, opt_g, n, noise, z_dim=z_dim, lambda_g=lambda_g,
+        reg_weights=reg_weights, gan_loss=gan_loss,
     )
-    return hidfd.generator_step(G, D, teacher, class_freq, opt_g, n, noise, hp)
 
 
 def hidfd_distill_step(trained, teacher, x, opt):
@@ -2745,8 +2937,10 @@ def bt_kd_step(
     temperature=20.0,
 ):
     """Adapter: the balanced-transfer KD step (Algorithm 1, line 15, Eq. 2)."""
-    hp = argparse.Namespace(augment=augment, aug_labels=aug_labels, temperature=temperature)
-    return bt.kd_step(student, teacher, x, cached_logits, opt, aug_gen, normalize, hp)
+    return bt.kd_step(
+        student, teacher, x, cached_logits, opt, aug_gen, normalize, tau=temperature,
+        augmentation=augment, aug_labels=aug_labels,
+    )
 
 
 def _params(module):
@@ -3101,6 +3295,7 @@ def test_selection_reads_the_student_before_alpha_reaches_one_and_random_draws_f
     p_t = torch.distributions.Dirichlet(torch.full((10,), 0.3)).sample((200,))
     logits, feats = runtime.predict(student, web, meta["mean"], meta["std"], features=True)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    hp = dict(total_epochs=10, v_th=0.95)  # I = 10, the paper's V_th
     for shared in (None, teacher.classifier):
         p_s = F.softmax(logits if shared is None else teacher.classifier(feats), 1)
         for epoch, alpha in ((3, math.exp(-5 * (3 / 5 - 1) ** 2)), (7, 1.0)):  # I = 10
@@ -3109,16 +3304,16 @@ def test_selection_reads_the_student_before_alpha_reaches_one_and_random_draws_f
             counts = torch.bincount(pred, minlength=10).float()
             keep = (conf > counts[pred] / counts.max() * 0.95).nonzero().squeeze(1)  # Eqs. (6)-(8)
             a, idx, y_pred = kd3.select_web_instances(
-                epoch, _args(), p_t, student, web, meta, gen(), shared
+                epoch, p_t, student, web, meta, gen(), **hp, shared_classifier=shared
             )
             assert (
                 a == pytest.approx(alpha)
                 and torch.equal(y_pred, pred)
                 and idx.tolist() == keep.tolist()
             )
-    _, idx_c, _ = kd3.select_web_instances(3, _args(), p_t, student, web, meta, gen())
+    _, idx_c, _ = kd3.select_web_instances(3, p_t, student, web, meta, gen(), **hp)
     _, idx_r, _ = kd3.select_web_instances(
-        3, _args(selection="random"), p_t, student, web, meta, gen()
+        3, p_t, student, web, meta, gen(), **hp, selection="random"
     )
     # as many as the combined rule keeps, drawn without replacement from all 200 images (seeded)
     assert (
@@ -3132,19 +3327,43 @@ def test_selection_reads_the_student_before_alpha_reaches_one_and_random_draws_f
 
 
 def test_milestones_act_at_the_named_epoch(tmp_path):
-    assert [runtime.step_lr(1.0, (2, 4), e) for e in range(6)] == pytest.approx(
-        [1, 1, 0.1, 0.1, 0.01, 0.01]
-    )
+    opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1.0)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, (2, 4), gamma=0.1)  # as the loops build it
+    lrs = []
+    for _ in range(6):  # stepped once per epoch
+        lrs.append(opt.param_groups[0]["lr"])
+        schedule.step()
+    assert lrs == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     net = torch.nn.Linear(2, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=123.0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
     log = runtime.RunLog("schedule", {"seed": 0}, str(tmp_path))
-    training = runtime.Training(log, 4, save={"net": net}, optimizer=opt, lr=0.5, milestones=(1, 3))
+    schedule = torch.optim.lr_scheduler.MultiStepLR(opt, (1, 3), gamma=0.1)
+    training = runtime.Training(log, 4, save={"net": net}, lr_schedule=schedule)
     seen = []
     for epoch in training.epochs():
         seen.append(opt.param_groups[0]["lr"])
         training.record(1, loss=torch.tensor(1.0))
         assert training.end_epoch()["lr"] == pytest.approx(seen[-1])  # logged as it acted
     assert seen == pytest.approx([0.5, 0.05, 0.05, 0.005])
+
+
+def test_a_resumed_run_continues_its_lr_schedule(tmp_path):
+    def schedule_run(total, config):
+        net = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        log = runtime.RunLog("schedule", config, str(tmp_path))
+        schedule = torch.optim.lr_scheduler.MultiStepLR(opt, (1, 2), gamma=0.1)
+        training = runtime.Training(log, total, save={"net": net, "opt": opt}, lr_schedule=schedule)
+        seen = []
+        for epoch in training.epochs():
+            seen.append(opt.param_groups[0]["lr"])
+            training.record(1, loss=torch.tensor(1.0))
+            training.end_epoch()
+        return log, seen
+
+    log, first = schedule_run(2, {"seed": 0})  # stopped after epoch 2 of 4
+    _, rest = schedule_run(4, {"seed": 0, "resume": log.dir})
+    assert first + rest == pytest.approx([0.5, 0.05, 0.005, 0.005])  # as one run of 4 epochs
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -3697,3 +3916,193 @@ def test_headline_cifar_commands_run_one_epoch_on_files_in_the_real_layouts(tmp_
     assert second["examined"] == (0 if first["kept"] == 20 else 8)
     assert res["quota"] == 2 and max(res["histogram"]) <= 2 and config["augment"] is True
     assert first["kept"] + second["kept"] == res["transfer_size"] == sum(res["histogram"])
+
+
+#### The teacher of a method run: --seed, --teacher-seed, the committed teacher ####
+
+def test_seed_leaves_the_teacher_and_teacher_seed_picks_it(synthetic_teacher, tmp_path,
+                                                           monkeypatch):
+    import shutil
+
+    cache = tmp_path / "ckpt"
+    cache.mkdir()
+    shutil.copy(synthetic_teacher, cache / "synthetic-lenet5-seed0.pt")
+    trained = []  # the cache paths a run would train a teacher into
+
+    def train(args, arch, path, device):
+        trained.append(path)
+        shutil.copy(synthetic_teacher, path)
+
+    monkeypatch.setattr(teacher, "train_missing_teacher", train)
+    sha = teacher.file_sha256(synthetic_teacher)
+    for module in (kd3, hidfd, bt):
+        args = module.build_parser().parse_args(["--dataset", "synthetic", "--seed", "1",
+                                                 "--checkpoint-dir", str(cache)])
+        _, ckpt = teacher.get_teacher(args, torch.device("cpu"))
+        assert ckpt["path"] == str(cache / "synthetic-lenet5-seed0.pt") and trained == []
+        assert ckpt["sha256"] == args.teacher_sha256 == sha  # config.json records it
+    args = kd3.build_parser().parse_args(["--dataset", "synthetic", "--teacher-seed", "1",
+                                          "--checkpoint-dir", str(cache)])
+    _, ckpt = teacher.get_teacher(args, torch.device("cpu"))
+    assert trained == [str(cache / "synthetic-lenet5-seed1.pt")] == [ckpt["path"]]
+    with pytest.raises(SystemExit, match="^error: --teacher-seed must be in \\[0, "):
+        kd3.main(["--dataset", "synthetic", "--teacher-seed", "-1", "--checkpoint-dir", str(cache)])
+
+
+def test_the_committed_teacher_is_loaded_when_none_is_cached(synthetic_teacher, tmp_path,
+                                                             monkeypatch):
+    trained = []
+    monkeypatch.setattr(teacher, "train_missing_teacher", lambda *a: trained.append(a[2]))
+    monkeypatch.setitem(teacher.COMMITTED, ("synthetic", "lenet5", 0), synthetic_teacher)
+    args = kd3.build_parser().parse_args(["--dataset", "synthetic", "--seed", "2",
+                                          "--checkpoint-dir", str(tmp_path / "empty")])
+    _, ckpt = teacher.get_teacher(args, torch.device("cpu"))
+    assert ckpt["path"] == synthetic_teacher and trained == []
+    assert args.teacher_sha256 == teacher.file_sha256(synthetic_teacher)
+    # a --resume run whose config.json names another teacher is refused before anything is trained
+    args = kd3.build_parser().parse_args(["--dataset", "synthetic", "--teacher", synthetic_teacher])
+    args.teacher_sha256, args.resume = "0" * 64, "runs/kd3-x"
+    with pytest.raises(ValueError, match="started with the teacher of sha256 000000000000.*, but"):
+        teacher.get_teacher(args, torch.device("cpu"))
+
+
+def test_a_trained_teacher_is_compared_with_the_committed_one(synthetic_teacher, tmp_path):
+    acc = torch.load(synthetic_teacher, weights_only=True)["acc"]
+    sha = teacher.file_sha256(synthetic_teacher)
+    line = teacher.compare_with_committed(acc - 0.25, sha, synthetic_teacher)
+    assert f": {acc:.2f}% test accuracy; this one: {acc - 0.25:.2f}% (-0.25 points), the same " \
+           "file (sha256 equal)" in line
+    line = teacher.compare_with_committed(acc + 1.5, "f" * 64, synthetic_teacher)
+    assert "(+1.50 points), another network (sha256 differs" in line
+
+
+def test_the_committed_fashionmnist_teacher_is_the_one_named():
+    path = teacher.COMMITTED[("fashionmnist", "lenet5", 0)]
+    assert os.path.relpath(path, HERE) == os.path.join("teachers", "fashionmnist-lenet5.pt")
+    assert teacher.file_sha256(path) == \
+        "f362060183f9e6d260e8966f1316171fb29b2f59f839bafeda8153fc81571126"
+    assert torch.load(path, weights_only=True)["acc"] == 90.26
+
+
+#### experiments/quickstart.py ####
+
+QUICKSTART_README = """# page
+
+## Quick start (offline)
+
+    python teacher.py
+
+**1.**
+<!-- QUICKSTART:teacher -->
+<!-- /QUICKSTART:teacher -->
+
+    python kd3.py --epochs 5
+
+KD3.
+<!-- QUICKSTART:kd3 -->
+old text
+<!-- /QUICKSTART:kd3 -->
+
+    python hidfd.py --gan-epochs 20 --epochs 5
+
+<!-- QUICKSTART:hidfd -->
+<!-- /QUICKSTART:hidfd -->
+
+    python balanced_transfer.py --epochs 20 --no-augment
+
+<!-- QUICKSTART:balanced_transfer -->
+<!-- /QUICKSTART:balanced_transfer -->
+
+<!-- QUICKSTART:total -->
+<!-- /QUICKSTART:total -->
+
+## Results
+
+    python kd3.py --epochs 99
+"""
+
+
+def _kept_quickstart_run(runner, method, seed, command, acc, wall_s, **extra):
+    folder = runner.result_dir("quickstart", method, seed)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"method": method, "student_acc": acc, **extra}, f)
+    with open(os.path.join(folder, "quickstart.json"), "w") as f:
+        json.dump({"command": command, "seed": seed, "wall_s": wall_s, "threads": 2,
+                   "torch": "2.x", "processor": "a CPU"}, f)
+
+
+def test_quickstart_writes_the_readme_blocks_from_kept_runs(monkeypatch, tmp_path):
+    runner = _runner(monkeypatch, tmp_path / "results")
+    import quickstart  # experiments/quickstart.py
+
+    readme, results, long_runs = (tmp_path / f for f in ("README.md", "results.md", "long.md"))
+    readme.write_text(QUICKSTART_README)
+    results.write_text("# results\n<!-- QUICKSTART:teacher -->\n")
+    long_runs.write_text("intro\n<!-- QUICKSTART:spread -->\n<!-- /QUICKSTART:spread -->\nend\n")
+    kd3_cmd = "python kd3.py --epochs 5"
+    hidfd_cmd = "python hidfd.py --gan-epochs 20 --epochs 5"
+    bt_cmd = "python balanced_transfer.py --epochs 20 --no-augment"
+    assert quickstart.readme_commands(str(readme)) == {"kd3": kd3_cmd, "hidfd": hidfd_cmd,
+                                                       "balanced_transfer": bt_cmd}
+    for seed, acc, wall in ((0, 70.0, 60), (1, 71.0, 66), (2, 72.5, 72)):
+        _kept_quickstart_run(runner, "kd3", seed, kd3_cmd, acc, wall)
+    for seed, acc, agree in ((0, 77.0, 40.0), (1, 78.0, 48.0)):  # seed 2 not kept yet
+        _kept_quickstart_run(runner, "hidfd", seed, hidfd_cmd, acc, 300,
+                             synthetic_teacher_agree=agree)
+    _kept_quickstart_run(runner, "hidfd", 2, "python hidfd.py --epochs 1", 10.0, 1)  # another cmd
+    for seed, acc in ((0, 36.0), (1, 40.0), (2, 44.5)):
+        _kept_quickstart_run(runner, "balanced_transfer", seed, bt_cmd, acc, 120)
+
+    teacher_file = os.path.join(HERE, "teachers", "fashionmnist-lenet5.pt")
+    docs = {"results": str(results), "long_runs": str(long_runs)}
+    quickstart.report(str(readme), docs, [0, 1, 2], teacher_file)
+    page = readme.read_text()
+
+    def block(text, name):
+        inside = text.split(f"<!-- QUICKSTART:{name} -->\n")[1]
+        return inside.split(f"\n<!-- /QUICKSTART:{name} -->")[0]
+
+    # kd3: mean 71.1667, sample std 1.2583; walls 1.0, 1.1, 1.2 min
+    assert block(page, "kd3") == (
+        "You should see `student_acc` of about **71.2** (70.00–72.50 over 3 seeds, 2 threads; "
+        "71.17 ± 1.26) after about 1.1 minutes (1.0–1.2). Chance: 10%; the paper has no "
+        "Fashion-MNIST experiment.")
+    assert block(page, "hidfd").startswith(
+        "You should see `student_acc` of about **77.5** (77.00–78.00 over 2 seeds, 2 threads; "
+        "77.50 ± 0.71) after about 5.0 minutes (5.0–5.0). The teacher agrees with the "
+        "generator's label on about 44% of its samples (40.0–48.0%; chance 10%).")
+    assert "40.17 ± 4.25" in block(page, "balanced_transfer")
+    assert block(page, "balanced_transfer").endswith(
+        "**Its seeds spread over 8.50 points (more than 3): a single run can land anywhere in "
+        "that range.**")
+    assert "spread over" not in block(page, "kd3") + block(page, "hidfd")  # 2.50 and 1.00 points
+    assert block(page, "total") == ("Together the three commands take about 8.1 minutes "
+                                    "(2 threads, a CPU, torch 2.x).")  # 1.1 + 5.0 + 2.0
+    sha = teacher.file_sha256(teacher_file)
+    assert "has 90.26% test accuracy" in block(page, "teacher") and sha in block(page, "teacher")
+    assert block(results.read_text(), "teacher") == block(page, "teacher")
+    assert "old text" not in page and page.endswith("## Results\n\n    python kd3.py --epochs 99\n")
+    spread = block(long_runs.read_text(), "spread").splitlines()
+    assert spread[2] == f"| `{kd3_cmd}` | 0, 1, 2 | 71.17 ± 1.26 | 70.00–72.50 | 2.50 | 2 | 1.1 |"
+    assert spread[3] == f"| `{hidfd_cmd}` | 0, 1 | 77.50 ± 0.71 | 77.00–78.00 | 1.00 | 2 | 5.0 |"
+    assert spread[4] == (f"| `{bt_cmd}` | 0, 1, 2 | 40.17 ± 4.25 | 36.00–44.50 | "
+                         "8.50 (more than 3) | 2 | 2.0 |")
+    assert long_runs.read_text().startswith("intro\n") and long_runs.read_text().endswith("\nend\n")
+
+    before = readme.read_text()  # a second report rewrites the same blocks, nothing else
+    quickstart.report(str(readme), docs, [0, 1, 2], teacher_file)
+    assert readme.read_text() == before
+    # a changed README command does not count the runs of the old one
+    readme.write_text(before.replace(kd3_cmd + "\n", "python kd3.py --epochs 6\n", 1))
+    quickstart.report(str(readme), docs, [0, 1, 2], teacher_file)
+    assert block(readme.read_text(), "kd3").startswith(
+        "You should see `student_acc` of about **—**")
+    assert block(readme.read_text(), "total") == "Together the three commands take — minutes " \
+                                                 "(not measured yet)."
+    # a page without one of the markers: one line naming it
+    readme.write_text(before.replace("<!-- QUICKSTART:total -->", ""))
+    with pytest.raises(SystemExit,
+                       match="^error: .*README.md has no <!-- QUICKSTART:total --> marker"):
+        quickstart.report(str(readme), docs, [0, 1, 2], teacher_file)
+    assert readme.read_text() == before.replace("<!-- QUICKSTART:total -->", "")  # nothing written
