@@ -42,15 +42,48 @@ from teacher import get_teacher
 # synthetic: tiny settings so that the end-to-end tests take seconds; noise, then style-shifted shapes (two
 #        sources, so Algorithm 1 switches source).
 SETTINGS = {
-    "cifar": dict(teacher_arch="alexnet", student_arch="alexnet_half", source="svhn,tinyimagenet", optimizer="sgd",
-                  lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=240, milestones=(150, 180, 210), batch_size=128,
-                  max_draws=1_000_000, draw_batch=8192),
-    "mnist": dict(teacher_arch="lenet5", student_arch="lenet5_half", source="noise-uniform", optimizer="adam",
-                  lr=1e-3, momentum=0.0, weight_decay=0.0, epochs=40, milestones=(), batch_size=256,
-                  max_draws=1_000_000, draw_batch=8192),
-    "synthetic": dict(teacher_arch="lenet5", student_arch="lenet5_half", source="noise-uniform,shifted:synthetic",
-                      optimizer="adam", lr=2e-3, momentum=0.0, weight_decay=0.0, epochs=2, milestones=(),
-                      batch_size=128, max_draws=4000, draw_batch=2048),
+    "cifar": dict(
+        teacher_arch="alexnet",
+        student_arch="alexnet_half",
+        source="svhn,tinyimagenet",
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        epochs=240,
+        milestones=(150, 180, 210),
+        batch_size=128,
+        max_draws=1_000_000,
+        draw_batch=8192,
+    ),
+    "mnist": dict(
+        teacher_arch="lenet5",
+        student_arch="lenet5_half",
+        source="noise-uniform",
+        optimizer="adam",
+        lr=1e-3,
+        momentum=0.0,
+        weight_decay=0.0,
+        epochs=40,
+        milestones=(),
+        batch_size=256,
+        max_draws=1_000_000,
+        draw_batch=8192,
+    ),
+    "synthetic": dict(
+        teacher_arch="lenet5",
+        student_arch="lenet5_half",
+        source="noise-uniform,shifted:synthetic",
+        optimizer="adam",
+        lr=2e-3,
+        momentum=0.0,
+        weight_decay=0.0,
+        epochs=2,
+        milestones=(),
+        batch_size=128,
+        max_draws=4000,
+        draw_batch=2048,
+    ),
 }
 
 # Generated sources, drawn on the fly by the streaming composer. uniform and gaussian are the paper's (Sec. 4:
@@ -58,9 +91,14 @@ SETTINGS = {
 # (uniform 8x8 noise upsampled) and brightness (uniform x a per-image brightness) reach more teacher classes per
 # draw; uniform-normalised (U[-1, 1]) and normal-normalised (N(0, 1)) are drawn in the teacher's normalised input
 # space, mapped back to pixels and clipped to [0, 1].
-NOISE_SOURCES = {"noise-uniform": "uniform", "noise-gaussian": "gaussian", "noise-lowfreq": "lowfreq",
-                 "noise-brightness": "brightness", "noise-uniform-normalised": "uniform-normalised",
-                 "noise-normal-normalised": "normal-normalised"}
+NOISE_SOURCES = {
+    "noise-uniform": "uniform",
+    "noise-gaussian": "gaussian",
+    "noise-lowfreq": "lowfreq",
+    "noise-brightness": "brightness",
+    "noise-uniform-normalised": "uniform-normalised",
+    "noise-normal-normalised": "normal-normalised",
+}
 
 
 def draws_flag(text):
@@ -70,86 +108,224 @@ def draws_flag(text):
     try:
         value = int(text.replace("_", "").replace(",", ""))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of draws nor 'full'") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a number of draws nor 'full'"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} draws: give at least 1, or 'full'")
     return value
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="KD on a class-balanced arbitrary transfer set (WACV 2021).",
-                                formatter_class=runtime.HelpFormatter)
-    p.add_argument("--dataset", default="fashionmnist", choices=sorted(data.DATASETS), help="the teacher's task")
-    p.add_argument("--source", default=None, help="arbitrary sources D_1..D_M in order: any data.py source list, or "
-                   f"generated noise ({', '.join(NOISE_SOURCES)}) (Sec. 4.1: noise, Clevr+Mid-Air, SVHN+TinyImageNet); "
-                   + runtime.family_default(SETTINGS, "source"))
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the cache of teacher.py, trained "
-                   "with its recipe when missing)")
-    p.add_argument("--teacher-arch", default=None, help="Sec. 4 (resnet34 for Table 2-right); "
-                   + runtime.family_default(SETTINGS, "teacher_arch"))
-    p.add_argument("--student-arch", default=None, help="Sec. 4 (resnet18 for resnet34); "
-                   + runtime.family_default(SETTINGS, "student_arch"))
-    p.add_argument("--data-root", default="data", help="where the datasets' files are (docs/data.md)")
-    p.add_argument("--download", action="store_true", help="fetch the teacher's dataset with torchvision first")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws, the student and the augmentation")
-    p.add_argument("--teacher-seed", type=int, default=0,
-                   help="the recipe teacher's seed (one teacher for every --seed, as the tables)")
+    p = argparse.ArgumentParser(
+        description="KD on a class-balanced arbitrary transfer set (WACV 2021).",
+        formatter_class=runtime.HelpFormatter,
+    )
+    p.add_argument(
+        "--dataset",
+        default="fashionmnist",
+        choices=sorted(data.DATASETS),
+        help="the teacher's task",
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="arbitrary sources D_1..D_M in order: any data.py source list, or "
+        f"generated noise ({', '.join(NOISE_SOURCES)}) (Sec. 4.1: noise, Clevr+Mid-Air, SVHN+TinyImageNet); "
+        + runtime.family_default(SETTINGS, "source"),
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher checkpoint (default: the cache of teacher.py, trained "
+        "with its recipe when missing)",
+    )
+    p.add_argument(
+        "--teacher-arch",
+        default=None,
+        help="Sec. 4 (resnet34 for Table 2-right); "
+        + runtime.family_default(SETTINGS, "teacher_arch"),
+    )
+    p.add_argument(
+        "--student-arch",
+        default=None,
+        help="Sec. 4 (resnet18 for resnet34); " + runtime.family_default(SETTINGS, "student_arch"),
+    )
+    p.add_argument(
+        "--data-root", default="data", help="where the datasets' files are (docs/data.md)"
+    )
+    p.add_argument(
+        "--download", action="store_true", help="fetch the teacher's dataset with torchvision first"
+    )
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the draws, the student and the augmentation"
+    )
+    p.add_argument(
+        "--teacher-seed",
+        type=int,
+        default=0,
+        help="the recipe teacher's seed (one teacher for every --seed, as the tables)",
+    )
     p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
     # Transfer set (Algorithm 1, Sec. 4.1)
     balance = p.add_mutually_exclusive_group()
-    balance.add_argument("--balanced", dest="balanced", action="store_true", default=True,
-                         help="compose with Algorithm 1 (default: on)")
-    balance.add_argument("--unbalanced", dest="balanced", action="store_false",
-                         help="Table 1 'X' rows: a random composition of the same size N")
-    p.add_argument("--transfer-size", type=int, default=None, help="N of Algorithm 1 (Sec. 4.1: the teacher's "
-                   "training-set size; default: data.DATASETS train_size, 60000 for FMNIST)")
-    p.add_argument("--max-draws", type=draws_flag, default=None, help="cap on draws per generated source "
-                   "(a ':N' suffix overrides it); 'full': until every quota is full, as the paper does; "
-                   + runtime.family_default(SETTINGS, "max_draws"))
-    p.add_argument("--max-minutes", type=float, default=None, help="time cap on drawing from a generated source "
-                   "(default: none)")
-    p.add_argument("--draw-batch", type=int, default=None, help="noise images per teacher forward while composing; "
-                   + runtime.family_default(SETTINGS, "draw_batch"))
-    p.add_argument("--screen", default="bf16", choices=["bf16", "off"], help="pre-screen the draws with a bf16 "
-                   "copy of the teacher and label only the candidates of unfilled classes with the fp32 teacher "
-                   "(every kept image carries its fp32 label; docs/balanced_transfer.md); off: fp32 on every draw")
-    p.add_argument("--compose-cache", default=None, metavar="DIR", help="where a balanced composition from one "
-                   "generated source is saved every --save-minutes and at Ctrl-C, continued by the same command "
-                   "and reused once complete ('off': none; default: CHECKPOINT_DIR/transfer_sets)")
-    p.add_argument("--save-minutes", type=float, default=5.0, help="minutes between saves of the composition "
-                   "cache")
-    p.add_argument("--strict", type=float, nargs="?", const=0.0, default=None, metavar="FRACTION",
-                   help="refuse a transfer set where a class holds no image, or fewer than FRACTION of its quota "
-                        "N/C (default: off)")
+    balance.add_argument(
+        "--balanced",
+        dest="balanced",
+        action="store_true",
+        default=True,
+        help="compose with Algorithm 1 (default: on)",
+    )
+    balance.add_argument(
+        "--unbalanced",
+        dest="balanced",
+        action="store_false",
+        help="Table 1 'X' rows: a random composition of the same size N",
+    )
+    p.add_argument(
+        "--transfer-size",
+        type=int,
+        default=None,
+        help="N of Algorithm 1 (Sec. 4.1: the teacher's "
+        "training-set size; default: data.DATASETS train_size, 60000 for FMNIST)",
+    )
+    p.add_argument(
+        "--max-draws",
+        type=draws_flag,
+        default=None,
+        help="cap on draws per generated source "
+        "(a ':N' suffix overrides it); 'full': until every quota is full, as the paper does; "
+        + runtime.family_default(SETTINGS, "max_draws"),
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="time cap on drawing from a generated source (default: none)",
+    )
+    p.add_argument(
+        "--draw-batch",
+        type=int,
+        default=None,
+        help="noise images per teacher forward while composing; "
+        + runtime.family_default(SETTINGS, "draw_batch"),
+    )
+    p.add_argument(
+        "--screen",
+        default="bf16",
+        choices=["bf16", "off"],
+        help="pre-screen the draws with a bf16 "
+        "copy of the teacher and label only the candidates of unfilled classes with the fp32 teacher "
+        "(every kept image carries its fp32 label; docs/balanced_transfer.md); off: fp32 on every draw",
+    )
+    p.add_argument(
+        "--compose-cache",
+        default=None,
+        metavar="DIR",
+        help="where a balanced composition from one "
+        "generated source is saved every --save-minutes and at Ctrl-C, continued by the same command "
+        "and reused once complete ('off': none; default: CHECKPOINT_DIR/transfer_sets)",
+    )
+    p.add_argument(
+        "--save-minutes",
+        type=float,
+        default=5.0,
+        help="minutes between saves of the composition cache",
+    )
+    p.add_argument(
+        "--strict",
+        type=float,
+        nargs="?",
+        const=0.0,
+        default=None,
+        metavar="FRACTION",
+        help="refuse a transfer set where a class holds no image, or fewer than FRACTION of its quota "
+        "N/C (default: off)",
+    )
     # Distillation (Eq. 2, Sec. 4.2)
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="Sec. 4.2: scaling, rotation, flip, gaussian and salt-and-pepper noise during KD")
-    p.add_argument("--aug-labels", default="relabel", choices=["relabel", "fixed", "with-originals"],
-                   help="targets of augmented images: the teacher labels each augmented image afresh (relabel, "
-                        "Sec. 4.2 as written); the teacher's outputs on the composed image (fixed); or every batch "
-                        "holds the composed images beside their augmented copies, each labelled afresh "
-                        "(with-originals)")
-    p.add_argument("--epoch-images", type=int, default=None, help="images per epoch: a smaller transfer set is "
-                   "cycled (each epoch a fresh random order of it, repeated), so sets of other sizes get equal "
-                   "optimiser steps (default: one pass over the transfer set)")
-    p.add_argument("--temperature", type=float, default=20.0, help="tau of Eq. (2); not given in the paper: 20 as "
-                   "in the same group's ZSKD and DeGAN")
-    p.add_argument("--epochs", type=int, default=None, help="student epochs (not in the paper); "
-                   + runtime.family_default(SETTINGS, "epochs"))
-    p.add_argument("--batch-size", type=int, default=None, help="student batch size; "
-                   + runtime.family_default(SETTINGS, "batch_size"))
-    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"], help="student optimiser; "
-                   + runtime.family_default(SETTINGS, "optimizer"))
-    p.add_argument("--lr", type=float, default=None, help="student lr; " + runtime.family_default(SETTINGS, "lr"))
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum; "
-                   + runtime.family_default(SETTINGS, "momentum"))
-    p.add_argument("--weight-decay", type=float, default=None, help=runtime.family_default(SETTINGS, "weight_decay"))
-    p.add_argument("--milestones", type=int, nargs="*", default=None, help="lr / 10 at these epochs; "
-                   + runtime.family_default(SETTINGS, "milestones"))
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from "
-                   "RUN_DIR/state.pt and transfer_set.pt with its saved config.json (flags given now must match it)")
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Sec. 4.2: scaling, rotation, flip, gaussian and salt-and-pepper noise during KD",
+    )
+    p.add_argument(
+        "--aug-labels",
+        default="relabel",
+        choices=["relabel", "fixed", "with-originals"],
+        help="targets of augmented images: the teacher labels each augmented image afresh (relabel, "
+        "Sec. 4.2 as written); the teacher's outputs on the composed image (fixed); or every batch "
+        "holds the composed images beside their augmented copies, each labelled afresh "
+        "(with-originals)",
+    )
+    p.add_argument(
+        "--epoch-images",
+        type=int,
+        default=None,
+        help="images per epoch: a smaller transfer set is "
+        "cycled (each epoch a fresh random order of it, repeated), so sets of other sizes get equal "
+        "optimiser steps (default: one pass over the transfer set)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=20.0,
+        help="tau of Eq. (2); not given in the paper: 20 as in the same group's ZSKD and DeGAN",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="student epochs (not in the paper); " + runtime.family_default(SETTINGS, "epochs"),
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="student batch size; " + runtime.family_default(SETTINGS, "batch_size"),
+    )
+    p.add_argument(
+        "--optimizer",
+        default=None,
+        choices=["sgd", "adam"],
+        help="student optimiser; " + runtime.family_default(SETTINGS, "optimizer"),
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="student lr; " + runtime.family_default(SETTINGS, "lr"),
+    )
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=None,
+        help="SGD momentum; " + runtime.family_default(SETTINGS, "momentum"),
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help=runtime.family_default(SETTINGS, "weight_decay"),
+    )
+    p.add_argument(
+        "--milestones",
+        type=int,
+        nargs="*",
+        default=None,
+        help="lr / 10 at these epochs; " + runtime.family_default(SETTINGS, "milestones"),
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from "
+        "RUN_DIR/state.pt and transfer_set.pt with its saved config.json (flags given now must match it)",
+    )
     return p
 
 
@@ -157,57 +333,87 @@ def resolve_settings(args):
     """Fill every None flag from SETTINGS[family] (visible above); N defaults to |D_o|, the teacher's
     training-set size (Sec. 4.1), so the original data is never read."""
     for key, value in SETTINGS[data.DATASETS[args.dataset]["family"]].items():
-        if getattr(args, key) is None and not (key == "teacher_arch" and args.teacher):  # --teacher: its own arch
+        if getattr(args, key) is None and not (
+            key == "teacher_arch" and args.teacher
+        ):  # --teacher: its own arch
             setattr(args, key, value)
     if args.transfer_size is None:
         args.transfer_size = data.DATASETS[args.dataset]["train_size"]
     if args.transfer_size < data.DATASETS[args.dataset]["num_classes"]:
-        raise ValueError("--transfer-size must be at least the number of classes — the quota N // C must be >= 1")
-    runtime.check_training_flags(args, SETTINGS, source="the defaults are",
-                                 checkpoints=args.teacher is None)
-    runtime.check_range("--temperature", args.temperature, 0, open_low=True,
-                        fix="the default is 20, as in ZSKD and DeGAN (the paper gives none)")
+        raise ValueError(
+            "--transfer-size must be at least the number of classes — the quota N // C must be >= 1"
+        )
+    runtime.check_training_flags(
+        args, SETTINGS, source="the defaults are", checkpoints=args.teacher is None
+    )
+    runtime.check_range(
+        "--temperature",
+        args.temperature,
+        0,
+        open_low=True,
+        fix="the default is 20, as in ZSKD and DeGAN (the paper gives none)",
+    )
     if args.max_minutes is not None:
-        runtime.check_range("--max-minutes", args.max_minutes, 0, open_low=True,
-                            fix="leave it out for no time cap")
+        runtime.check_range(
+            "--max-minutes", args.max_minutes, 0, open_low=True, fix="leave it out for no time cap"
+        )
     if args.compose_cache is None:
         args.compose_cache = os.path.join(args.checkpoint_dir, "transfer_sets")
     if not args.save_minutes > 0:
-        raise ValueError(f"--save-minutes must be > 0, got {args.save_minutes} — the default saves every 5 minutes")
+        raise ValueError(
+            f"--save-minutes must be > 0, got {args.save_minutes} — the default saves every 5 minutes"
+        )
     if min(args.epochs, args.batch_size, args.draw_batch) < 1 or args.temperature <= 0:
-        raise ValueError("--epochs, --batch-size and --draw-batch must be >= 1 and --temperature > 0 — give "
-                         "positive values")
+        raise ValueError(
+            "--epochs, --batch-size and --draw-batch must be >= 1 and --temperature > 0 — give "
+            "positive values"
+        )
     if args.epoch_images is not None and args.epoch_images < 1:
-        raise ValueError(f"--epoch-images must be >= 1, got {args.epoch_images} — leave it out for one pass per epoch")
+        raise ValueError(
+            f"--epoch-images must be >= 1, got {args.epoch_images} — leave it out for one pass per epoch"
+        )
     if args.max_minutes is not None and args.max_minutes <= 0:
-        raise ValueError(f"--max-minutes must be > 0, got {args.max_minutes} — leave it out for no time cap")
+        raise ValueError(
+            f"--max-minutes must be > 0, got {args.max_minutes} — leave it out for no time cap"
+        )
     if args.strict is not None and not 0 <= args.strict <= 1:
-        raise ValueError(f"--strict FRACTION must be in [0, 1], got {args.strict} — e.g. --strict 0.5 refuses classes "
-                         f"below half their quota")
+        raise ValueError(
+            f"--strict FRACTION must be in [0, 1], got {args.strict} — e.g. --strict 0.5 refuses classes "
+            f"below half their quota"
+        )
     for spec in args.source.split(","):
         data.parse_source(spec.strip())  # a source that asks for 0 images is an error now
     if args.resume:
-        runtime.check_run_file(args.resume, "transfer_set.pt", "the composed set it trains on",
-                               "start a new run (it composes the set again)")
+        runtime.check_run_file(
+            args.resume,
+            "transfer_set.pt",
+            "the composed set it trains on",
+            "start a new run (it composes the set again)",
+        )
     return args
 
 
 #### Losses and selection ####
 
+
 def class_fill(labels, counts, quota):
     """Lines 5-10 of Algorithm 1 for one chunk of a source, vectorised: keep labels[k] iff its class still holds
     fewer than `quota` samples when the chunk is taken in order. labels (n,) int64; counts (C,) int64 so far.
     Returns (keep (n,) bool, updated counts (C,))."""
-    onehot = F.one_hot(labels, len(counts))                          # (n, C)
-    rank = onehot.cumsum(0).gather(1, labels[:, None]).squeeze(1)    # (n,) 1-based position within its class
-    keep = counts[labels] + rank <= quota                            # line 8: c_l < N/C before adding x_k
+    onehot = F.one_hot(labels, len(counts))  # (n, C)
+    rank = (
+        onehot.cumsum(0).gather(1, labels[:, None]).squeeze(1)
+    )  # (n,) 1-based position within its class
+    keep = counts[labels] + rank <= quota  # line 8: c_l < N/C before adding x_k
     return keep, counts + torch.bincount(labels[keep], minlength=len(counts))
 
 
 def balanced_indices(pred_labels, quota, num_classes):
     """Algorithm 1 on finite sources: pred_labels[i] (n_i,) are the teacher's labels of D_i in sampling order.
     Returns, per source, the LongTensor of kept positions; sources after the quotas are full keep nothing."""
-    counts = torch.zeros(num_classes, dtype=torch.int64, device=pred_labels[0].device if pred_labels else "cpu")
+    counts = torch.zeros(
+        num_classes, dtype=torch.int64, device=pred_labels[0].device if pred_labels else "cpu"
+    )
     kept = []
     for labels in pred_labels:  # Algorithm 1, line 3: for i = 1..M
         if bool((counts >= quota).all()):  # line 13: every class is full, stop
@@ -244,8 +450,14 @@ def kd_loss(student_logits, teacher_logits, T):
     """Eq. (2): KL(p_T || p_S) on temperature-softened outputs, batch mean, x T^2. Same gradient as the paper's
     soft cross-entropy -sum p_T log p_S (they differ by the teacher's entropy, a constant); no hard labels."""
     # Eq. (2)
-    return F.kl_div(F.log_softmax(student_logits / T, dim=1), F.softmax(teacher_logits / T, dim=1),
-                    reduction="batchmean") * T ** 2
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / T, dim=1),
+            F.softmax(teacher_logits / T, dim=1),
+            reduction="batchmean",
+        )
+        * T**2
+    )
 
 
 def random_noise(n, shape, kind, generator, mean=None, std=None):
@@ -256,13 +468,16 @@ def random_noise(n, shape, kind, generator, mean=None, std=None):
     if kind == "uniform":
         return torch.rand((n, c, h, w), generator=generator, device=device)
     if kind == "gaussian":
-        return (0.5 + 0.1 * torch.randn((n, c, h, w), generator=generator, device=device)).clamp(0, 1)
+        return (0.5 + 0.1 * torch.randn((n, c, h, w), generator=generator, device=device)).clamp(
+            0, 1
+        )
     if kind == "lowfreq":
         coarse = torch.rand((n, c, min(h, 8), min(w, 8)), generator=generator, device=device)
         return F.interpolate(coarse, size=(h, w), mode="nearest")
     if kind == "brightness":
-        return torch.rand((n, c, h, w), generator=generator, device=device) * \
-            torch.rand((n, 1, 1, 1), generator=generator, device=device)
+        return torch.rand((n, c, h, w), generator=generator, device=device) * torch.rand(
+            (n, 1, 1, 1), generator=generator, device=device
+        )
     if kind in ("uniform-normalised", "normal-normalised"):
         if kind == "uniform-normalised":
             z = 2 * torch.rand((n, c, h, w), generator=generator, device=device) - 1
@@ -291,8 +506,13 @@ def augment(x, generator, p=0.5, max_scale=0.2, max_degrees=15.0, noise_std=0.05
     angle = chosen() * uniform(-max_degrees, max_degrees) * torch.pi / 180
     flip = 1 - 2 * chosen()  # -1 mirrors the x axis
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos * flip, -sin, torch.zeros_like(cos)], 1),
-                         torch.stack([sin * flip, cos, torch.zeros_like(cos)], 1)], 1)    # (B, 2, 3)
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin, torch.zeros_like(cos)], 1),
+            torch.stack([sin * flip, cos, torch.zeros_like(cos)], 1),
+        ],
+        1,
+    )  # (B, 2, 3)
     grid = F.affine_grid(theta, (b, c, h, w), align_corners=False)
     # reflection padding: black corners would move noise images into other teacher classes
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -300,12 +520,13 @@ def augment(x, generator, p=0.5, max_scale=0.2, max_degrees=15.0, noise_std=0.05
     x = x + gauss * noise_std * torch.randn(x.shape, generator=generator, device=dev)
     sp = chosen().view(b, 1, 1, 1).bool()
     u = torch.rand(x.shape, generator=generator, device=dev)
-    x = torch.where(sp & (u < salt_pepper / 2), 0.0, x)          # pepper
-    x = torch.where(sp & (u > 1 - salt_pepper / 2), 1.0, x)      # salt
+    x = torch.where(sp & (u < salt_pepper / 2), 0.0, x)  # pepper
+    x = torch.where(sp & (u > 1 - salt_pepper / 2), 1.0, x)  # salt
     return x.clamp(0, 1)
 
 
 #### One step of Algorithm 1 ####
+
 
 def to_uint8(x):
     # DEVIATION: noise is quantised to 256 levels — the transfer set is stored as uint8 like every other source
@@ -318,8 +539,9 @@ def draw_noise(n, shape, kind, generator, mean=None, std=None):
     noise (U[0, 1] per pixel) is drawn directly on the 256 stored levels, each level equally likely, which
     costs a fraction of drawing floats and rounding them; the other kinds are drawn as floats and quantised."""
     if kind == "uniform":
-        return torch.randint(0, 256, (n, *shape), generator=generator, device=generator.device,
-                             dtype=torch.uint8)
+        return torch.randint(
+            0, 256, (n, *shape), generator=generator, device=generator.device, dtype=torch.uint8
+        )
     return to_uint8(random_noise(n, shape, kind, generator, mean, std))
 
 
@@ -343,10 +565,10 @@ SCREEN_FROM_OPEN_SHARE = 0.25
 class PairwiseMaxPool(torch.nn.Module):
     """nn.MaxPool2d(2) written as two elementwise maxima: the same values, and several times faster on a CPU."""
 
-    def forward(self, x):                                                  # (B, C, H, W)
-        x = x[:, :, : x.shape[2] // 2 * 2, : x.shape[3] // 2 * 2]          # MaxPool2d drops an odd last row
-        x = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])                    # (B, C, H/2, W)
-        return torch.maximum(x[:, :, :, 0::2], x[:, :, :, 1::2])           # (B, C, H/2, W/2)
+    def forward(self, x):  # (B, C, H, W)
+        x = x[:, :, : x.shape[2] // 2 * 2, : x.shape[3] // 2 * 2]  # MaxPool2d drops an odd last row
+        x = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])  # (B, C, H/2, W)
+        return torch.maximum(x[:, :, :, 0::2], x[:, :, :, 1::2])  # (B, C, H/2, W/2)
 
 
 def screen_network(teacher, mean, std):
@@ -364,9 +586,14 @@ def screen_network(teacher, mean, std):
             first.weight /= 255 * scale
     for module in list(net.modules()):
         for name, child in list(module.named_children()):
-            if (isinstance(child, torch.nn.MaxPool2d) and child.kernel_size in (2, (2, 2))
-                    and child.stride in (2, (2, 2)) and child.padding in (0, (0, 0))
-                    and child.dilation in (1, (1, 1)) and not child.ceil_mode):
+            if (
+                isinstance(child, torch.nn.MaxPool2d)
+                and child.kernel_size in (2, (2, 2))
+                and child.stride in (2, (2, 2))
+                and child.padding in (0, (0, 0))
+                and child.dilation in (1, (1, 1))
+                and not child.ceil_mode
+            ):
                 setattr(module, name, PairwiseMaxPool())
     return net.to(torch.bfloat16).to(memory_format=torch.channels_last), folded
 
@@ -375,8 +602,8 @@ def screen_candidates(screen_logits, open_classes, margin):
     """Draws whose exact argmax may be a class that still takes images: some open class's screened logit lies
     within `margin` of the screened maximum. screen_logits (n, C) float; open_classes (C,) bool.
     If no screened logit is off by more than margin / 2, every draw Algorithm 1 keeps is among them."""
-    top = screen_logits.amax(1, keepdim=True)                              # (n, 1)
-    return ((screen_logits >= top - margin) & open_classes).any(1)         # (n,) bool
+    top = screen_logits.amax(1, keepdim=True)  # (n, 1)
+    return ((screen_logits >= top - margin) & open_classes).any(1)  # (n,) bool
 
 
 class Labeller:
@@ -390,14 +617,18 @@ class Labeller:
         self.m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.s = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
-    def exact(self, x):                                                    # (n, C, H, W) uint8 -> (n,)
+    def exact(self, x):  # (n, C, H, W) uint8 -> (n,)
         if not len(x):
             return torch.zeros(0, dtype=torch.int64, device=x.device)
         return teacher_labels(self.teacher, x, self.mean, self.std, self.batch_size)
 
     @torch.inference_mode()
-    def screened_logits(self, x):                                          # (n, C, H, W) uint8 -> (n, C)
-        z = x.to(torch.bfloat16) if self.folded else ((x.float() / 255 - self.m) / self.s).to(torch.bfloat16)
+    def screened_logits(self, x):  # (n, C, H, W) uint8 -> (n, C)
+        z = (
+            x.to(torch.bfloat16)
+            if self.folded
+            else ((x.float() / 255 - self.m) / self.s).to(torch.bfloat16)
+        )
         return self.screen(z.contiguous(memory_format=torch.channels_last)).float()
 
 
@@ -414,17 +645,33 @@ class NoiseStream:
         # batches: those that went through the screen, every SCREEN_CHECK_EVERY-th of them a check batch;
         # checked: draws of the check batches (agree, misses: the screen against fp32 there); screened: draws
         # of the other screened batches, of which labelled_exactly were passed on to the fp32 teacher
-        self.screen = {"batches": 0, "checked": 0, "agree": 0, "misses": 0, "screened": 0,
-                       "labelled_exactly": 0}
+        self.screen = {
+            "batches": 0,
+            "checked": 0,
+            "agree": 0,
+            "misses": 0,
+            "screened": 0,
+            "labelled_exactly": 0,
+        }
 
     def state_dict(self):
-        cat = (lambda parts, dtype: torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=dtype))
-        return {"made": self.made, "seconds": self.seconds, "complete": self.complete,
-                "images": cat(self.images, torch.uint8), "labels": cat(self.labels, torch.int64),
-                "kept_at": cat(self.kept_at, torch.int64), "counts": self.counts.cpu(),
-                "batch_hist": torch.stack(self.batch_hist).cpu() if self.batch_hist
-                else torch.zeros(0, self.num_classes, dtype=torch.int64),
-                "generator": self.generator.get_state(), "screen": dict(self.screen)}
+        def cat(parts, dtype):
+            return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=dtype)
+
+        return {
+            "made": self.made,
+            "seconds": self.seconds,
+            "complete": self.complete,
+            "images": cat(self.images, torch.uint8),
+            "labels": cat(self.labels, torch.int64),
+            "kept_at": cat(self.kept_at, torch.int64),
+            "counts": self.counts.cpu(),
+            "batch_hist": torch.stack(self.batch_hist).cpu()
+            if self.batch_hist
+            else torch.zeros(0, self.num_classes, dtype=torch.int64),
+            "generator": self.generator.get_state(),
+            "screen": dict(self.screen),
+        }
 
     def load_state_dict(self, state):
         device = self.generator.device
@@ -436,8 +683,10 @@ class NoiseStream:
         self.screen.update(state["screen"])
 
     def histogram(self):
-        return sum(self.batch_hist, torch.zeros(self.num_classes, dtype=torch.int64,
-                                                device=self.counts.device))
+        return sum(
+            self.batch_hist,
+            torch.zeros(self.num_classes, dtype=torch.int64, device=self.counts.device),
+        )
 
 
 def compose_generated(stream, draw, labeller, quota, max_draws, balanced=True, on_batch=None):
@@ -447,28 +696,34 @@ def compose_generated(stream, draw, labeller, quota, max_draws, balanced=True, o
     batch of uint8 draws; labeller: a Labeller. Continues `stream` in place."""
     while stream.made < max_draws and not stream.complete:
         start = time.time()
-        x = draw()                                                         # (B, C, H, W) uint8
+        x = draw()  # (B, C, H, W) uint8
         if stream.made + len(x) > max_draws:  # the cap ends inside this batch
             x = x[: int(max_draws - stream.made)]
         # the screen pays off once most draws fall in full classes; until then the fp32 teacher labels all
-        exact_all = labeller.screen is None or not balanced or open_share(stream, quota) > SCREEN_FROM_OPEN_SHARE
+        exact_all = (
+            labeller.screen is None
+            or not balanced
+            or open_share(stream, quota) > SCREEN_FROM_OPEN_SHARE
+        )
         check = not exact_all and stream.screen["batches"] % SCREEN_CHECK_EVERY == 0
         if exact_all or check:
-            labels = labeller.exact(x)                                     # line 7, every draw
+            labels = labeller.exact(x)  # line 7, every draw
             hist = torch.bincount(labels, minlength=stream.num_classes)
             passed = torch.ones_like(labels, dtype=torch.bool)
         if not exact_all:
             stream.screen["batches"] += 1
-            screened = labeller.screened_logits(x)                         # (B, C)
+            screened = labeller.screened_logits(x)  # (B, C)
             passed_screen = screen_candidates(screened, stream.counts < quota, SCREEN_MARGIN)
             if check:  # measure the screen against the exact labels of this batch
                 stream.screen["checked"] += len(x)
                 stream.screen["agree"] += int((screened.argmax(1) == labels).sum())
-                stream.screen["misses"] += int((~passed_screen & (stream.counts[labels] < quota)).sum())
+                stream.screen["misses"] += int(
+                    (~passed_screen & (stream.counts[labels] < quota)).sum()
+                )
             else:
                 passed = passed_screen
                 labels = screened.argmax(1)
-                labels[passed] = labeller.exact(x[passed])                 # line 7 for the candidates
+                labels[passed] = labeller.exact(x[passed])  # line 7 for the candidates
                 stream.screen["screened"] += len(x)
                 stream.screen["labelled_exactly"] += int(passed.sum())
                 hist = torch.bincount(labels, minlength=stream.num_classes)
@@ -511,14 +766,24 @@ def stream_prefix(state, quota=None, max_draws=None):
         batches = min(batches, -(-max_draws // per_batch))
         keep &= kept_at < batches * per_batch
     if quota is not None:
-        onehot = F.one_hot(labels, batch_hist.shape[1]) * keep[:, None]    # (n, C)
-        rank = onehot.cumsum(0).gather(1, labels[:, None]).squeeze(1)      # 1-based rank within its class
+        onehot = F.one_hot(labels, batch_hist.shape[1]) * keep[:, None]  # (n, C)
+        rank = (
+            onehot.cumsum(0).gather(1, labels[:, None]).squeeze(1)
+        )  # 1-based rank within its class
         keep &= rank <= quota
         full = torch.bincount(labels[keep], minlength=batch_hist.shape[1]) >= quota
-        if bool(full.all()):  # the quota filled before these batches ended: stop at the batch that filled it
+        if bool(
+            full.all()
+        ):  # the quota filled before these batches ended: stop at the batch that filled it
             batches = min(batches, int(kept_at[keep].max()) // per_batch + 1)
-    return (state["images"][keep], labels[keep], batches * per_batch,
-            batch_hist[:batches].sum(0) if batches else torch.zeros(batch_hist.shape[1], dtype=torch.int64))
+    return (
+        state["images"][keep],
+        labels[keep],
+        batches * per_batch,
+        batch_hist[:batches].sum(0)
+        if batches
+        else torch.zeros(batch_hist.shape[1], dtype=torch.int64),
+    )
 
 
 class Progress:
@@ -526,25 +791,37 @@ class Progress:
     full balance (each class's remaining quota over its measured rate per draw), and to the draw cap."""
 
     def __init__(self, name, cap, quota, balanced, every=10.0):
-        self.name, self.cap, self.quota, self.balanced, self.every = name, cap, quota, balanced, every
+        self.name, self.cap, self.quota, self.balanced, self.every = (
+            name,
+            cap,
+            quota,
+            balanced,
+            every,
+        )
         self.shown, self.start_made, self.start = time.time(), None, time.time()
 
     def __call__(self, stream):
         now = time.time()
         if self.start_made is None:
-            self.start_made = stream.made - int(stream.batch_hist[-1].sum())  # draws before this run
+            self.start_made = stream.made - int(
+                stream.batch_hist[-1].sum()
+            )  # draws before this run
         if now - self.shown < self.every:
             return False
         self.shown = now
         rate = (stream.made - self.start_made) / max(now - self.start, 1e-9)
         cap = "no draw cap" if self.cap == float("inf") else f"of {self.cap:,}"
-        line = (f"  {self.name}: {stream.made:,} draws ({cap}), {rate:,.0f} draws/s, "
-                f"per-class fill {stream.counts.tolist()} of {self.quota}")
+        line = (
+            f"  {self.name}: {stream.made:,} draws ({cap}), {rate:,.0f} draws/s, "
+            f"per-class fill {stream.counts.tolist()} of {self.quota}"
+        )
         if self.balanced:
             need = draws_to_balance(stream.counts, stream.histogram(), stream.made, self.quota)
             line += " | ETA to full balance " + (
-                "unknown (a class not seen yet)" if need == float("inf")
-                else f"{runtime.format_seconds(need / rate)} ({need:,.0f} more draws)")
+                "unknown (a class not seen yet)"
+                if need == float("inf")
+                else f"{runtime.format_seconds(need / rate)} ({need:,.0f} more draws)"
+            )
         if self.cap != float("inf"):
             line += f" | to the draw cap {runtime.format_seconds((self.cap - stream.made) / rate)}"
         print(line, flush=True)
@@ -562,8 +839,10 @@ def draws_to_balance(counts, histogram, made, quota):
 
 def cache_name(args, spec, teacher_sha, quota, device):
     """The file of a composition in the cache: everything that decides its draws and labels."""
-    return (f"{args.dataset}-{spec}-seed{args.seed}-draws{args.draw_batch}-{device.type}"
-            f"-teacher{teacher_sha[:16]}-quota{quota}.pt")
+    return (
+        f"{args.dataset}-{spec}-seed{args.seed}-draws{args.draw_batch}-{device.type}"
+        f"-teacher{teacher_sha[:16]}-quota{quota}.pt"
+    )
 
 
 def find_in_cache(folder, name, quota):
@@ -585,8 +864,10 @@ def read_cached_stream(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"the composition cache {path} cannot be read ({type(e).__name__}) — delete it to "
-                         f"compose that set again from the first draw") from None
+        raise ValueError(
+            f"the composition cache {path} cannot be read ({type(e).__name__}) — delete it to "
+            f"compose that set again from the first draw"
+        ) from None
 
 
 def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha):
@@ -597,18 +878,29 @@ def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha)
     path, state = find_in_cache(folder, cache_name(args, spec, teacher_sha, quota, device), quota)
     own = path.endswith(f"-quota{quota}.pt")
     # a cached stream is drawn in whole batches, so that a later run continues it exactly
-    cap = float("inf") if args.max_draws == "full" else -(-args.max_draws // args.draw_batch) * args.draw_batch
+    cap = (
+        float("inf")
+        if args.max_draws == "full"
+        else -(-args.max_draws // args.draw_batch) * args.draw_batch
+    )
     if state is not None and (not own or state["complete"] or state["made"] >= cap):
-        images, labels, draws, hist = stream_prefix(state, None if own else quota,
-                                                    None if cap == float("inf") else cap)
-        print(f"  {spec}: read from the composition cache {path} ({state['made']:,} draws"
-              f"{'' if own else f', quota {quota} of its larger quota'})", flush=True)
+        images, labels, draws, hist = stream_prefix(
+            state, None if own else quota, None if cap == float("inf") else cap
+        )
+        print(
+            f"  {spec}: read from the composition cache {path} ({state['made']:,} draws"
+            f"{'' if own else f', quota {quota} of its larger quota'})",
+            flush=True,
+        )
         return images.to(device), labels.to(device), draws, hist, state["screen"], state["seconds"]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     stream = NoiseStream(generator, meta["num_classes"])
     if state is not None:
         stream.load_state_dict(state)
-        print(f"  {spec}: continuing the composition cached in {path} from {stream.made:,} draws", flush=True)
+        print(
+            f"  {spec}: continuing the composition cached in {path} from {stream.made:,} draws",
+            flush=True,
+        )
     shape = (meta["channels"], meta["size"], meta["size"])
     progress = Progress(spec, cap, quota, balanced=True)
     saved, deadline = [time.time()], time.time() + 60 * (args.max_minutes or float("inf"))
@@ -624,20 +916,34 @@ def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha)
         return time.time() > deadline
 
     try:
-        compose_generated(stream, lambda: draw_noise(args.draw_batch, shape, kind, generator, meta["mean"],
-                                                     meta["std"]),
-                          labeller, quota, cap, balanced=True, on_batch=on_batch)
+        compose_generated(
+            stream,
+            lambda: draw_noise(args.draw_batch, shape, kind, generator, meta["mean"], meta["std"]),
+            labeller,
+            quota,
+            cap,
+            balanced=True,
+            on_batch=on_batch,
+        )
     except KeyboardInterrupt:
         if runtime.is_main():
             save()
-            print(f"\ncomposition saved at {stream.made:,} draws in {path}: the same command continues it",
-                  flush=True)
+            print(
+                f"\ncomposition saved at {stream.made:,} draws in {path}: the same command continues it",
+                flush=True,
+            )
         raise
     if runtime.is_main():
         save()
     state = stream.state_dict()
-    return (state["images"].to(device), state["labels"].to(device), stream.made, stream.histogram(),
-            state["screen"], stream.seconds)
+    return (
+        state["images"].to(device),
+        state["labels"].to(device),
+        stream.made,
+        stream.histogram(),
+        state["screen"],
+        stream.seconds,
+    )
 
 
 def compose_transfer_set(teacher, args, device, teacher_sha=None):
@@ -648,10 +954,18 @@ def compose_transfer_set(teacher, args, device, teacher_sha=None):
     num_classes, shape = meta["num_classes"], (meta["channels"], meta["size"], meta["size"])
     n_total = args.transfer_size
     quota = n_total // num_classes  # N/C of Algorithm 1
-    labeller = Labeller(teacher, meta["mean"], meta["std"], args.draw_batch, screen=args.screen == "bf16")
+    labeller = Labeller(
+        teacher, meta["mean"], meta["std"], args.draw_batch, screen=args.screen == "bf16"
+    )
     specs = [s.strip() for s in args.source.split(",") if s.strip()]
-    cached = teacher_sha is not None and args.balanced and args.compose_cache != "off" and len(specs) == 1 and \
-        data.parse_source(specs[0])[0] in NOISE_SOURCES and data.parse_source(specs[0])[1] is None
+    cached = (
+        teacher_sha is not None
+        and args.balanced
+        and args.compose_cache != "off"
+        and len(specs) == 1
+        and data.parse_source(specs[0])[0] in NOISE_SOURCES
+        and data.parse_source(specs[0])[1] is None
+    )
     counts = torch.zeros(num_classes, dtype=torch.int64, device=device)
     raw_hist = torch.zeros_like(counts)
     parts_x, parts_y, per_source, screen, seconds = [], [], [], None, 0.0
@@ -661,8 +975,9 @@ def compose_transfer_set(teacher, args, device, teacher_sha=None):
             continue
         name, count = data.parse_source(spec)
         if name in NOISE_SOURCES and cached:
-            x, y, examined, hist, screen, seconds = compose_cached(spec, NOISE_SOURCES[name], labeller, meta, quota,
-                                                                   args, device, teacher_sha)
+            x, y, examined, hist, screen, seconds = compose_cached(
+                spec, NOISE_SOURCES[name], labeller, meta, quota, args, device, teacher_sha
+            )
             counts = torch.bincount(y, minlength=num_classes)
         elif name in NOISE_SOURCES:
             # DEVIATION: at most --max-draws draws (and --max-minutes) per generated source by default, then we
@@ -674,39 +989,73 @@ def compose_transfer_set(teacher, args, device, teacher_sha=None):
             stream.counts = counts
             deadline = time.time() + 60 * (args.max_minutes or float("inf"))
             progress = Progress(spec, draws, quota if args.balanced else n_total, args.balanced)
-            compose_generated(stream, lambda: draw_noise(args.draw_batch, shape, NOISE_SOURCES[name], generator,
-                                                         meta["mean"], meta["std"]),
-                              labeller, quota, draws, args.balanced,
-                              on_batch=lambda s: progress(s) or time.time() > deadline)
+            compose_generated(
+                stream,
+                lambda: draw_noise(
+                    args.draw_batch,
+                    shape,
+                    NOISE_SOURCES[name],
+                    generator,
+                    meta["mean"],
+                    meta["std"],
+                ),
+                labeller,
+                quota,
+                draws,
+                args.balanced,
+                on_batch=lambda s: progress(s) or time.time() > deadline,
+            )
             state = stream.state_dict()
-            x, y, examined, hist = state["images"].to(device), state["labels"].to(device), stream.made, \
-                stream.histogram()
+            x, y, examined, hist = (
+                state["images"].to(device),
+                state["labels"].to(device),
+                stream.made,
+                stream.histogram(),
+            )
             counts, screen, seconds = stream.counts, state["screen"], stream.seconds
         else:
-            x = data.load_source(spec, "train", args.data_root, shape[0], shape[1], args.seed + i)[0].to(device)
+            x = data.load_source(spec, "train", args.data_root, shape[0], shape[1], args.seed + i)[
+                0
+            ].to(device)
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed + i))
             x = x[order.to(device)]  # line 5: sample x_k from D_i at random
             y = labeller.exact(x)
             examined, hist = len(x), torch.bincount(y, minlength=num_classes)
             if args.balanced:
-                keep, counts = class_fill(y, counts, quota)  # lines 4-12, vectorised as in balanced_indices
+                keep, counts = class_fill(
+                    y, counts, quota
+                )  # lines 4-12, vectorised as in balanced_indices
                 x, y = x[keep], y[keep]
         raw_hist += hist.to(device)
         parts_x.append(x)
         parts_y.append(y)
         per_source.append({"source": spec, "examined": examined, "kept": len(x)})
     images, labels = torch.cat(parts_x), torch.cat(parts_y)
-    if not args.balanced and len(images) > n_total:  # random composition of N from the pooled sources
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:n_total].to(device)
+    if (
+        not args.balanced and len(images) > n_total
+    ):  # random composition of N from the pooled sources
+        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[
+            :n_total
+        ].to(device)
         images, labels = images[pick], labels[pick]
         for s in per_source:
             s["kept"] = None  # a random subset of the pool: per-source counts are not tracked
     histogram = torch.bincount(labels, minlength=num_classes).tolist()
     short = {c: quota - h for c, h in enumerate(histogram) if h < quota}
-    report = {"transfer_size": len(images), "quota": quota, "histogram": histogram,
-              "draws": sum(s["examined"] for s in per_source if data.parse_source(s["source"])[0] in NOISE_SOURCES),
-              "raw_histogram": raw_hist.tolist(), "per_source": per_source, "short": short,
-              "screen": screen, "draw_seconds": round(seconds, 1), "teacher_sha256": teacher_sha}
+    report = {
+        "transfer_size": len(images),
+        "quota": quota,
+        "histogram": histogram,
+        "draws": sum(
+            s["examined"] for s in per_source if data.parse_source(s["source"])[0] in NOISE_SOURCES
+        ),
+        "raw_histogram": raw_hist.tolist(),
+        "per_source": per_source,
+        "short": short,
+        "screen": screen,
+        "draw_seconds": round(seconds, 1),
+        "teacher_sha256": teacher_sha,
+    }
     return images, labels, report
 
 
@@ -714,8 +1063,20 @@ def compose_transfer_set(teacher, args, device, teacher_sha=None):
 # backward averages the gradients over the processes, so that every process takes the same step)
 # and the teacher, which it only reads, as it is: there is no gradient of the teacher to average.
 
-def kd_step(trained, teacher, x, cached_logits, opt, aug_gen, normalize, *, tau, augmentation=True,
-            aug_labels="relabel"):
+
+def kd_step(
+    trained,
+    teacher,
+    x,
+    cached_logits,
+    opt,
+    aug_gen,
+    normalize,
+    *,
+    tau,
+    augmentation=True,
+    aug_labels="relabel",
+):
     """Line 15, Eq. (2), on one batch x (B, C, H, W) in [0, 1] of the transfer set: augment
     (Sec. 4.2), the teacher's soft outputs as targets, one update of the student.
 
@@ -731,7 +1092,9 @@ def kd_step(trained, teacher, x, cached_logits, opt, aug_gen, normalize, *, tau,
         else:
             x = augmented
     x = normalize(x)
-    if cached_logits is not None:  # no augmentation, or --aug-labels fixed: the composed images' outputs
+    if (
+        cached_logits is not None
+    ):  # no augmentation, or --aug-labels fixed: the composed images' outputs
         t_logits = cached_logits
     else:
         with torch.inference_mode(), runtime.autocast(x.device):
@@ -743,21 +1106,36 @@ def kd_step(trained, teacher, x, cached_logits, opt, aug_gen, normalize, *, tau,
     loss.backward()
     opt.step()
     num_classes = t_logits.shape[1]
-    return {"kd_loss": loss, "teacher_hist": F.one_hot(t_logits.argmax(1), num_classes).sum(0)}  # no host sync
+    return {
+        "kd_loss": loss,
+        "teacher_hist": F.one_hot(t_logits.argmax(1), num_classes).sum(0),
+    }  # no host sync
 
 
 #### Training ####
+
 
 def train(args, teacher, student, transfer_x, transfer_logits, test, log):
     """Line 15 of Algorithm 1: distil on the composed transfer set for args.epochs epochs."""
     meta, device = data.DATASETS[args.dataset], transfer_x.device
     n = len(transfer_x)
     per_epoch = args.epoch_images or n
-    cycled = torch.arange(n).repeat(-(-per_epoch // n))  # --epoch-images: the set repeated, shuffled each epoch
-    loader = data.DeviceLoader(transfer_x, *transfer_logits, batch_size=args.batch_size, shuffle=True,
-                               mean=(0.0,) * meta["channels"], std=(1.0,) * meta["channels"],  # x in [0, 1]
-                               device=device, seed=args.seed, indices=cycled, rank=runtime.rank(),
-                               world_size=runtime.world_size())
+    cycled = torch.arange(n).repeat(
+        -(-per_epoch // n)
+    )  # --epoch-images: the set repeated, shuffled each epoch
+    loader = data.DeviceLoader(
+        transfer_x,
+        *transfer_logits,
+        batch_size=args.batch_size,
+        shuffle=True,
+        mean=(0.0,) * meta["channels"],
+        std=(1.0,) * meta["channels"],  # x in [0, 1]
+        device=device,
+        seed=args.seed,
+        indices=cycled,
+        rank=runtime.rank(),
+        world_size=runtime.world_size(),
+    )
     steps = -(-per_epoch // args.batch_size)
     aug_gen = torch.Generator(device=device).manual_seed(runtime.rank_seed(args.seed + 2))
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
@@ -768,50 +1146,97 @@ def train(args, teacher, student, transfer_x, transfer_logits, test, log):
 
     opt = runtime.make_optimizer(student.parameters(), args)
     lr_schedule = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)  # lr / 10
-    training = runtime.Training(log, args.epochs, save={"student": student, "opt": opt},
-                                rngs={"aug": aug_gen, "loader": loader}, lr_schedule=lr_schedule)
+    training = runtime.Training(
+        log,
+        args.epochs,
+        save={"student": student, "opt": opt},
+        rngs={"aug": aug_gen, "loader": loader},
+        lr_schedule=lr_schedule,
+    )
     trained = runtime.distribute(student)
     for epoch in training.epochs():
         for x, *cached in itertools.islice(loader, steps):
-            training.record(len(x), **kd_step(
-                trained, teacher, x, cached[0] if cached else None, opt, aug_gen, normalize,
-                tau=args.temperature, augmentation=args.augment, aug_labels=args.aug_labels))
+            training.record(
+                len(x),
+                **kd_step(
+                    trained,
+                    teacher,
+                    x,
+                    cached[0] if cached else None,
+                    opt,
+                    aug_gen,
+                    normalize,
+                    tau=args.temperature,
+                    augmentation=args.augment,
+                    aug_labels=args.aug_labels,
+                ),
+            )
         training.end_epoch(test_acc=runtime.evaluate(student, *test, meta["mean"], meta["std"]))
 
 
 def print_composition(report, class_names):
-    print(f"transfer set: {report['transfer_size']} images, quota N/C = {report['quota']}, "
-          f"{report['draws']} noise draws; per source: {report['per_source']}", flush=True)
+    print(
+        f"transfer set: {report['transfer_size']} images, quota N/C = {report['quota']}, "
+        f"{report['draws']} noise draws; per source: {report['per_source']}",
+        flush=True,
+    )
     for c, (h, raw) in enumerate(zip(report["histogram"], report["raw_histogram"])):
         name = class_names[c] if class_names else str(c)
         note = f"  SHORT by {report['short'][c]}" if c in report["short"] else ""
-        print(f"  class {c:3d} {name:>12s}: kept {h:6d} (teacher labelled {raw:8d} of all examined){note}", flush=True)
+        print(
+            f"  class {c:3d} {name:>12s}: kept {h:6d} (teacher labelled {raw:8d} of all examined){note}",
+            flush=True,
+        )
     if report["short"]:
-        print("short of their quota: " + ", ".join(
-            f"{class_names[c] if class_names else c} by {s} ({100 * s / report['quota']:.0f}%)"
-            for c, s in report["short"].items()), flush=True)
+        print(
+            "short of their quota: "
+            + ", ".join(
+                f"{class_names[c] if class_names else c} by {s} ({100 * s / report['quota']:.0f}%)"
+                for c, s in report["short"].items()
+            ),
+            flush=True,
+        )
 
 
 def check_composition(report, args, class_names):
     """Refuse a transfer set that cannot be trained on (empty) or that --strict does not accept."""
     if not report["transfer_size"]:
-        raise ValueError(f"the sources {args.source!r} gave no transfer image at all — add a source or more draws")
+        raise ValueError(
+            f"the sources {args.source!r} gave no transfer image at all — add a source or more draws"
+        )
     if args.strict is None:
         return
-    low = [c for c, h in enumerate(report["histogram"]) if h == 0 or h < args.strict * report["quota"]]
+    low = [
+        c for c, h in enumerate(report["histogram"]) if h == 0 or h < args.strict * report["quota"]
+    ]
     if low:
-        names = ", ".join(f"{class_names[c] if class_names else c} ({report['histogram'][c]})" for c in low)
-        raise ValueError(f"--strict {args.strict}: classes below {args.strict:.0%} of the quota {report['quota']} "
-                         f"(or empty): {names} — raise --max-draws/--max-minutes or add a source")
+        names = ", ".join(
+            f"{class_names[c] if class_names else c} ({report['histogram'][c]})" for c in low
+        )
+        raise ValueError(
+            f"--strict {args.strict}: classes below {args.strict:.0%} of the quota {report['quota']} "
+            f"(or empty): {names} — raise --max-draws/--max-minutes or add a source"
+        )
 
 
 def save_composition_pictures(images, labels, report, meta, log):
     """A grid of the composed set (a labelled row per teacher class) and, with matplotlib, its histogram."""
-    rows, row_labels = pictures.per_class_examples(images, labels, meta["num_classes"], per_class=10)
-    pictures.class_rows(rows, row_labels, meta["classes"], log.path("transfer_set.png"),
-                        title="transfer set: row = the teacher's class (blank: no image)")
-    pictures.histogram_plot(report["histogram"], meta["classes"], log.path("transfer_histogram.png"),
-                            f"teacher-predicted classes of the transfer set (quota {report['quota']})")
+    rows, row_labels = pictures.per_class_examples(
+        images, labels, meta["num_classes"], per_class=10
+    )
+    pictures.class_rows(
+        rows,
+        row_labels,
+        meta["classes"],
+        log.path("transfer_set.png"),
+        title="transfer set: row = the teacher's class (blank: no image)",
+    )
+    pictures.histogram_plot(
+        report["histogram"],
+        meta["classes"],
+        log.path("transfer_histogram.png"),
+        f"teacher-predicted classes of the transfer set (quota {report['quota']})",
+    )
 
 
 def run(args):
@@ -820,7 +1245,9 @@ def run(args):
     runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]
     runtime.download_if_asked(args)
-    teacher, teacher_ckpt = get_teacher(args, device)  # a --teacher that does not fit is refused before any data is read
+    teacher, teacher_ckpt = get_teacher(
+        args, device
+    )  # a --teacher that does not fit is refused before any data is read
     test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
     log = runtime.RunLog(f"balanced_transfer-{args.dataset}", args, args.runs_dir)
     test = (test_x.to(device), test_y.to(device))
@@ -835,17 +1262,26 @@ def run(args):
             images, labels = saved["images"].to(device), saved["labels"].to(device)
             report, compose_s = saved["report"], saved["compose_s"]
         except Exception as e:
-            raise ValueError(f"--resume {log.dir}: its transfer_set.pt cannot be read "
-                             f"({type(e).__name__}) — the composed set is damaged: start a new "
-                             f"run (it composes the set again)") from None
+            raise ValueError(
+                f"--resume {log.dir}: its transfer_set.pt cannot be read "
+                f"({type(e).__name__}) — the composed set is damaged: start a new "
+                f"run (it composes the set again)"
+            ) from None
         print(f"transfer set read from {log.path('transfer_set.pt')}", flush=True)
     else:
         start = time.time()
         images, labels, report = compose_transfer_set(teacher, args, device, teacher_ckpt["sha256"])
         compose_s = time.time() - start
         if runtime.is_main():
-            models.atomic_save({"images": images.cpu(), "labels": labels.cpu(), "report": report,
-                                "compose_s": compose_s}, log.path("transfer_set.pt"))
+            models.atomic_save(
+                {
+                    "images": images.cpu(),
+                    "labels": labels.cpu(),
+                    "report": report,
+                    "compose_s": compose_s,
+                },
+                log.path("transfer_set.pt"),
+            )
     print_composition(report, meta["classes"])
     print(f"composition took {runtime.format_seconds(compose_s)}", flush=True)
     check_composition(report, args, meta["classes"])
@@ -854,23 +1290,49 @@ def run(args):
 
     # The composed images' teacher logits, computed once: the targets without augmentation or with fixed labels.
     fixed = not args.augment or args.aug_labels == "fixed"
-    transfer_logits = [runtime.predict(teacher, images, meta["mean"], meta["std"], args.draw_batch)] if fixed else []
-    student = runtime.prepare_model(models.build_model(args.student_arch, meta["num_classes"], meta["channels"]),
-                                    device)
+    transfer_logits = (
+        [runtime.predict(teacher, images, meta["mean"], meta["std"], args.draw_batch)]
+        if fixed
+        else []
+    )
+    student = runtime.prepare_model(
+        models.build_model(args.student_arch, meta["num_classes"], meta["channels"]), device
+    )
     train(args, teacher, student, images, transfer_logits, test, log)
 
     last = log.last_record
     path = log.path("student.pt")
     if runtime.is_main():
-        models.save_checkpoint(path, student, args.student_arch, meta["num_classes"], meta["channels"], args,
-                               last["test_acc"], dataset=args.dataset, image_size=meta["size"])
+        models.save_checkpoint(
+            path,
+            student,
+            args.student_arch,
+            meta["num_classes"],
+            meta["channels"],
+            args,
+            last["test_acc"],
+            dataset=args.dataset,
+            image_size=meta["size"],
+        )
     print(f"saved student to {path}", flush=True)
-    return log.finish("balanced_transfer", args.dataset, {
-        "teacher_acc": teacher_acc, "student_acc": last["test_acc"], "balanced": args.balanced,
-        "augment": args.augment, "aug_labels": args.aug_labels, "source": args.source, **report,
-        "trained_histogram": last["teacher_hist"], "images_seen": sum(last["teacher_hist"]) * args.epochs,
-        "epoch_images": args.epoch_images or report["transfer_size"],
-        "compose_s": round(compose_s, 1), "student_checkpoint": path})
+    return log.finish(
+        "balanced_transfer",
+        args.dataset,
+        {
+            "teacher_acc": teacher_acc,
+            "student_acc": last["test_acc"],
+            "balanced": args.balanced,
+            "augment": args.augment,
+            "aug_labels": args.aug_labels,
+            "source": args.source,
+            **report,
+            "trained_histogram": last["teacher_hist"],
+            "images_seen": sum(last["teacher_hist"]) * args.epochs,
+            "epoch_images": args.epoch_images or report["transfer_size"],
+            "compose_s": round(compose_s, 1),
+            "student_checkpoint": path,
+        },
+    )
 
 
 def main(argv=None):

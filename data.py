@@ -28,33 +28,140 @@ import torch.nn.functional as F
 # channels/size are the *model input* format (MNIST-family images are resized 28 -> 32 for LeNet-5, as in
 # DAFL/ZSKD); crop_pad/flip are the training augmentation of the teacher recipes.
 
-FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                   "ankle boot")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-SYNTHETIC_CLASSES = ("disk", "square", "ring", "plus", "x-cross", "triangle", "h-stripes", "v-stripes", "diamond",
-                     "two-dots")
+FASHION_CLASSES = (
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+SYNTHETIC_CLASSES = (
+    "disk",
+    "square",
+    "ring",
+    "plus",
+    "x-cross",
+    "triangle",
+    "h-stripes",
+    "v-stripes",
+    "diamond",
+    "two-dots",
+)
 
 DATASETS = {
-    "mnist":        dict(num_classes=10, train_size=60000,
-                         channels=1, size=32, mean=(0.1307,), std=(0.3081,), crop_pad=0, flip=False,
-                         classes=tuple(str(i) for i in range(10)), family="mnist"),
-    "fashionmnist": dict(num_classes=10, train_size=60000,
-                         channels=1, size=32, mean=(0.2860,), std=(0.3530,), crop_pad=0, flip=False,
-                         classes=FASHION_CLASSES, family="mnist"),
-    "kmnist":       dict(num_classes=10, train_size=60000,
-                         channels=1, size=32, mean=(0.1918,), std=(0.3483,), crop_pad=0, flip=False,
-                         classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"), family="mnist"),
-    "cifar10":      dict(num_classes=10, train_size=50000, channels=3, size=32, mean=(0.4914, 0.4822, 0.4465),
-                         std=(0.2470, 0.2435, 0.2616), crop_pad=4, flip=True, classes=CIFAR10_CLASSES, family="cifar"),
-    "cifar100":     dict(num_classes=100, train_size=50000, channels=3, size=32, mean=(0.5071, 0.4865, 0.4409),
-                         std=(0.2673, 0.2564, 0.2762), crop_pad=4, flip=True, classes=None, family="cifar"),
-    "cinic10":      dict(num_classes=10, train_size=90000, channels=3, size=32, mean=(0.4789, 0.4723, 0.4305),
-                         std=(0.2421, 0.2383, 0.2587), crop_pad=4, flip=True, classes=CIFAR10_CLASSES, family="cifar"),
-    "tinyimagenet": dict(num_classes=200, train_size=100000, channels=3, size=64, mean=(0.4802, 0.4481, 0.3975),
-                         std=(0.2770, 0.2691, 0.2821), crop_pad=8, flip=True, classes=None, family="cifar"),
-    "synthetic":    dict(num_classes=10, train_size=5000, channels=3, size=32, mean=(0.45, 0.45, 0.45),
-                         std=(0.30, 0.30, 0.30), crop_pad=2, flip=True, classes=SYNTHETIC_CLASSES,
-                         family="synthetic"),
+    "mnist": dict(
+        num_classes=10,
+        train_size=60000,
+        channels=1,
+        size=32,
+        mean=(0.1307,),
+        std=(0.3081,),
+        crop_pad=0,
+        flip=False,
+        classes=tuple(str(i) for i in range(10)),
+        family="mnist",
+    ),
+    "fashionmnist": dict(
+        num_classes=10,
+        train_size=60000,
+        channels=1,
+        size=32,
+        mean=(0.2860,),
+        std=(0.3530,),
+        crop_pad=0,
+        flip=False,
+        classes=FASHION_CLASSES,
+        family="mnist",
+    ),
+    "kmnist": dict(
+        num_classes=10,
+        train_size=60000,
+        channels=1,
+        size=32,
+        mean=(0.1918,),
+        std=(0.3483,),
+        crop_pad=0,
+        flip=False,
+        classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+        family="mnist",
+    ),
+    "cifar10": dict(
+        num_classes=10,
+        train_size=50000,
+        channels=3,
+        size=32,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        crop_pad=4,
+        flip=True,
+        classes=CIFAR10_CLASSES,
+        family="cifar",
+    ),
+    "cifar100": dict(
+        num_classes=100,
+        train_size=50000,
+        channels=3,
+        size=32,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        crop_pad=4,
+        flip=True,
+        classes=None,
+        family="cifar",
+    ),
+    "cinic10": dict(
+        num_classes=10,
+        train_size=90000,
+        channels=3,
+        size=32,
+        mean=(0.4789, 0.4723, 0.4305),
+        std=(0.2421, 0.2383, 0.2587),
+        crop_pad=4,
+        flip=True,
+        classes=CIFAR10_CLASSES,
+        family="cifar",
+    ),
+    "tinyimagenet": dict(
+        num_classes=200,
+        train_size=100000,
+        channels=3,
+        size=64,
+        mean=(0.4802, 0.4481, 0.3975),
+        std=(0.2770, 0.2691, 0.2821),
+        crop_pad=8,
+        flip=True,
+        classes=None,
+        family="cifar",
+    ),
+    "synthetic": dict(
+        num_classes=10,
+        train_size=5000,
+        channels=3,
+        size=32,
+        mean=(0.45, 0.45, 0.45),
+        std=(0.30, 0.30, 0.30),
+        crop_pad=2,
+        flip=True,
+        classes=SYNTHETIC_CLASSES,
+        family="synthetic",
+    ),
 }
 
 
@@ -69,8 +176,14 @@ NAMED_MIXES = {
 }
 
 # Sources that can be read (teacher datasets above, plus web / transfer sources).
-SOURCES = sorted(list(DATASETS) + ["svhn", "stl10", "imagenet32", "imagenet64", "mnistm", "noise-uniform",
-                                   "noise-gaussian"]) + ["folder:<path>", "shifted:<source>"] + list(NAMED_MIXES)
+SOURCES = (
+    sorted(
+        list(DATASETS)
+        + ["svhn", "stl10", "imagenet32", "imagenet64", "mnistm", "noise-uniform", "noise-gaussian"]
+    )
+    + ["folder:<path>", "shifted:<source>"]
+    + list(NAMED_MIXES)
+)
 
 MNIST_FOLDERS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "kmnist": "KMNIST"}
 DOWNLOADABLE = ("mnist", "fashionmnist", "kmnist", "cifar10", "cifar100", "svhn", "stl10")
@@ -86,15 +199,31 @@ MANUAL_SOURCES = {
 # Where the downloadable datasets come from when fetched by hand (what --download fetches, and the files the
 # readers expect under <root>).
 DOWNLOAD_SOURCES = {
-    "mnist": ("http://yann.lecun.com/exdb/mnist/", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"),
-    "fashionmnist": ("https://github.com/zalandoresearch/fashion-mnist (or apt-get install dataset-fashion-mnist)",
-                     "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"),
-    "kmnist": ("https://github.com/rois-codh/kmnist", "KMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"),
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar.html (python version)",
-                "cifar-10-batches-py/{data_batch_1..5,test_batch}"),
-    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar.html (python version)", "cifar-100-python/{train,test}"),
+    "mnist": (
+        "http://yann.lecun.com/exdb/mnist/",
+        "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+    ),
+    "fashionmnist": (
+        "https://github.com/zalandoresearch/fashion-mnist (or apt-get install dataset-fashion-mnist)",
+        "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+    ),
+    "kmnist": (
+        "https://github.com/rois-codh/kmnist",
+        "KMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+    ),
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/cifar.html (python version)",
+        "cifar-10-batches-py/{data_batch_1..5,test_batch}",
+    ),
+    "cifar100": (
+        "https://www.cs.toronto.edu/~kriz/cifar.html (python version)",
+        "cifar-100-python/{train,test}",
+    ),
     "svhn": ("http://ufldl.stanford.edu/housenumbers/ (format 2)", "{train,test}_32x32.mat"),
-    "stl10": ("https://cs.stanford.edu/~acoates/stl10/ (binary)", "stl10_binary/{train,test,unlabeled}_X.bin, *_y.bin"),
+    "stl10": (
+        "https://cs.stanford.edu/~acoates/stl10/ (binary)",
+        "stl10_binary/{train,test,unlabeled}_X.bin, *_y.bin",
+    ),
 }
 
 # Where `apt-get install dataset-fashion-mnist` puts the IDX files; read when <root> has none.
@@ -109,7 +238,9 @@ def _missing(name, path, files):
     if name in DOWNLOADABLE:
         how = f"run with --download (or data.download({name!r}, root)) to fetch it"
         if name == "fashionmnist":
-            how += f", or `apt-get install dataset-fashion-mnist` (read from {SYSTEM_FASHION_MNIST})"
+            how += (
+                f", or `apt-get install dataset-fashion-mnist` (read from {SYSTEM_FASHION_MNIST})"
+            )
     else:
         how = f"download it manually from {MANUAL_SOURCES.get(name, 'its official source')}"
     return DatasetNotFoundError(f"dataset {name!r} not found: expected {files} in {path}; {how}")
@@ -130,24 +261,31 @@ def read_idx(path):
         with opener(path, "rb") as f:
             raw = f.read()
     except (EOFError, OSError, zlib.error) as e:  # cut gzip, BadGzipFile (an OSError), bad deflate
-        raise ValueError(f"{path} cannot be decompressed ({type(e).__name__}: {e}) — "
-                         f"{REPLACE_FILE}") from None
+        raise ValueError(
+            f"{path} cannot be decompressed ({type(e).__name__}: {e}) — {REPLACE_FILE}"
+        ) from None
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if len(raw) < 4:
         raise ValueError(f"{path} holds {len(raw)} bytes, not an IDX file — {REPLACE_FILE}")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code not in dtypes or ndim == 0:
-        raise ValueError(f"{path} is not an IDX file (magic {raw[:4].hex()}; MNIST-family files "
-                         f"start 00000801 or 00000803) — {REPLACE_FILE}")
+        raise ValueError(
+            f"{path} is not an IDX file (magic {raw[:4].hex()}; MNIST-family files "
+            f"start 00000801 or 00000803) — {REPLACE_FILE}"
+        )
     if len(raw) < 4 + 4 * ndim:
         raise ValueError(f"{path} ends inside its IDX header — {REPLACE_FILE}")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     count = int(np.prod(dims))
     needed = 4 + 4 * ndim + count * np.dtype(dtypes[dtype_code]).itemsize
     if len(raw) < needed:
-        raise ValueError(f"{path} is truncated: {len(raw)} bytes, its header promises {needed} "
-                         f"({'x'.join(map(str, dims))} values) — {REPLACE_FILE}")
-    return np.frombuffer(raw, dtype=dtypes[dtype_code], count=count, offset=4 + 4 * ndim).reshape(dims)
+        raise ValueError(
+            f"{path} is truncated: {len(raw)} bytes, its header promises {needed} "
+            f"({'x'.join(map(str, dims))} values) — {REPLACE_FILE}"
+        )
+    return np.frombuffer(raw, dtype=dtypes[dtype_code], count=count, offset=4 + 4 * ndim).reshape(
+        dims
+    )
 
 
 def _find_file(folder, stem):
@@ -163,7 +301,9 @@ def _read_mnist_family(name, split, root):
     folders = [os.path.join(root, MNIST_FOLDERS[name], "raw")]
     if name == "fashionmnist":
         folders.append(os.path.join(root, "fashion-mnist"))  # Debian's dataset-fashion-mnist layout
-        folders.append(SYSTEM_FASHION_MNIST)  # ... installed system-wide: found whatever --data-root says
+        folders.append(
+            SYSTEM_FASHION_MNIST
+        )  # ... installed system-wide: found whatever --data-root says
     for folder in folders:
         paths = [_find_file(folder, s) for s in stems]
         if all(paths):
@@ -174,9 +314,13 @@ def _read_mnist_family(name, split, root):
             images, labels = read_idx(paths[0]), read_idx(paths[1])
             if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
                 shapes = ["x".join(map(str, a.shape)) for a in (images, labels)]
-                raise ValueError(f"{paths[0]} ({shapes[0]}) and {paths[1]} ({shapes[1]}) are not N "
-                                 f"images of HxW and their N labels — {REPLACE_FILE}")
-            return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+                raise ValueError(
+                    f"{paths[0]} ({shapes[0]}) and {paths[1]} ({shapes[1]}) are not N "
+                    f"images of HxW and their N labels — {REPLACE_FILE}"
+                )
+            return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(
+                labels.astype(np.int64)
+            )
     raise _missing(name, " or ".join(folders), [s + "[.gz]" for s in stems])
 
 
@@ -189,10 +333,13 @@ def _unpickle(path, keys=("data",)):
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="latin1")
     except Exception as e:  # truncated or not a pickle: EOFError, UnpicklingError, ValueError, ...
-        raise ValueError(f"{path} cannot be unpickled ({type(e).__name__}) — "
-                         f"{REPLACE_DATA}") from None
-    d = {(k.decode() if isinstance(k, bytes) else k): v
-         for k, v in (d.items() if isinstance(d, dict) else ())}
+        raise ValueError(
+            f"{path} cannot be unpickled ({type(e).__name__}) — {REPLACE_DATA}"
+        ) from None
+    d = {
+        (k.decode() if isinstance(k, bytes) else k): v
+        for k, v in (d.items() if isinstance(d, dict) else ())
+    }
     if any(k not in d for k in keys):
         raise ValueError(f"{path} is not a batch file holding {', '.join(keys)} — {REPLACE_DATA}")
     return d
@@ -200,14 +347,24 @@ def _unpickle(path, keys=("data",)):
 
 def _read_cifar(name, split, root):
     folder, files, label_key = {
-        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"], "labels"),
-        "cifar100": ("cifar-100-python", ["train"] if split == "train" else ["test"], "fine_labels"),
+        "cifar10": (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"],
+            "labels",
+        ),
+        "cifar100": (
+            "cifar-100-python",
+            ["train"] if split == "train" else ["test"],
+            "fine_labels",
+        ),
     }[name]
     path = os.path.join(root, folder)
     if not all(os.path.isfile(os.path.join(path, f)) for f in files):
         raise _missing(name, path, files)
     batches = [_unpickle(os.path.join(path, f), ("data", label_key)) for f in files]
-    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)  # R, G, B planes
+    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(
+        -1, 3, 32, 32
+    )  # R, G, B planes
     labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
     return torch.from_numpy(data), torch.from_numpy(labels)
 
@@ -222,59 +379,91 @@ def read_mat_v5(path):
     if len(raw) < 128:
         raise ValueError(f"{path} is too short to be a MAT file — {REPLACE_DATA}")
     endian = "<" if raw[126:128] == b"IM" else ">"
-    mi_types = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
-    mx_classes = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
+    mi_types = {
+        1: "i1",
+        2: "u1",
+        3: "i2",
+        4: "u2",
+        5: "i4",
+        6: "u4",
+        7: "f4",
+        9: "f8",
+        12: "i8",
+        13: "u8",
+    }
+    mx_classes = {
+        6: "f8",
+        7: "f4",
+        8: "i1",
+        9: "u1",
+        10: "i2",
+        11: "u2",
+        12: "i4",
+        13: "u4",
+        14: "i8",
+        15: "u8",
+    }
 
     def tag(buf, pos):
-        first, = struct.unpack(endian + "I", buf[pos:pos + 4])
-        if first >> 16:  # small data element: type and size packed in 4 bytes, payload in the next 4
+        (first,) = struct.unpack(endian + "I", buf[pos : pos + 4])
+        if (
+            first >> 16
+        ):  # small data element: type and size packed in 4 bytes, payload in the next 4
             return first & 0xFFFF, first >> 16, pos + 4, pos + 8
-        dtype, nbytes = struct.unpack(endian + "II", buf[pos:pos + 8])
+        dtype, nbytes = struct.unpack(endian + "II", buf[pos : pos + 8])
         return dtype, nbytes, pos + 8, pos + 8 + nbytes + (-nbytes % 8)
 
     def read_matrix(buf):
         pos, out = 0, {}
         _, _, pos, _ = tag(buf, pos)  # miMATRIX tag
         _, n, start, pos = tag(buf, pos)
-        flags, = struct.unpack(endian + "I", buf[start:start + 4])
+        (flags,) = struct.unpack(endian + "I", buf[start : start + 4])
         dtype, n, start, pos = tag(buf, pos)
         dims = np.frombuffer(buf, endian + mi_types[dtype], n // 4, start).astype(np.int64)
         _, n, start, pos = tag(buf, pos)
-        name = buf[start:start + n].decode("ascii")
+        name = buf[start : start + n].decode("ascii")
         dtype, n, start, pos = tag(buf, pos)
         itemsize = np.dtype(mi_types[dtype]).itemsize
         values = np.frombuffer(buf, endian + mi_types[dtype], n // itemsize, start)
         values = values.astype(mx_classes.get(flags & 0xFF, values.dtype))
-        out[name] = values.reshape(tuple(dims[::-1])).transpose(tuple(range(len(dims)))[::-1])  # column-major
+        out[name] = values.reshape(tuple(dims[::-1])).transpose(
+            tuple(range(len(dims)))[::-1]
+        )  # column-major
         return out
 
     arrays, pos = {}, 128
     try:
         while pos + 8 <= len(raw):
-            dtype, nbytes = struct.unpack(endian + "II", raw[pos:pos + 8])
-            element = raw[pos + 8:pos + 8 + nbytes]
+            dtype, nbytes = struct.unpack(endian + "II", raw[pos : pos + 8])
+            element = raw[pos + 8 : pos + 8 + nbytes]
             if dtype == 15:  # miCOMPRESSED
                 arrays.update(read_matrix(zlib.decompress(element)))
                 pos += 8 + nbytes
             else:
                 if dtype == 14:
-                    arrays.update(read_matrix(raw[pos:pos + 8 + nbytes]))
+                    arrays.update(read_matrix(raw[pos : pos + 8 + nbytes]))
                 pos += 8 + nbytes + (-nbytes % 8)
     except (struct.error, zlib.error, ValueError, KeyError, IndexError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged: its element at byte {pos} cannot be read "
-                         f"({type(e).__name__}) — {REPLACE_DATA}") from None
+        raise ValueError(
+            f"{path} is damaged: its element at byte {pos} cannot be read "
+            f"({type(e).__name__}) — {REPLACE_DATA}"
+        ) from None
     return arrays
 
 
 def _read_svhn(split, root):
-    fname = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"}[split]
+    fname = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"}[
+        split
+    ]
     path = os.path.join(root, fname)
     if not os.path.isfile(path):
         raise _missing("svhn", root, [fname])
     arrays = read_mat_v5(path)
     if "X" not in arrays or "y" not in arrays or arrays["X"].ndim != 4:
         raise ValueError(f"{path} does not hold SVHN's X (32x32x3xN) and y — {REPLACE_DATA}")
-    images = np.ascontiguousarray(arrays["X"].transpose(3, 2, 0, 1))  # MATLAB (H, W, C, N) -> (N, C, H, W)
+    images = np.ascontiguousarray(
+        arrays["X"].transpose(3, 2, 0, 1)
+    )  # MATLAB (H, W, C, N) -> (N, C, H, W)
     labels = arrays["y"].reshape(-1).astype(np.int64) % 10  # label 10 means digit 0
     return torch.from_numpy(images), torch.from_numpy(labels)
 
@@ -288,11 +477,15 @@ def _read_stl10(split, root):
         raise _missing("stl10", folder, needed)
     raw = np.fromfile(os.path.join(folder, x_file), dtype=np.uint8)
     if len(raw) % (3 * 96 * 96):
-        raise ValueError(f"{os.path.join(folder, x_file)} is truncated: {len(raw)} bytes is not a "
-                         f"whole number of 3x96x96 images — {REPLACE_DATA}")
+        raise ValueError(
+            f"{os.path.join(folder, x_file)} is truncated: {len(raw)} bytes is not a "
+            f"whole number of 3x96x96 images — {REPLACE_DATA}"
+        )
     images = raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)
     if y_file:
-        labels = np.fromfile(os.path.join(folder, y_file), dtype=np.uint8).astype(np.int64) - 1  # 1-based on disk
+        labels = (
+            np.fromfile(os.path.join(folder, y_file), dtype=np.uint8).astype(np.int64) - 1
+        )  # 1-based on disk
     else:
         labels = np.full(len(images), -1, dtype=np.int64)
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
@@ -306,6 +499,7 @@ def _decode(path, size):
     mode converted (`_rgb`), the short side resized to `size` and the centre cropped
     (`_resize_crop`). Returns (image, the file's PIL mode). An unreadable file: one line."""
     from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
         with Image.open(path) as img:
             mode = img.mode
@@ -315,11 +509,15 @@ def _decode(path, size):
         if factor > 1:  # a large photo: box-averaged by a whole factor first (memory), then resized
             rgb = np.array(Image.fromarray(rgb).reduce(factor))
     except Image.DecompressionBombError as e:
-        raise ValueError(f"{path} is too large to decode safely ({str(e).split(',')[0]}; PIL's "
-                         f"decompression-bomb guard) — shrink that image or remove it") from None
+        raise ValueError(
+            f"{path} is too large to decode safely ({str(e).split(',')[0]}; PIL's "
+            f"decompression-bomb guard) — shrink that image or remove it"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {str(e)[:80]}) — "
-                         f"remove or replace that file") from None
+        raise ValueError(
+            f"{path} is not a readable image ({type(e).__name__}: {str(e)[:80]}) — "
+            f"remove or replace that file"
+        ) from None
     img = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W)
     return (img if size is None else _resize_crop(img, size)), mode
 
@@ -353,10 +551,15 @@ def _resize_crop(img, size):
     if (h, w) != (size, size):
         scale = size / min(h, w)
         new_h, new_w = max(size, int(h * scale)), max(size, int(w * scale))
-        x = F.interpolate(img[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(
+            img[None].float(),
+            size=(new_h, new_w),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        img = x[0, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+        img = x[0, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
     return img
 
 
@@ -365,10 +568,14 @@ def _read_folder(path, size=None):
     Each image is brought to size x size on its own (`_decode`); with size None every image must
     already have one size."""
     if not os.path.isdir(path):
-        raise DatasetNotFoundError(f"image folder {path} does not exist (expected <path>/<class>/<image>.png)")
+        raise DatasetNotFoundError(
+            f"image folder {path} does not exist (expected <path>/<class>/<image>.png)"
+        )
     classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
     if not classes:
-        raise DatasetNotFoundError(f"no class folders in {path} (expected <path>/<class>/<image>.png)")
+        raise DatasetNotFoundError(
+            f"no class folders in {path} (expected <path>/<class>/<image>.png)"
+        )
     files, labels = [], []
     for label, cls in enumerate(classes):
         for folder, _, names in sorted(os.walk(os.path.join(path, cls), followlinks=True)):
@@ -382,16 +589,21 @@ def _read_folder(path, size=None):
     for f in files:  # decoding happens once, at load time
         img, mode = _decode(f, size)
         if size is None and images and img.shape != images[0].shape:
-            raise ValueError(f"{f} is {img.shape[2]}x{img.shape[1]}, {files[0]} is "
-                             f"{images[0].shape[2]}x{images[0].shape[1]} — read the folder as a "
-                             f"source (each image is resized to the teacher's input), or give "
-                             f"load_images a shape")
+            raise ValueError(
+                f"{f} is {img.shape[2]}x{img.shape[1]}, {files[0]} is "
+                f"{images[0].shape[2]}x{images[0].shape[1]} — read the folder as a "
+                f"source (each image is resized to the teacher's input), or give "
+                f"load_images a shape"
+            )
         images.append(img)
         modes[mode] = modes.get(mode, 0) + 1
     if size is not None:
         counts = ", ".join(f"{m} {n}" for m, n in modes.items())
-        print(f"folder {path}: {len(files)} images (PIL modes: {counts}), each resized to {size} "
-              f"on its short side and centre-cropped to {size}x{size}", flush=True)
+        print(
+            f"folder {path}: {len(files)} images (PIL modes: {counts}), each resized to {size} "
+            f"on its short side and centre-cropped to {size}x{size}",
+            flush=True,
+        )
     return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -399,16 +611,27 @@ def _read_tinyimagenet(split, root):
     base = os.path.join(root, "tiny-imagenet-200")
     wnids_file = os.path.join(base, "wnids.txt")
     if not os.path.isfile(wnids_file):
-        raise _missing("tinyimagenet", base, ["wnids.txt", "train/<wnid>/images/*.JPEG", "val/val_annotations.txt"])
-    wnids = sorted(open(wnids_file).read().split())  # sorted wnid order, as ImageFolder(train/) would give
+        raise _missing(
+            "tinyimagenet",
+            base,
+            ["wnids.txt", "train/<wnid>/images/*.JPEG", "val/val_annotations.txt"],
+        )
+    wnids = sorted(
+        open(wnids_file).read().split()
+    )  # sorted wnid order, as ImageFolder(train/) would give
     index = {w: i for i, w in enumerate(wnids)}
     if split == "train":
-        files = [(os.path.join(base, "train", w, "images", f), index[w]) for w in wnids
-                 for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))]
+        files = [
+            (os.path.join(base, "train", w, "images", f), index[w])
+            for w in wnids
+            for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))
+        ]
     else:
         ann = os.path.join(base, "val", "val_annotations.txt")
         if not os.path.isfile(ann):
-            raise _missing("tinyimagenet", os.path.join(base, "val"), ["val_annotations.txt", "images/*.JPEG"])
+            raise _missing(
+                "tinyimagenet", os.path.join(base, "val"), ["val_annotations.txt", "images/*.JPEG"]
+            )
         rows = [line.split("\t") for line in open(ann).read().splitlines() if line.strip()]
         files = [(os.path.join(base, "val", "images", r[0]), index[r[1]]) for r in rows]
     images = torch.stack([_decode(f, 64)[0] for f, _ in files])
@@ -420,13 +643,17 @@ def _read_downsampled_imagenet(name, split, root):
     folder = os.path.join(root, f"Imagenet{s}_{'train' if split == 'train' else 'val'}_npz")
     stems = [f"train_data_batch_{i}" for i in range(1, 11)] if split == "train" else ["val_data"]
     found = [p for p in (os.path.join(folder, st + ".npz") for st in stems) if os.path.isfile(p)]
-    found = found or [p for p in (os.path.join(folder, st) for st in stems) if os.path.isfile(p)]  # pickle release
+    found = found or [
+        p for p in (os.path.join(folder, st) for st in stems) if os.path.isfile(p)
+    ]  # pickle release
     if not found:
         raise _missing(name, folder, [st + ".npz" for st in stems])
     xs, ys = [], []
     for p in found:
         d = _load_npz(p) if p.endswith(".npz") else _unpickle(p, ("data", "labels"))
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, s, s))  # R, G, B planes, like CIFAR
+        xs.append(
+            np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, s, s)
+        )  # R, G, B planes, like CIFAR
         ys.append(np.asarray(d["labels"], dtype=np.int64) - 1)  # 1-based on disk
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
@@ -435,8 +662,9 @@ def _load_npz(path):
     try:
         d = dict(np.load(path))
     except Exception as e:  # a damaged zip: BadZipFile, EOFError, ValueError, OSError
-        raise ValueError(f"{path} cannot be read as npz ({type(e).__name__}) — "
-                         f"{REPLACE_DATA}") from None
+        raise ValueError(
+            f"{path} cannot be read as npz ({type(e).__name__}) — {REPLACE_DATA}"
+        ) from None
     if "data" not in d or "labels" not in d:
         raise ValueError(f"{path} does not hold 'data' and 'labels' — {REPLACE_DATA}")
     return d
@@ -455,6 +683,7 @@ def _read_mnistm(split, root):
 
 #### Generated sources: procedural shapes (tests, offline demo) and noise ####
 
+
 def make_synthetic(n, seed, size=32):
     """n RGB images of 10 procedurally drawn shape classes (see SYNTHETIC_CLASSES) with random position,
     scale and colours plus pixel noise. Balanced labels. A LeNet learns it to > 90% in seconds."""
@@ -462,26 +691,32 @@ def make_synthetic(n, seed, size=32):
     labels = torch.arange(n) % 10
     labels = labels[torch.randperm(n, generator=g)]
     coords = torch.linspace(-1, 1, size)
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")                       # (H, W)
-    center = (torch.rand(n, 2, generator=g) - 0.5) * 0.6                          # (N, 2)
-    s = (0.45 + 0.3 * torch.rand(n, generator=g))[:, None, None]                  # (N, 1, 1) scale
-    dx, dy = xx - center[:, 0, None, None], yy - center[:, 1, None, None]         # (N, H, W)
-    r = torch.sqrt(dx ** 2 + dy ** 2)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # (H, W)
+    center = (torch.rand(n, 2, generator=g) - 0.5) * 0.6  # (N, 2)
+    s = (0.45 + 0.3 * torch.rand(n, generator=g))[:, None, None]  # (N, 1, 1) scale
+    dx, dy = xx - center[:, 0, None, None], yy - center[:, 1, None, None]  # (N, H, W)
+    r = torch.sqrt(dx**2 + dy**2)
     u, v = (dx + dy) / math.sqrt(2), (dx - dy) / math.sqrt(2)
     box = torch.maximum(dx.abs(), dy.abs()) < s
-    masks = torch.stack([
-        r < s,                                                                    # disk
-        torch.maximum(dx.abs(), dy.abs()) < 0.8 * s,                              # square
-        (r - 0.75 * s).abs() < 0.18 * s,                                          # ring
-        ((dx.abs() < 0.22 * s) & (dy.abs() < s)) | ((dy.abs() < 0.22 * s) & (dx.abs() < s)),   # plus
-        ((u.abs() < 0.22 * s) & (v.abs() < s)) | ((v.abs() < 0.22 * s) & (u.abs() < s)),       # x-cross
-        (dy < 0.6 * s) & (dy > 1.8 * dx.abs() - 0.9 * s),                         # triangle
-        box & (torch.sin(dy / s * 3 * math.pi) > 0),                              # horizontal stripes
-        box & (torch.sin(dx / s * 3 * math.pi) > 0),                              # vertical stripes
-        dx.abs() + dy.abs() < s,                                                  # diamond
-        (((dx - 0.5 * s) ** 2 + dy ** 2) < (0.3 * s) ** 2) | (((dx + 0.5 * s) ** 2 + dy ** 2) < (0.3 * s) ** 2),
-    ], dim=1)                                                                     # (N, 10, H, W)
-    mask = masks[torch.arange(n), labels].float()[:, None]                        # (N, 1, H, W)
+    masks = torch.stack(
+        [
+            r < s,  # disk
+            torch.maximum(dx.abs(), dy.abs()) < 0.8 * s,  # square
+            (r - 0.75 * s).abs() < 0.18 * s,  # ring
+            ((dx.abs() < 0.22 * s) & (dy.abs() < s))
+            | ((dy.abs() < 0.22 * s) & (dx.abs() < s)),  # plus
+            ((u.abs() < 0.22 * s) & (v.abs() < s))
+            | ((v.abs() < 0.22 * s) & (u.abs() < s)),  # x-cross
+            (dy < 0.6 * s) & (dy > 1.8 * dx.abs() - 0.9 * s),  # triangle
+            box & (torch.sin(dy / s * 3 * math.pi) > 0),  # horizontal stripes
+            box & (torch.sin(dx / s * 3 * math.pi) > 0),  # vertical stripes
+            dx.abs() + dy.abs() < s,  # diamond
+            (((dx - 0.5 * s) ** 2 + dy**2) < (0.3 * s) ** 2)
+            | (((dx + 0.5 * s) ** 2 + dy**2) < (0.3 * s) ** 2),
+        ],
+        dim=1,
+    )  # (N, 10, H, W)
+    mask = masks[torch.arange(n), labels].float()[:, None]  # (N, 1, H, W)
     fg = 0.55 + 0.45 * torch.rand(n, 3, 1, 1, generator=g)
     bg = 0.40 * torch.rand(n, 3, 1, 1, generator=g)
     img = mask * fg + (1 - mask) * bg + 0.05 * torch.randn(n, 3, size, size, generator=g)
@@ -523,21 +758,24 @@ def style_shift(images, seed):
         return 0.6 * x + 0.4 * (0.5 + 0.5 * wave)
 
     shifts = [
-        lambda x, sel: 1 - x,                                  # inversion
-        lambda x, sel: gain[sel] * x + offset[sel],            # low contrast, brightness offset
-        lambda x, sel: blur(x),                                # blur
-        texture,                                               # texture overlay
-        lambda x, sel: x[:, channel_order],                    # colour permutation (RGB only)
+        lambda x, sel: 1 - x,  # inversion
+        lambda x, sel: gain[sel] * x + offset[sel],  # low contrast, brightness offset
+        lambda x, sel: blur(x),  # blur
+        texture,  # texture overlay
+        lambda x, sel: x[:, channel_order],  # colour permutation (RGB only)
     ]
     out = torch.empty_like(images)
     for k, shift in enumerate(shifts):  # one batched op per kind of shift
         sel = (choice == k).nonzero().squeeze(1)
         if len(sel):
-            out[sel] = (shift(images[sel].float() / 255, sel).clamp(0, 1) * 255).round().to(torch.uint8)
+            out[sel] = (
+                (shift(images[sel].float() / 255, sel).clamp(0, 1) * 255).round().to(torch.uint8)
+            )
     return out
 
 
 #### Public API ####
+
 
 def load_images(name, split="train", root="data", n=None, shape=None, seed=0):
     """Read a source from disk (never downloads) -> (uint8 (N, C, H, W), int64 (N,) labels or -1).
@@ -547,13 +785,15 @@ def load_images(name, split="train", root="data", n=None, shape=None, seed=0):
     `shape`, default 10,000 of 3x32x32). split: "train" or "test" ("unlabeled" for stl10, "extra" for svhn).
     """
     if split not in ("train", "test", "unlabeled", "extra"):
-        raise ValueError(f"unknown split {split!r} (train, test; stl10 also unlabeled, svhn also extra)")
+        raise ValueError(
+            f"unknown split {split!r} (train, test; stl10 also unlabeled, svhn also extra)"
+        )
     split_seed = seed + (0 if split == "train" else 1_000_003)
     if name.startswith("shifted:"):
-        images, labels = load_images(name[len("shifted:"):], split, root, n, shape, seed)
+        images, labels = load_images(name[len("shifted:") :], split, root, n, shape, seed)
         return style_shift(images, split_seed + 17), labels
     if name.startswith("folder:"):
-        return _read_folder(name[len("folder:"):], None if shape is None else shape[-1])
+        return _read_folder(name[len("folder:") :], None if shape is None else shape[-1])
     if name in MNIST_FOLDERS:
         return _read_mnist_family(name, split, root)
     if name in ("cifar10", "cifar100"):
@@ -567,7 +807,11 @@ def load_images(name, split="train", root="data", n=None, shape=None, seed=0):
     if name == "cinic10":
         path = os.path.join(root, "CINIC-10", "train" if split == "train" else "test")
         if not os.path.isdir(path):
-            raise _missing("cinic10", os.path.join(root, "CINIC-10"), ["train/<class>/*.png", "test/<class>/*.png"])
+            raise _missing(
+                "cinic10",
+                os.path.join(root, "CINIC-10"),
+                ["train/<class>/*.png", "test/<class>/*.png"],
+            )
         return _read_folder(path, 32)
     if name in ("imagenet32", "imagenet64"):
         return _read_downsampled_imagenet(name, split, root)
@@ -584,8 +828,10 @@ def load_images(name, split="train", root="data", n=None, shape=None, seed=0):
 def _resize(images, size, chunk=4096):
     out = []
     for i in range(0, len(images), chunk):
-        x = images[i:i + chunk].float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = images[i : i + chunk].float()
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         out.append(x.round().clamp(0, 255).to(torch.uint8))
     return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
 
@@ -595,7 +841,9 @@ def to_shape(images, channels, size):
     SVHN for an MNIST teacher), gray -> RGB by repetition, bilinear (antialiased) resize."""
     if images.shape[1] == 3 and channels == 1:
         weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        images = (
+            (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+        )
     elif images.shape[1] == 1 and channels == 3:
         images = images.repeat(1, 3, 1, 1)
     elif images.shape[1] != channels:
@@ -619,7 +867,9 @@ def parse_source(spec):
     head, _, tail = spec.rpartition(":")
     if head and tail.isdigit() and not spec.startswith("folder:"):
         if int(tail) == 0:
-            raise ValueError(f"source {spec!r} asks for 0 images — drop it from the list or give a count >= 1")
+            raise ValueError(
+                f"source {spec!r} asks for 0 images — drop it from the list or give a count >= 1"
+            )
         return head, int(tail)
     return spec, None
 
@@ -633,13 +883,20 @@ def load_source(spec, split, root, channels, size, seed=0):
     all_images, all_labels, all_index = [], [], []
     for i, part in enumerate(s.strip() for s in spec.split(",") if s.strip()):
         name, count = parse_source(part)
-        images, labels = load_images(name, split, root, n=count, shape=(channels, size, size), seed=seed + i)
+        images, labels = load_images(
+            name, split, root, n=count, shape=(channels, size, size), seed=seed + i
+        )
         if count is not None and count < len(images):
-            keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + i))[:count]
+            keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + i))[
+                :count
+            ]
             images, labels = images[keep], labels[keep]
         if tuple(images.shape[1:]) != (channels, size, size):
-            print(f"source {part}: converted {'x'.join(map(str, images.shape[1:]))} images to "
-                  f"{channels}x{size}x{size}", flush=True)
+            print(
+                f"source {part}: converted {'x'.join(map(str, images.shape[1:]))} images to "
+                f"{channels}x{size}x{size}",
+                flush=True,
+            )
         all_images.append(to_shape(images, channels, size))
         all_labels.append(labels)
         all_index.append(torch.full((len(images),), i, dtype=torch.int64))
@@ -653,8 +910,10 @@ def download(name, root):
     (no network, say) removes the folders it created and names where the files can be fetched by hand."""
     name = name.split(":")[0]
     if name not in DOWNLOADABLE:
-        raise ValueError(f"{name!r} cannot be downloaded automatically — get it from "
-                         f"{MANUAL_SOURCES.get(name, 'its source')}")
+        raise ValueError(
+            f"{name!r} cannot be downloaded automatically — get it from "
+            f"{MANUAL_SOURCES.get(name, 'its source')}"
+        )
     existing = set()
     for folder, _, _ in os.walk(root):
         existing.add(os.path.abspath(folder))
@@ -666,12 +925,15 @@ def download(name, root):
                 os.rmdir(folder)
         url, files = DOWNLOAD_SOURCES[name]
         reason = str(getattr(e, "reason", e)).splitlines()[0][:120]
-        raise ValueError(f"--download of {name} failed ({reason}) — fetch the files by hand from {url} and put "
-                         f"{files} under {root}") from None
+        raise ValueError(
+            f"--download of {name} failed ({reason}) — fetch the files by hand from {url} and put "
+            f"{files} under {root}"
+        ) from None
 
 
 def _fetch(name, root):
     import torchvision.datasets as tvd
+
     if name in MNIST_FOLDERS:
         cls = {"mnist": tvd.MNIST, "fashionmnist": tvd.FashionMNIST, "kmnist": tvd.KMNIST}[name]
         for train in (True, False):
@@ -689,14 +951,19 @@ def _fetch(name, root):
 
 #### Device-resident batches with batched augmentation ####
 
+
 def augment_batch(x, crop_pad=0, flip=False, generator=None):
     """Random crop with zero padding and random horizontal flip, for a whole batch (B, C, H, W) at once."""
     b, _, h, w = x.shape
     if crop_pad > 0:
         padded = F.pad(x, (crop_pad,) * 4)
         off = torch.randint(0, 2 * crop_pad + 1, (2, b), device=x.device, generator=generator)
-        rows = (off[0, :, None] + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
-        cols = (off[1, :, None] + torch.arange(w, device=x.device))[:, None, None, :]   # (B, 1, 1, W)
+        rows = (off[0, :, None] + torch.arange(h, device=x.device))[
+            :, None, :, None
+        ]  # (B, 1, H, 1)
+        cols = (off[1, :, None] + torch.arange(w, device=x.device))[
+            :, None, None, :
+        ]  # (B, 1, 1, W)
         batch = torch.arange(b, device=x.device)[:, None, None, None]
         chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = padded[batch, chan, rows, cols]
@@ -727,16 +994,37 @@ class DeviceLoader:
     of the same sizes. Each rank augments with its own stream; rank 0's is the single-process one.
     """
 
-    def __init__(self, images, *tensors, batch_size=256, shuffle=True, drop_last=False, crop_pad=0, flip=False,
-                 mean=(0.5,), std=(0.5,), device="cpu", seed=0, indices=None, rank=0, world_size=1):
+    def __init__(
+        self,
+        images,
+        *tensors,
+        batch_size=256,
+        shuffle=True,
+        drop_last=False,
+        crop_pad=0,
+        flip=False,
+        mean=(0.5,),
+        std=(0.5,),
+        device="cpu",
+        seed=0,
+        indices=None,
+        rank=0,
+        world_size=1,
+    ):
         if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} processes")
+            raise ValueError(
+                f"batch size {batch_size} is not divisible by the {world_size} processes"
+            )
         device = torch.device(device)
         self.images = images.to(device)
         self.tensors = [t.to(device) for t in tensors]
         self.indices = None if indices is None else indices.to(device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.rank, self.world_size, self.local_batch_size = rank, world_size, batch_size // world_size
+        self.rank, self.world_size, self.local_batch_size = (
+            rank,
+            world_size,
+            batch_size // world_size,
+        )
         self.crop_pad, self.flip = crop_pad, flip
         self.device = device
         # on the device once: a host-to-device copy per batch would stall the GPU queue
@@ -764,13 +1052,13 @@ class DeviceLoader:
         if self.world_size > 1:
             if not self.drop_last and n:
                 order = order[torch.arange(math.ceil(n / self.world_size) * self.world_size) % n]
-            order = order[self.rank::self.world_size]
+            order = order[self.rank :: self.world_size]
         order = order.to(self.device)
         if self.indices is not None:
             order = self.indices[order]
         b = self.local_batch_size
         for i in range(len(self)):
-            idx = order[i * b:(i + 1) * b]
+            idx = order[i * b : (i + 1) * b]
             x = self.images[idx]
             if self.crop_pad or self.flip:
                 x = augment_batch(x, self.crop_pad, self.flip, self.aug_gen)

@@ -34,89 +34,252 @@ from teacher import get_teacher
 # mnist: LeNet5 -> LeNet5-half, Adam 1e-3, 40 epochs (Sec. 4, Table 1).
 # synthetic: tiny settings so that the end-to-end tests take seconds.
 SETTINGS = {
-    "cifar": dict(teacher_arch="resnet34", student_arch="resnet18", optimizer="sgd", lr=0.05, momentum=0.9,
-                  weight_decay=5e-4, epochs=240, milestones=(150, 180, 210), batch_size=128),
-    "mnist": dict(teacher_arch="lenet5", student_arch="lenet5_half", optimizer="adam", lr=1e-3, momentum=0.0,
-                  weight_decay=0.0, epochs=40, milestones=(), batch_size=256),
-    "synthetic": dict(teacher_arch="lenet5", student_arch="lenet5_half", optimizer="adam", lr=2e-3, momentum=0.0,
-                      weight_decay=0.0, epochs=2, milestones=(), batch_size=128),
+    "cifar": dict(
+        teacher_arch="resnet34",
+        student_arch="resnet18",
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        epochs=240,
+        milestones=(150, 180, 210),
+        batch_size=128,
+    ),
+    "mnist": dict(
+        teacher_arch="lenet5",
+        student_arch="lenet5_half",
+        optimizer="adam",
+        lr=1e-3,
+        momentum=0.0,
+        weight_decay=0.0,
+        epochs=40,
+        milestones=(),
+        batch_size=256,
+    ),
+    "synthetic": dict(
+        teacher_arch="lenet5",
+        student_arch="lenet5_half",
+        optimizer="adam",
+        lr=2e-3,
+        momentum=0.0,
+        weight_decay=0.0,
+        epochs=2,
+        milestones=(),
+        batch_size=128,
+    ),
 }
 # The webly collected data D-bar per dataset (Sec. 4 "Webly Collected Datasets": grayscaled MNIST-M + SVHN for
 # MNIST, ImageNet downsampled to the original size otherwise). Fashion-MNIST and KMNIST have no web set in the
 # paper; their defaults are the offline shifted proxies of data.py (NAMED_MIXES).
-WEB = {"mnist": "mnistm,svhn", "fashionmnist": "fashionmnist-web", "kmnist": "kmnist-web",
-       "cifar10": "imagenet32", "cifar100": "imagenet32", "cinic10": "imagenet32", "tinyimagenet": "imagenet64",
-       "synthetic": "shifted:synthetic:600,noise-uniform:200"}
+WEB = {
+    "mnist": "mnistm,svhn",
+    "fashionmnist": "fashionmnist-web",
+    "kmnist": "kmnist-web",
+    "cifar10": "imagenet32",
+    "cifar100": "imagenet32",
+    "cinic10": "imagenet32",
+    "tinyimagenet": "imagenet64",
+    "synthetic": "shifted:synthetic:600,noise-uniform:200",
+}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="KD3 (ICCV 2023): distillation with webly collected images under "
-                                            "distribution shift.", formatter_class=runtime.HelpFormatter)
-    p.add_argument("--dataset", default="fashionmnist", choices=sorted(data.DATASETS), help="the teacher's task")
-    p.add_argument("--web", default=None, help="webly collected data D-bar, any data.py source list; default per "
-                   "dataset: " + ", ".join(f"{k} {v}" for k, v in WEB.items()))
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (default: the cache of teacher.py, trained "
-                   "with its recipe when missing)")
-    p.add_argument("--teacher-arch", default=None, help="Table 1; " + runtime.family_default(SETTINGS, "teacher_arch"))
-    p.add_argument("--student-arch", default=None, help="Table 1; " + runtime.family_default(SETTINGS, "student_arch"))
-    p.add_argument("--data-root", default="data", help="where the datasets' files are (docs/data.md)")
-    p.add_argument("--download", action="store_true", help="fetch the teacher's dataset with torchvision first")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
-    p.add_argument("--seed", type=int, default=0, help="seed of the student, the selection and the augmentation")
-    p.add_argument("--teacher-seed", type=int, default=0,
-                   help="the recipe teacher's seed (one teacher for every --seed, as the tables)")
+    p = argparse.ArgumentParser(
+        description="KD3 (ICCV 2023): distillation with webly collected images under "
+        "distribution shift.",
+        formatter_class=runtime.HelpFormatter,
+    )
+    p.add_argument(
+        "--dataset",
+        default="fashionmnist",
+        choices=sorted(data.DATASETS),
+        help="the teacher's task",
+    )
+    p.add_argument(
+        "--web",
+        default=None,
+        help="webly collected data D-bar, any data.py source list; default per "
+        "dataset: " + ", ".join(f"{k} {v}" for k, v in WEB.items()),
+    )
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher checkpoint (default: the cache of teacher.py, trained "
+        "with its recipe when missing)",
+    )
+    p.add_argument(
+        "--teacher-arch",
+        default=None,
+        help="Table 1; " + runtime.family_default(SETTINGS, "teacher_arch"),
+    )
+    p.add_argument(
+        "--student-arch",
+        default=None,
+        help="Table 1; " + runtime.family_default(SETTINGS, "student_arch"),
+    )
+    p.add_argument(
+        "--data-root", default="data", help="where the datasets' files are (docs/data.md)"
+    )
+    p.add_argument(
+        "--download", action="store_true", help="fetch the teacher's dataset with torchvision first"
+    )
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the student, the selection and the augmentation",
+    )
+    p.add_argument(
+        "--teacher-seed",
+        type=int,
+        default=0,
+        help="the recipe teacher's seed (one teacher for every --seed, as the tables)",
+    )
     p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
     p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
     # Optimisation (Sec. 4 "Implementation Details")
-    p.add_argument("--epochs", type=int, default=None, help="I of Eq. (4); " + runtime.family_default(SETTINGS, "epochs"))
-    p.add_argument("--batch-size", type=int, default=None, help="not given in the paper (authors' code: 1024); "
-                   + runtime.family_default(SETTINGS, "batch_size"))
-    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"],
-                   help=runtime.family_default(SETTINGS, "optimizer"))
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="I of Eq. (4); " + runtime.family_default(SETTINGS, "epochs"),
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="not given in the paper (authors' code: 1024); "
+        + runtime.family_default(SETTINGS, "batch_size"),
+    )
+    p.add_argument(
+        "--optimizer",
+        default=None,
+        choices=["sgd", "adam"],
+        help=runtime.family_default(SETTINGS, "optimizer"),
+    )
     p.add_argument("--lr", type=float, default=None, help=runtime.family_default(SETTINGS, "lr"))
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum; "
-                   + runtime.family_default(SETTINGS, "momentum"))
-    p.add_argument("--weight-decay", type=float, default=None, help=runtime.family_default(SETTINGS, "weight_decay"))
-    p.add_argument("--milestones", type=int, nargs="*", default=None, help="lr / 10 at these epochs; "
-                   + runtime.family_default(SETTINGS, "milestones"))
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=None,
+        help="SGD momentum; " + runtime.family_default(SETTINGS, "momentum"),
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help=runtime.family_default(SETTINGS, "weight_decay"),
+    )
+    p.add_argument(
+        "--milestones",
+        type=int,
+        nargs="*",
+        default=None,
+        help="lr / 10 at these epochs; " + runtime.family_default(SETTINGS, "milestones"),
+    )
     # KD3 hyper-parameters (Sec. 4 "Implementation Details", Fig. 4)
     p.add_argument("--v-th", type=float, default=0.95, help="V_th of Eq. (6) (paper: 0.95)")
-    p.add_argument("--tau", type=float, default=0.3, help="temperature of Eqs. (15)-(16) (paper: 0.3)")
-    p.add_argument("--alpha", type=float, default=0.01, help="weight of L_mdcl in Eq. (18) (paper: 0.01; code 0.001)")
-    p.add_argument("--mix-delta", type=float, default=0.1, help="lambda ~ Beta(delta, delta) of Eq. (11) "
-                   "(not given in the paper; authors' code 0.1)")
-    p.add_argument("--proj-dim", type=int, default=128, help="projection head output, Eqs. (13)-(14) (code: 128)")
-    p.add_argument("--mdcl-reduction", default="mean", choices=["mean", "sum"], help="Eqs. (15)-(16) sum over "
-                   "instances (sum); mean over the batch (mean, batch-size independent)")
+    p.add_argument(
+        "--tau", type=float, default=0.3, help="temperature of Eqs. (15)-(16) (paper: 0.3)"
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.01,
+        help="weight of L_mdcl in Eq. (18) (paper: 0.01; code 0.001)",
+    )
+    p.add_argument(
+        "--mix-delta",
+        type=float,
+        default=0.1,
+        help="lambda ~ Beta(delta, delta) of Eq. (11) (not given in the paper; authors' code 0.1)",
+    )
+    p.add_argument(
+        "--proj-dim",
+        type=int,
+        default=128,
+        help="projection head output, Eqs. (13)-(14) (code: 128)",
+    )
+    p.add_argument(
+        "--mdcl-reduction",
+        default="mean",
+        choices=["mean", "sum"],
+        help="Eqs. (15)-(16) sum over "
+        "instances (sum); mean over the batch (mean, batch-size independent)",
+    )
     # Ablations (Table 2) and the authors' code variants (docs/kd3.md)
-    p.add_argument("--selection", default="combined", choices=["combined", "random", "student", "teacher"],
-                   help="Table 2 'Instance selection': Eqs. (3)-(8) (combined), as many random images as the "
-                        "combined rule selects (random), alpha(t)=1 always (student), alpha(t)=0 always (teacher)")
-    p.add_argument("--no-cls-share", default=None, choices=["onehot", "soft"], help="Table 2 'No classifier "
-                   "sharing': a fresh student classifier trained by CE on the teacher's argmax or KL on its soft "
-                   "labels (default: off, the classifier is shared)")
-    p.add_argument("--kd-t", type=float, default=4.0, help="KL temperature of --no-cls-share soft (not given)")
-    p.add_argument("--no-cls-share-predictions", default="own", choices=["own", "shared"], help="with --no-cls-share: "
-                   "N_S(x) of the selection (Eq. 3) and the weights (Eq. 9) from the student's own new classifier "
-                   "(own), or from g_T on the student's features as in full KD3 (shared: only the classifier "
-                   "that is trained and tested changes)")
-    p.add_argument("--no-mdcl", action="store_true", help="Table 2 'No L_mdcl': drop Eq. (17) from Eq. (18)")
-    p.add_argument("--no-md", action="store_true", help="Table 2 'No MD': contrastive views from standard "
-                   "augmentation (random crop + flip) instead of MixDistribution, Eqs. (11)-(12)")
-    p.add_argument("--threshold", default="paper", choices=["paper", "flexmatch"], help="Eqs. (6)-(7) (paper), "
-                   "or the authors' code: T_k = V_th * b_k / (2 - b_k), b_k = n_k / max_j n_j (flexmatch)")
-    p.add_argument("--contrastive", default="paper", choices=["paper", "ntxent"], help="Eqs. (15)-(16) with "
-                   "j != i in the denominator (paper), or the positive kept there as in the authors' code (ntxent)")
-    p.add_argument("--grid-size", type=int, default=64, help="images per selected/rejected PNG grid")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from "
-                   "RUN_DIR/state.pt with its saved config.json (flags given now must match it)")
+    p.add_argument(
+        "--selection",
+        default="combined",
+        choices=["combined", "random", "student", "teacher"],
+        help="Table 2 'Instance selection': Eqs. (3)-(8) (combined), as many random images as the "
+        "combined rule selects (random), alpha(t)=1 always (student), alpha(t)=0 always (teacher)",
+    )
+    p.add_argument(
+        "--no-cls-share",
+        default=None,
+        choices=["onehot", "soft"],
+        help="Table 2 'No classifier "
+        "sharing': a fresh student classifier trained by CE on the teacher's argmax or KL on its soft "
+        "labels (default: off, the classifier is shared)",
+    )
+    p.add_argument(
+        "--kd-t", type=float, default=4.0, help="KL temperature of --no-cls-share soft (not given)"
+    )
+    p.add_argument(
+        "--no-cls-share-predictions",
+        default="own",
+        choices=["own", "shared"],
+        help="with --no-cls-share: "
+        "N_S(x) of the selection (Eq. 3) and the weights (Eq. 9) from the student's own new classifier "
+        "(own), or from g_T on the student's features as in full KD3 (shared: only the classifier "
+        "that is trained and tested changes)",
+    )
+    p.add_argument(
+        "--no-mdcl", action="store_true", help="Table 2 'No L_mdcl': drop Eq. (17) from Eq. (18)"
+    )
+    p.add_argument(
+        "--no-md",
+        action="store_true",
+        help="Table 2 'No MD': contrastive views from standard "
+        "augmentation (random crop + flip) instead of MixDistribution, Eqs. (11)-(12)",
+    )
+    p.add_argument(
+        "--threshold",
+        default="paper",
+        choices=["paper", "flexmatch"],
+        help="Eqs. (6)-(7) (paper), "
+        "or the authors' code: T_k = V_th * b_k / (2 - b_k), b_k = n_k / max_j n_j (flexmatch)",
+    )
+    p.add_argument(
+        "--contrastive",
+        default="paper",
+        choices=["paper", "ntxent"],
+        help="Eqs. (15)-(16) with "
+        "j != i in the denominator (paper), or the positive kept there as in the authors' code (ntxent)",
+    )
+    p.add_argument(
+        "--grid-size", type=int, default=64, help="images per selected/rejected PNG grid"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from "
+        "RUN_DIR/state.pt with its saved config.json (flags given now must match it)",
+    )
     return p
 
 
 def resolve_settings(args):
     """Fill every None flag from SETTINGS[family] and WEB (visible above) and validate."""
     for key, value in SETTINGS[data.DATASETS[args.dataset]["family"]].items():
-        if getattr(args, key) is None and not (key == "teacher_arch" and args.teacher):  # --teacher: its own arch
+        if getattr(args, key) is None and not (
+            key == "teacher_arch" and args.teacher
+        ):  # --teacher: its own arch
             setattr(args, key, value)
     if args.web is None:
         args.web = WEB[args.dataset]
@@ -133,6 +296,7 @@ def resolve_settings(args):
 
 
 #### Losses and selection ####
+
 
 def alpha_schedule(epoch, total_epochs):
     """Eq. (4): alpha(t) = exp(-5 (t / (I/2) - 1)^2) for t <= I/2, else 1; t counted from 0, I = total epochs."""
@@ -155,7 +319,7 @@ def class_thresholds(pred, num_classes, v_th, rule="paper"):
     A class nobody predicts gets threshold 0 (and has no instance to select). rule="flexmatch" is the
     authors' code: T_k = V_th * b_k / (2 - b_k) with b_k = n_k / max_j n_j.
     """
-    counts = torch.bincount(pred, minlength=num_classes).float()                   # (K,) n_k
+    counts = torch.bincount(pred, minlength=num_classes).float()  # (K,) n_k
     # Eq. (7)
     normalized = counts / counts.max().clamp(min=1)
     if rule == "flexmatch":
@@ -189,7 +353,7 @@ def weighted_feature_alignment(feat_s, feat_t, weights):
 def mix_distribution(x, lam, perm, eps=1e-6):
     """Eqs. (11)-(12) on images (B, C, H, W): each image's per-channel mean/std (population std over H x W,
     sqrt(var + eps), detached) replaced by lam * own + (1 - lam) * those of image perm[i]. lam: (B,)."""
-    mu = x.mean(dim=(2, 3), keepdim=True).detach()                                  # (B, C, 1, 1)
+    mu = x.mean(dim=(2, 3), keepdim=True).detach()  # (B, C, 1, 1)
     sigma = (x.var(dim=(2, 3), keepdim=True, unbiased=False) + eps).sqrt().detach()  # (B, C, 1, 1)
     lam = lam.view(-1, 1, 1, 1).to(x.dtype)
     # Eq. (11)
@@ -212,12 +376,14 @@ def mdcl_loss(z, z_hat, tau, reduction="mean", positive_in_denominator=False):
     if len(z) < 2:
         return z.new_zeros(())
     z, z_hat = F.normalize(z, dim=1), F.normalize(z_hat, dim=1)
-    logits = z @ z_hat.t() / tau                                                    # (B, B) sim(z_i, z^_j) / tau
+    logits = z @ z_hat.t() / tau  # (B, B) sim(z_i, z^_j) / tau
     positive = logits.diagonal()
     # DEVIATION (opt-in, --contrastive ntxent): the authors' code keeps the positive in the denominator.
     if not positive_in_denominator:
         # the indicator 1[j != i] of Eqs. (15)-(16)
-        logits = logits.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+        logits = logits.masked_fill(
+            torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf")
+        )
     # Eqs. (15)-(16)
     per_instance = torch.logsumexp(logits, dim=1) - positive
     return per_instance.sum() if reduction == "sum" else per_instance.mean()
@@ -232,11 +398,14 @@ def contrastive_view(x, no_md, mix_delta):
         return data.augment_batch(x, crop_pad=max(1, x.shape[-1] // 8), flip=True)
     b = len(x)
     concentration = torch.full((b,), mix_delta, device=x.device)
-    lam = torch.distributions.Beta(concentration, concentration, validate_args=False).sample()  # no host sync
+    lam = torch.distributions.Beta(
+        concentration, concentration, validate_args=False
+    ).sample()  # no host sync
     return mix_distribution(x, lam, torch.randperm(b, device=x.device))
 
 
 #### Networks ####
+
 
 class SharedClassifierStudent(nn.Module):
     """N_S(x) = g_T(phi_S(x)) (Eq. 2, Sec. 3.3): the student's feature extractor, a connector to the teacher's
@@ -253,8 +422,11 @@ class SharedClassifierStudent(nn.Module):
         self.feat_dim = teacher_classifier.in_features
         # DEVIATION: a learnable linear connector (part of phi_S) when the feature sizes differ (lenet5_half
         # 42-d -> lenet5 84-d); the paper's pairs have equal sizes, the authors' code uses a conv connector.
-        self.connector = (nn.Identity() if backbone.feat_dim == self.feat_dim
-                          else nn.Linear(backbone.feat_dim, self.feat_dim))
+        self.connector = (
+            nn.Identity()
+            if backbone.feat_dim == self.feat_dim
+            else nn.Linear(backbone.feat_dim, self.feat_dim)
+        )
         # DEVIATION: He initialisation of the backbone and the connector (the paper does not say). With PyTorch's
         # default initialisation the connector's output barely varies across images, L_wfa first fits the mean
         # teacher feature, and g_T calls every test image one class after the first epoch (10%).
@@ -304,11 +476,11 @@ class KD3Networks(nn.Module):
         self.head_t = ProjectionHead(teacher_feat_dim, proj_dim) if with_heads else None
 
     def forward(self, inputs, t_feat):
-        s_feat = self.student.features(inputs)                                      # (2B, D_T) phi_S + connector
-        s_logits = self.student.classifier(s_feat)                                  # (2B, K)
+        s_feat = self.student.features(inputs)  # (2B, D_T) phi_S + connector
+        s_logits = self.student.classifier(s_feat)  # (2B, K)
         if self.head_s is None:
             return s_feat, s_logits, None, None
-        return s_feat, s_logits, self.head_s(s_feat), self.head_t(t_feat)           # (2B, proj_dim) each
+        return s_feat, s_logits, self.head_s(s_feat), self.head_t(t_feat)  # (2B, proj_dim) each
 
 
 #### One step of Algorithm 1 ####
@@ -317,9 +489,22 @@ class KD3Networks(nn.Module):
 # step) and the networks it only reads as they are (the teacher; the student that Stage 1 predicts
 # with): they have no gradient to average.
 
+
 @torch.no_grad()
-def select_web_instances(epoch, p_teacher_web, student, web_x, meta, generator, *, total_epochs,
-                         v_th, selection="combined", threshold="paper", shared_classifier=None):
+def select_web_instances(
+    epoch,
+    p_teacher_web,
+    student,
+    web_x,
+    meta,
+    generator,
+    *,
+    total_epochs,
+    v_th,
+    selection="combined",
+    threshold="paper",
+    shared_classifier=None,
+):
     """Stage 1 (lines 4-8) over the whole web set D-bar.
     Returns (alpha(t), indices of D_s (k,), y_pred (N,)).
 
@@ -334,7 +519,9 @@ def select_web_instances(epoch, p_teacher_web, student, web_x, meta, generator, 
     if alpha_t > 0:
         # Eq. (2): N_S(x) = g_T(phi_S(x)) with the shared classifier
         logits, feats = runtime.predict(student, web_x, meta["mean"], meta["std"], features=True)
-        p_student_web = F.softmax(logits if shared_classifier is None else shared_classifier(feats), dim=1)
+        p_student_web = F.softmax(
+            logits if shared_classifier is None else shared_classifier(feats), dim=1
+        )
     # line 6, Eq. (3)
     combined = combine_predictions(p_teacher_web, p_student_web, alpha_t)
     # lines 7-8, Eqs. (5)-(8)
@@ -346,9 +533,23 @@ def select_web_instances(epoch, p_teacher_web, student, web_x, meta, generator, 
     return alpha_t, mask.nonzero().squeeze(1), pred
 
 
-def train_step(trained, teacher, x, opt, *, tau, alpha, mix_delta, mdcl=True, md=True,
-               mdcl_reduction="mean", contrastive="paper", cls_share="shared",
-               shared_predictions=False, kd_t=None):
+def train_step(
+    trained,
+    teacher,
+    x,
+    opt,
+    *,
+    tau,
+    alpha,
+    mix_delta,
+    mdcl=True,
+    md=True,
+    mdcl_reduction="mean",
+    contrastive="paper",
+    cls_share="shared",
+    shared_predictions=False,
+    kd_t=None,
+):
     """Stage 2 (lines 9-15) on one batch x (B, C, H, W) of D_s: one update of N_S and the projection
     heads. trained: KD3Networks (under torchrun inside DistributedDataParallel). Returns the batch's
     terms.
@@ -364,8 +565,8 @@ def train_step(trained, teacher, x, opt, *, tau, alpha, mix_delta, mdcl=True, md
     # line 12, Eq. (12): the perturbed copy x^ of every image, fed through both networks with x
     inputs = torch.cat([x, contrastive_view(x, not md, mix_delta)]) if mdcl else x  # (2B or B, ...)
     with torch.no_grad(), runtime.autocast(x.device):
-        t_feat = teacher.features(inputs).float()                                   # (2B, D_T) phi_T
-        t_logits = teacher.classifier(t_feat[:b]).float()                           # (B, K) N_T(x)
+        t_feat = teacher.features(inputs).float()  # (2B, D_T) phi_T
+        t_logits = teacher.classifier(t_feat[:b]).float()  # (B, K) N_T(x)
     with runtime.autocast(x.device):
         s_feat, s_logits, z_s, z_t = trained(inputs, t_feat)
     s_feat, s_logits = s_feat.float(), s_logits[:b].float()
@@ -377,11 +578,14 @@ def train_step(trained, teacher, x, opt, *, tau, alpha, mix_delta, mdcl=True, md
     terms = {"wfa": weighted_feature_alignment(s_feat[:b], t_feat[:b], weights)}
     loss = terms["wfa"]
     if mdcl:
-        kw = dict(tau=tau, reduction=mdcl_reduction,
-                  positive_in_denominator=contrastive == "ntxent")
+        kw = dict(
+            tau=tau, reduction=mdcl_reduction, positive_in_denominator=contrastive == "ntxent"
+        )
         # line 13, Eqs. (15)-(17)
         terms["mdcl_s"] = mdcl_loss(z_s[:b].float(), z_s[b:].float(), **kw)
-        terms["mdcl_t"] = mdcl_loss(z_t[:b].float(), z_t[b:].float(), **kw)  # trains the teacher's head only
+        terms["mdcl_t"] = mdcl_loss(
+            z_t[:b].float(), z_t[b:].float(), **kw
+        )  # trains the teacher's head only
         # line 14, Eq. (18)
         loss = loss + alpha * (terms["mdcl_s"] + terms["mdcl_t"])
     if cls_share == "onehot":  # Table 2 "No classifier sharing": the student's own head trains
@@ -389,8 +593,14 @@ def train_step(trained, teacher, x, opt, *, tau, alpha, mix_delta, mdcl=True, md
         loss = loss + terms["cls"]
     elif cls_share == "soft":
         T = kd_t
-        terms["cls"] = F.kl_div(F.log_softmax(s_logits / T, dim=1), F.softmax(t_logits / T, dim=1),
-                                reduction="batchmean") * T ** 2
+        terms["cls"] = (
+            F.kl_div(
+                F.log_softmax(s_logits / T, dim=1),
+                F.softmax(t_logits / T, dim=1),
+                reduction="batchmean",
+            )
+            * T**2
+        )
         loss = loss + terms["cls"]
     # line 15
     opt.zero_grad(set_to_none=True)
@@ -403,35 +613,61 @@ def train_step(trained, teacher, x, opt, *, tau, alpha, mix_delta, mdcl=True, md
 
 #### Training ####
 
+
 def train(args, teacher, student, web, test, log):
     """Algorithm 1: every epoch, Stage 1 selects D_s from the web set, Stage 2 trains the student on it.
     Returns why training stopped early, or None."""
-    trained = KD3Networks(student, teacher.feat_dim, args.proj_dim, with_heads=not args.no_mdcl).to(web.x.device)
+    trained = KD3Networks(student, teacher.feat_dim, args.proj_dim, with_heads=not args.no_mdcl).to(
+        web.x.device
+    )
     opt = runtime.make_optimizer([p for p in trained.parameters() if p.requires_grad], args)
     lr_schedule = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)  # lr / 10
-    select_gen = torch.Generator().manual_seed(args.seed)  # the same on every rank: the same random selection
+    select_gen = torch.Generator().manual_seed(
+        args.seed
+    )  # the same on every rank: the same random selection
     shared = uses_shared_predictions(args)
-    select = dict(total_epochs=args.epochs, v_th=args.v_th, selection=args.selection,
-                  threshold=args.threshold,
-                  shared_classifier=teacher.classifier if shared else None)
-    step = dict(tau=args.tau, alpha=args.alpha, mix_delta=args.mix_delta, mdcl=not args.no_mdcl,
-                md=not args.no_md, mdcl_reduction=args.mdcl_reduction, contrastive=args.contrastive,
-                cls_share=args.no_cls_share or "shared", shared_predictions=shared, kd_t=args.kd_t)
-    training = runtime.Training(log, args.epochs, save={"networks": trained, "opt": opt},
-                                rngs={"select": select_gen}, lr_schedule=lr_schedule)
+    select = dict(
+        total_epochs=args.epochs,
+        v_th=args.v_th,
+        selection=args.selection,
+        threshold=args.threshold,
+        shared_classifier=teacher.classifier if shared else None,
+    )
+    step = dict(
+        tau=args.tau,
+        alpha=args.alpha,
+        mix_delta=args.mix_delta,
+        mdcl=not args.no_mdcl,
+        md=not args.no_md,
+        mdcl_reduction=args.mdcl_reduction,
+        contrastive=args.contrastive,
+        cls_share=args.no_cls_share or "shared",
+        shared_predictions=shared,
+        kd_t=args.kd_t,
+    )
+    training = runtime.Training(
+        log,
+        args.epochs,
+        save={"networks": trained, "opt": opt},
+        rngs={"select": select_gen},
+        lr_schedule=lr_schedule,
+    )
     trained = runtime.distribute(trained)
     for epoch in training.epochs():
-        alpha_t, selected, pred = select_web_instances(                                    # Stage 1
-            epoch, web.p_teacher, student, web.x, web.meta, select_gen, **select)
-        for x in web.batches(selected, epoch):                                             # Stage 2
+        alpha_t, selected, pred = select_web_instances(  # Stage 1
+            epoch, web.p_teacher, student, web.x, web.meta, select_gen, **select
+        )
+        for x in web.batches(selected, epoch):  # Stage 2
             training.record(len(x), **train_step(trained, teacher, x, opt, **step))
         test_acc = runtime.evaluate(student, *test, web.meta["mean"], web.meta["std"])
         if epoch in (0, args.epochs - 1):
             web.save_pictures(epoch, selected, pred, log)
         training.end_epoch(test_acc=test_acc, alpha_t=alpha_t, **web.report(selected, pred))
         if len(selected) == 0 and alpha_t == 1:  # N_S no longer moves, so the selection stays empty
-            return (f"no web image was selected at epoch {epoch + 1} with alpha(t) = 1: the student did not change, "
-                    f"so no later epoch can select one")
+            return (
+                f"no web image was selected at epoch {epoch + 1} with alpha(t) = 1: the student did not change, "
+                f"so no later epoch can select one"
+            )
     return None
 
 
@@ -448,40 +684,76 @@ class WebSet:
 
     def __init__(self, args, device):
         self.args, self.meta = args, data.DATASETS[args.dataset]
-        x, labels, source = data.load_source(args.web, "train", args.data_root, self.meta["channels"],
-                                             self.meta["size"], args.seed)
+        x, labels, source = data.load_source(
+            args.web, "train", args.data_root, self.meta["channels"], self.meta["size"], args.seed
+        )
         if not len(x):
             raise ValueError(f"--web {args.web!r} holds no image — give a source with images")
         self.x, self.source = x.to(device), source.to(device)
-        self.sources = [s.strip() for s in ",".join(data.NAMED_MIXES.get(s.strip(), s.strip())
-                                                    for s in args.web.split(",")).split(",") if s.strip()]
+        self.sources = [
+            s.strip()
+            for s in ",".join(
+                data.NAMED_MIXES.get(s.strip(), s.strip()) for s in args.web.split(",")
+            ).split(",")
+            if s.strip()
+        ]
         self.source_sizes = torch.bincount(self.source, minlength=len(self.sources))
         # Images whose labels are the teacher's own classes (the teacher's dataset itself, or style-shifted): there
         # the truth is known, so the selection's preference for in-distribution images can be measured.
-        truth = [data.parse_source(s)[0].removeprefix("shifted:") == args.dataset for s in self.sources]
+        truth = [
+            data.parse_source(s)[0].removeprefix("shifted:") == args.dataset for s in self.sources
+        ]
         self.in_distribution = torch.tensor(truth, device=device)[self.source]
         self.labels = labels.to(device)
 
     def label_with(self, teacher):
         """N_T(x) of every web image (computed once: the teacher never changes) and what it says of them."""
-        self.p_teacher = F.softmax(runtime.predict(teacher, self.x, self.meta["mean"], self.meta["std"]), dim=1)
-        self.teacher_hist = torch.bincount(self.p_teacher.argmax(1), minlength=self.meta["num_classes"]).tolist()
+        self.p_teacher = F.softmax(
+            runtime.predict(teacher, self.x, self.meta["mean"], self.meta["std"]), dim=1
+        )
+        self.teacher_hist = torch.bincount(
+            self.p_teacher.argmax(1), minlength=self.meta["num_classes"]
+        ).tolist()
         self.teacher_correct = self.p_teacher.argmax(1) == self.labels
         self.teacher_acc_in_distribution = _percent(self.teacher_correct, self.in_distribution)
 
     def batches(self, selected, epoch):
         """D_s in shuffled batches with the teacher recipe's crop/flip; a new order every epoch."""
-        return (x for (x,) in data.DeviceLoader(
-            self.x, batch_size=self.args.batch_size, shuffle=True, crop_pad=self.meta["crop_pad"],
-            flip=self.meta["flip"], mean=self.meta["mean"], std=self.meta["std"], device=self.x.device,
-            seed=self.args.seed + epoch, indices=selected, rank=runtime.rank(), world_size=runtime.world_size()))
+        return (
+            x
+            for (x,) in data.DeviceLoader(
+                self.x,
+                batch_size=self.args.batch_size,
+                shuffle=True,
+                crop_pad=self.meta["crop_pad"],
+                flip=self.meta["flip"],
+                mean=self.meta["mean"],
+                std=self.meta["std"],
+                device=self.x.device,
+                seed=self.args.seed + epoch,
+                indices=selected,
+                rank=runtime.rank(),
+                world_size=runtime.world_size(),
+            )
+        )
 
     def save_pictures(self, epoch, selected, pred, log):
         """epoch<k>-selected.png and epoch<k>-rejected.png: kept and dropped images, captioned."""
         if runtime.is_main():
-            short = [data.parse_source(s)[0].replace("shifted:", "s-") for s in self.sources]  # caption width
-            pictures.selection_grids(self.x, selected, pred, self.source, short, self.meta["classes"],
-                                     log.path(f"epoch{epoch + 1}"), self.args.grid_size, seed=self.args.seed)
+            short = [
+                data.parse_source(s)[0].replace("shifted:", "s-") for s in self.sources
+            ]  # caption width
+            pictures.selection_grids(
+                self.x,
+                selected,
+                pred,
+                self.source,
+                short,
+                self.meta["classes"],
+                log.path(f"epoch{epoch + 1}"),
+                self.args.grid_size,
+                seed=self.args.seed,
+            )
 
     def report(self, selected, pred):
         """What the selection kept: its size, per predicted class, per source (and the kept fraction
@@ -490,11 +762,19 @@ class WebSet:
         kept = torch.zeros(len(self.x), dtype=torch.bool, device=self.x.device)
         kept[selected] = True
         per_source = torch.bincount(self.source[selected], minlength=len(self.sources))
-        return {"selected": len(selected),
-                "selected_per_class": torch.bincount(pred[selected], minlength=self.meta["num_classes"]).tolist(),
-                "selected_per_source": per_source.tolist(),
-                "kept_frac_per_source": [round(v, 4) for v in (per_source / self.source_sizes.clamp(min=1)).tolist()],
-                "teacher_acc_kept_in_distribution": _percent(self.teacher_correct, self.in_distribution & kept)}
+        return {
+            "selected": len(selected),
+            "selected_per_class": torch.bincount(
+                pred[selected], minlength=self.meta["num_classes"]
+            ).tolist(),
+            "selected_per_source": per_source.tolist(),
+            "kept_frac_per_source": [
+                round(v, 4) for v in (per_source / self.source_sizes.clamp(min=1)).tolist()
+            ],
+            "teacher_acc_kept_in_distribution": _percent(
+                self.teacher_correct, self.in_distribution & kept
+            ),
+        }
 
 
 def _percent(flags, mask):
@@ -523,8 +803,10 @@ def variant_name(args):
 def build_student(args, teacher, meta):
     """N_S: the student network with the shared classifier (Sec. 3.3), or its own (Table 2 'No classifier
     sharing': the same student whose classifier is a fresh linear layer, trained)."""
-    student = SharedClassifierStudent(models.build_model(args.student_arch, meta["num_classes"], meta["channels"]),
-                                      teacher.classifier)
+    student = SharedClassifierStudent(
+        models.build_model(args.student_arch, meta["num_classes"], meta["channels"]),
+        teacher.classifier,
+    )
     if args.no_cls_share:
         student.classifier = nn.Linear(student.feat_dim, meta["num_classes"])
     return student
@@ -542,11 +824,16 @@ def run(args):
     web = WebSet(args, device)
     web.label_with(teacher)
     variant = variant_name(args)
-    log = runtime.RunLog(f"kd3-{args.dataset}" + ("" if variant == "kd3" else f"-{variant}"), args, args.runs_dir)
+    log = runtime.RunLog(
+        f"kd3-{args.dataset}" + ("" if variant == "kd3" else f"-{variant}"), args, args.runs_dir
+    )
     test = (test_x.to(device), test_y.to(device))
     teacher_acc = runtime.evaluate(teacher, *test, meta["mean"], meta["std"])
-    print(f"teacher {args.teacher_arch}: {teacher_acc:.2f}% test accuracy; web {args.web}: {len(web.x)} images "
-          f"{tuple(web.x.shape[1:])}, teacher-predicted classes {web.teacher_hist}; device {device}", flush=True)
+    print(
+        f"teacher {args.teacher_arch}: {teacher_acc:.2f}% test accuracy; web {args.web}: {len(web.x)} images "
+        f"{tuple(web.x.shape[1:])}, teacher-predicted classes {web.teacher_hist}; device {device}",
+        flush=True,
+    )
 
     student = runtime.prepare_model(build_student(args, teacher, meta), device)
     stopped = train(args, teacher, student, web, test, log)
@@ -554,22 +841,50 @@ def run(args):
     last = log.last_record  # the final epoch
     path = log.path("student.pt")
     if runtime.is_main():
-        models.save_checkpoint(path, student.folded(), args.student_arch, meta["num_classes"], meta["channels"], args,
-                               last["test_acc"], dataset=args.dataset, image_size=meta["size"])
-    print(f"saved student to {path} (connector and shared classifier folded into its classifier)", flush=True)
-    results = log.finish("kd3", args.dataset, {
-        "variant": variant, "teacher_acc": teacher_acc, "student_acc": last["test_acc"], "web": args.web,
-        "teacher_sha256": teacher_ckpt["sha256"],
-        "web_size": len(web.x), "web_sources": web.sources, "teacher_web_hist": web.teacher_hist,
-        "selected": last["selected"], "selected_frac": last["selected"] / len(web.x),
-        "selected_per_class": last["selected_per_class"], "selected_per_source": last["selected_per_source"],
-        "kept_frac_per_source": last["kept_frac_per_source"],
-        "teacher_acc_in_distribution": web.teacher_acc_in_distribution,
-        "teacher_acc_kept_in_distribution": last["teacher_acc_kept_in_distribution"],
-        "epochs_trained": last["epoch"], "stopped_early": stopped, "student_checkpoint": path})
+        models.save_checkpoint(
+            path,
+            student.folded(),
+            args.student_arch,
+            meta["num_classes"],
+            meta["channels"],
+            args,
+            last["test_acc"],
+            dataset=args.dataset,
+            image_size=meta["size"],
+        )
+    print(
+        f"saved student to {path} (connector and shared classifier folded into its classifier)",
+        flush=True,
+    )
+    results = log.finish(
+        "kd3",
+        args.dataset,
+        {
+            "variant": variant,
+            "teacher_acc": teacher_acc,
+            "student_acc": last["test_acc"],
+            "web": args.web,
+            "teacher_sha256": teacher_ckpt["sha256"],
+            "web_size": len(web.x),
+            "web_sources": web.sources,
+            "teacher_web_hist": web.teacher_hist,
+            "selected": last["selected"],
+            "selected_frac": last["selected"] / len(web.x),
+            "selected_per_class": last["selected_per_class"],
+            "selected_per_source": last["selected_per_source"],
+            "kept_frac_per_source": last["kept_frac_per_source"],
+            "teacher_acc_in_distribution": web.teacher_acc_in_distribution,
+            "teacher_acc_kept_in_distribution": last["teacher_acc_kept_in_distribution"],
+            "epochs_trained": last["epoch"],
+            "stopped_early": stopped,
+            "student_checkpoint": path,
+        },
+    )
     if stopped:
-        raise ValueError(f"{stopped} — the run stopped at that epoch (marked in {log.path('results.json')}); "
-                         f"--selection combined or teacher keeps a selection")
+        raise ValueError(
+            f"{stopped} — the run stopped at that epoch (marked in {log.path('results.json')}); "
+            f"--selection combined or teacher keeps a selection"
+        )
     return results
 
 

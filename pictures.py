@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-CELL = 64          # pixels per image cell (images are upscaled with nearest neighbour)
+CELL = 64  # pixels per image cell (images are upscaled with nearest neighbour)
 PAD = 4
-LINE = 12          # caption line height of PIL's default bitmap font
+LINE = 12  # caption line height of PIL's default bitmap font
 
 
 def _to_pil(image, cell=CELL):
@@ -39,7 +39,7 @@ def captioned_grid(images, captions, path, columns=8, cell=CELL):
         x, y = PAD + (i % columns) * step_x, PAD + (i // columns) * step_y
         canvas.paste(_to_pil(images[i], cell), (x, y))
         for k, text in enumerate(captions[i].split("\n")):
-            draw.text((x, y + cell + k * LINE), text[:cell // 6], fill="black", font=font)
+            draw.text((x, y + cell + k * LINE), text[: cell // 6], fill="black", font=font)
     canvas.save(path)
     return path
 
@@ -51,7 +51,11 @@ def class_rows(images, row_labels, class_names, path, cell=CELL, title=None):
     names = [f"{c} {class_names[c] if class_names else ''}".strip() for c in row_labels]
     margin = PAD + 6 * max((len(s) for s in names), default=1) + PAD
     top = LINE + PAD if title else 0
-    canvas = Image.new("RGB", (margin + per_row * (cell + PAD), top + PAD + len(row_labels) * (cell + PAD)), "white")
+    canvas = Image.new(
+        "RGB",
+        (margin + per_row * (cell + PAD), top + PAD + len(row_labels) * (cell + PAD)),
+        "white",
+    )
     draw, font = ImageDraw.Draw(canvas), _font()
     if title:
         draw.text((PAD, PAD // 2), title, fill="black", font=font)
@@ -79,7 +83,9 @@ def per_class_examples(images, labels, num_classes, per_class, seed=0):
     return torch.stack(rows), list(range(num_classes))
 
 
-def selection_grids(images, selected, pred, source, source_names, class_names, prefix, grid_size, seed=0):
+def selection_grids(
+    images, selected, pred, source, source_names, class_names, prefix, grid_size, seed=0
+):
     """<prefix>-selected.png and <prefix>-rejected.png: up to grid_size random kept / dropped images, each captioned
     with its predicted class and the source it came from."""
     kept = torch.zeros(len(images), dtype=torch.bool)
@@ -89,8 +95,10 @@ def selection_grids(images, selected, pred, source, source_names, class_names, p
     for name, mask in (("selected", kept[order]), ("rejected", ~kept[order])):
         chosen = order[mask][:grid_size]
         if len(chosen):
-            captions = [f"{_name(class_names, int(pred[i]))}\n{_name(source_names, int(source[i]))}"
-                        for i in chosen.tolist()]
+            captions = [
+                f"{_name(class_names, int(pred[i]))}\n{_name(source_names, int(source[i]))}"
+                for i in chosen.tolist()
+            ]
             captioned_grid(images[chosen.to(images.device)], captions, f"{prefix}-{name}.png")
 
 
@@ -102,6 +110,7 @@ def histogram_plot(counts, class_names, path, title):
     """A bar chart of per-class counts (matplotlib, optional): returns the path, or None without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -40,13 +40,16 @@ import models
 
 #### Device, seeds, precision ####
 
+
 def get_device(name="auto"):
     """The device of this process; under torchrun (WORLD_SIZE > 1) it also joins the process group and is
     this rank's own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available — use --device cpu (or auto)")
+        raise ValueError(
+            "--device cuda was requested but CUDA is not available — use --device cpu (or auto)"
+        )
     if name not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -83,15 +86,19 @@ def prepare_model(model, device):
 
 #### Optimisation ####
 
+
 def make_optimizer(params, args):
     """The recipes' optimiser from args.optimizer, lr, momentum, weight_decay: SGD with momentum (CIFAR-like)
     or Adam (MNIST family)."""
     if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.SGD(
+            params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        )
     return torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
 #### Prediction ####
+
 
 @torch.inference_mode()
 def predict(model, images, mean, std, batch_size=1024, features=False):
@@ -107,8 +114,9 @@ def predict(model, images, mean, std, batch_size=1024, features=False):
     model.eval()
     logits = [torch.zeros(0, model.classifier.out_features, device=device)]
     feats = [torch.zeros(0, model.feat_dim, device=device)]
-    for (x,) in data.DeviceLoader(images[lo:hi], batch_size=batch_size, shuffle=False, mean=mean, std=std,
-                                  device=device):
+    for (x,) in data.DeviceLoader(
+        images[lo:hi], batch_size=batch_size, shuffle=False, mean=mean, std=std, device=device
+    ):
         with autocast(device):
             f = model.features(x)
             logits.append(model.classifier(f).float())
@@ -140,6 +148,7 @@ class FeaturesAndLogits(torch.nn.Module):
 
 #### The run folder ####
 
+
 def format_seconds(s):
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -163,16 +172,23 @@ class RunLog:
     def __init__(self, name, args, runs_dir="runs"):
         self.config = models._plain(vars(args) if hasattr(args, "__dict__") else dict(args))
         self.main = is_main()
-        self.state, self.saved_label, self.lines, self.resumed = None, None, 0, bool(self.config.get("resume"))
+        self.state, self.saved_label, self.lines, self.resumed = (
+            None,
+            None,
+            0,
+            bool(self.config.get("resume")),
+        )
         self.last_record = {}  # the newest epoch record (restored on --resume): what a run reports at its end
         if self.resumed:
             self.dir = self.config["resume"]
             self.state = load_state(self.path("state.pt"))
             self.saved_label, self.lines = self.state["label"], self.state["metrics_lines"]
             self.last_record = self.state["last"]
-            if self.main:  # drop a line logged after the last saved state (interrupted before its save)
+            if (
+                self.main
+            ):  # drop a line logged after the last saved state (interrupted before its save)
                 with open(self.path("metrics.jsonl")) as f:
-                    kept = f.readlines()[:self.lines]
+                    kept = f.readlines()[: self.lines]
                 with open(self.path("metrics.jsonl"), "w") as f:
                     f.writelines(kept)
             print("config: " + json.dumps(self.config), flush=True)
@@ -201,8 +217,13 @@ class RunLog:
 
     def log_epoch(self, epoch, epochs, metrics, num_images, seconds):
         """Append metrics for `epoch` (0-based) and print a progress line; `num_images` were processed in `seconds`."""
-        record = {"epoch": epoch + 1, **{k: _number(v) for k, v in metrics.items()}, "images": int(num_images),
-                  "images_per_s": round(num_images / max(seconds, 1e-9), 1), "epoch_s": round(seconds, 2)}
+        record = {
+            "epoch": epoch + 1,
+            **{k: _number(v) for k, v in metrics.items()},
+            "images": int(num_images),
+            "images_per_s": round(num_images / max(seconds, 1e-9), 1),
+            "epoch_s": round(seconds, 2),
+        }
         if self.main:
             path = self.path("metrics.jsonl")
             with reporting_write(path, self), open(path, "a") as f:
@@ -210,21 +231,35 @@ class RunLog:
         self.lines += 1
         self.last_record = record
         now = time.time()
-        if epoch == 0 or not hasattr(self, "loop_start"):  # a new (or resumed) training loop: the ETA is per loop
+        if epoch == 0 or not hasattr(
+            self, "loop_start"
+        ):  # a new (or resumed) training loop: the ETA is per loop
             self.loop_start, self.loop_first_epoch = now - seconds, epoch
         elapsed, loop_elapsed = now - self.start, now - self.loop_start
         eta = loop_elapsed / (epoch - self.loop_first_epoch + 1) * (epochs - epoch - 1)
-        shown = " ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k not in ("epoch", "epoch_s", "images_per_s")
-                         and not isinstance(v, (list, dict)))
-        print(f"epoch {epoch + 1}/{epochs} {shown} | {record['images_per_s']:.0f} img/s | "
-              f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}", flush=True)
+        shown = " ".join(
+            f"{k} {_fmt(v)}"
+            for k, v in record.items()
+            if k not in ("epoch", "epoch_s", "images_per_s") and not isinstance(v, (list, dict))
+        )
+        print(
+            f"epoch {epoch + 1}/{epochs} {shown} | {record['images_per_s']:.0f} img/s | "
+            f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}",
+            flush=True,
+        )
         return record
 
     def save_state(self, state, label):
         """Write the resumable state of a just-completed epoch (`label`, e.g. "epoch 3/40") to state.pt, atomically.
         `state["rng"]` is this rank's random state; under torchrun it is gathered from every rank."""
-        state = {**state, "rng": gather_object(state["rng"]), "label": label, "metrics_lines": self.lines,
-                 "last": self.last_record, "world_size": world_size()}
+        state = {
+            **state,
+            "rng": gather_object(state["rng"]),
+            "label": label,
+            "metrics_lines": self.lines,
+            "last": self.last_record,
+            "world_size": world_size(),
+        }
         if self.main:
             with reporting_write(self.path("state.pt"), self):
                 models.atomic_save(state, self.path("state.pt"))
@@ -235,20 +270,33 @@ class RunLog:
         good epoch stays in state.pt (this epoch's state is not written)."""
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
-            kept = (f"the last good state ({self.saved_label}) is in {self.path('state.pt')}" if self.saved_label
-                    else "no epoch had completed, so no state was saved")
-            raise NonFiniteLossError(f"non-finite loss at {where}: " + ", ".join(f"{k}={v}" for k, v in bad.items())
-                                     + f"; the run stopped without saving this epoch; {kept}")
+            kept = (
+                f"the last good state ({self.saved_label}) is in {self.path('state.pt')}"
+                if self.saved_label
+                else "no epoch had completed, so no state was saved"
+            )
+            raise NonFiniteLossError(
+                f"non-finite loss at {where}: "
+                + ", ".join(f"{k}={v}" for k, v in bad.items())
+                + f"; the run stopped without saving this epoch; {kept}"
+            )
 
     def finish(self, method, dataset, results):
-        results = {"method": method, "dataset": dataset, "wall_time_s": round(time.time() - self.start, 1),
-                   **models._plain(results)}
+        results = {
+            "method": method,
+            "dataset": dataset,
+            "wall_time_s": round(time.time() - self.start, 1),
+            **models._plain(results),
+        }
         if self.main:
             path = self.path("results.json")
             with reporting_write(path, self), open(path, "w") as f:
                 json.dump(results, f, indent=2)
-        parts = [f"{k}={_fmt(v)}" for k, v in results.items()
-                 if isinstance(v, (int, float, str)) and k not in ("method", "dataset")]
+        parts = [
+            f"{k}={_fmt(v)}"
+            for k, v in results.items()
+            if isinstance(v, (int, float, str)) and k not in ("method", "dataset")
+        ]
         print(f"RESULT method={method} dataset={dataset} " + " ".join(parts), flush=True)
         return results
 
@@ -268,13 +316,20 @@ def load_state(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a torch file at all
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}) — the file is "
-                         f"damaged; start a new run instead of --resume") from None
-    missing = [k for k in ("label", "metrics_lines", "rng", "epoch", "stage", "last")
-               if not isinstance(state, dict) or k not in state]
+        raise ValueError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}) — the file is "
+            f"damaged; start a new run instead of --resume"
+        ) from None
+    missing = [
+        k
+        for k in ("label", "metrics_lines", "rng", "epoch", "stage", "last")
+        if not isinstance(state, dict) or k not in state
+    ]
     if missing:
-        raise ValueError(f"{path} is not a state.pt written by this project (missing {', '.join(missing)}) — start a "
-                         f"new run instead of --resume")
+        raise ValueError(
+            f"{path} is not a state.pt written by this project (missing {', '.join(missing)}) — start a "
+            f"new run instead of --resume"
+        )
     return state
 
 
@@ -287,34 +342,59 @@ def resume_config(args, parser, script):
         return args
     if not os.path.isdir(run_dir):
         raise ValueError(f"--resume {run_dir}: no such run folder — give a folder under --runs-dir")
-    for filename, what in (("config.json", "the run's arguments"), ("state.pt", "the state of a completed epoch")):
+    for filename, what in (
+        ("config.json", "the run's arguments"),
+        ("state.pt", "the state of a completed epoch"),
+    ):
         if not os.path.isfile(os.path.join(run_dir, filename)):
-            raise ValueError(f"--resume {run_dir}: expected {filename} ({what}, written by {script}) in that folder, "
-                             f"found none — " + ("the run stopped before its first epoch finished: start it again"
-                                                 if filename == "state.pt" else "give the folder a run wrote"))
+            raise ValueError(
+                f"--resume {run_dir}: expected {filename} ({what}, written by {script}) in that folder, "
+                f"found none — "
+                + (
+                    "the run stopped before its first epoch finished: start it again"
+                    if filename == "state.pt"
+                    else "give the folder a run wrote"
+                )
+            )
     if os.path.isfile(os.path.join(run_dir, "results.json")):
-        raise ValueError(f"--resume {run_dir}: that run has finished (results.json exists) — nothing to resume")
-    load_state(os.path.join(run_dir, "state.pt"))  # damaged: refused now, before a teacher is loaded or trained
+        raise ValueError(
+            f"--resume {run_dir}: that run has finished (results.json exists) — nothing to resume"
+        )
+    load_state(
+        os.path.join(run_dir, "state.pt")
+    )  # damaged: refused now, before a teacher is loaded or trained
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             saved = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--resume {run_dir}: its config.json is not valid JSON ({e}) — start a new run") from None
+        raise ValueError(
+            f"--resume {run_dir}: its config.json is not valid JSON ({e}) — start a new run"
+        ) from None
     # the teacher's sha256, which get_teacher adds: the resumed run must find that teacher again
     teacher_sha256 = saved.pop("teacher_sha256", None) if isinstance(saved, dict) else None
     if not isinstance(saved, dict) or set(saved) != set(vars(parser.parse_args([]))):
-        raise ValueError(f"--resume {run_dir}: its config.json was not written by {script} (other arguments) — resume it "
-                         f"with the script that started it")
-    conflicts = [f"--{k.replace('_', '-')} {models._plain(v)} (saved: {saved[k]})" for k, v in vars(args).items()
-                 if k != "resume" and v != parser.get_default(k) and models._plain(v) != saved[k]]
+        raise ValueError(
+            f"--resume {run_dir}: its config.json was not written by {script} (other arguments) — resume it "
+            f"with the script that started it"
+        )
+    conflicts = [
+        f"--{k.replace('_', '-')} {models._plain(v)} (saved: {saved[k]})"
+        for k, v in vars(args).items()
+        if k != "resume" and v != parser.get_default(k) and models._plain(v) != saved[k]
+    ]
     if conflicts:
-        raise ValueError(f"--resume {run_dir}: these flags contradict the run's config.json: {', '.join(conflicts)} — "
-                         f"leave them out (the saved config is used) or start a new run")
-    return argparse.Namespace(**{**saved, "resume": run_dir},
-                              **({"teacher_sha256": teacher_sha256} if teacher_sha256 else {}))
+        raise ValueError(
+            f"--resume {run_dir}: these flags contradict the run's config.json: {', '.join(conflicts)} — "
+            f"leave them out (the saved config is used) or start a new run"
+        )
+    return argparse.Namespace(
+        **{**saved, "resume": run_dir},
+        **({"teacher_sha256": teacher_sha256} if teacher_sha256 else {}),
+    )
 
 
 #### One training loop: epochs, per-epoch sums, state.pt ####
+
 
 class Training:
     """The epochs of one training loop of a run (`stage`, e.g. "train", "gan", "distill"; `what` names its epochs in
@@ -330,8 +410,17 @@ class Training:
     When the run's state.pt belongs to this stage, everything is restored from it and `epochs()` continues
     after its last saved epoch."""
 
-    def __init__(self, log, total_epochs, stage="train", what="epoch", save=None, rngs=None, extra=None,
-                 lr_schedule=None):
+    def __init__(
+        self,
+        log,
+        total_epochs,
+        stage="train",
+        what="epoch",
+        save=None,
+        rngs=None,
+        extra=None,
+        lr_schedule=None,
+    ):
         self.log, self.total, self.stage, self.what = log, total_epochs, stage, what
         self.save, self.extra = dict(save or {}), dict(extra or {})
         self.lr_schedule = lr_schedule
@@ -339,7 +428,9 @@ class Training:
             self.save["lr_schedule"] = lr_schedule
         self.generators = {}
         for name, rng in (rngs or {}).items():
-            for sub, g in (rng.generators().items() if isinstance(rng, data.DeviceLoader) else [("", rng)]):
+            for sub, g in (
+                rng.generators().items() if isinstance(rng, data.DeviceLoader) else [("", rng)]
+            ):
                 self.generators[f"{name}.{sub}" if sub else name] = g
         self.first_epoch = 0
         state = log.state
@@ -348,12 +439,21 @@ class Training:
                 try:
                     obj.load_state_dict(state[name])
                 except (KeyError, RuntimeError, ValueError) as e:
-                    raise ValueError(f"{log.path('state.pt')} does not fit this run ({name}: "
-                                     f"{str(e).splitlines()[0][:120]}) — start a new run instead of --resume") from None
+                    raise ValueError(
+                        f"{log.path('state.pt')} does not fit this run ({name}: "
+                        f"{str(e).splitlines()[0][:120]}) — start a new run instead of --resume"
+                    ) from None
             restore_rng(state["rng"], self.generators)
             self.first_epoch = state["epoch"]
-        self.device = next((t.device for obj in self.save.values() if isinstance(obj, torch.nn.Module)
-                            for t in obj.parameters()), torch.device("cpu"))
+        self.device = next(
+            (
+                t.device
+                for obj in self.save.values()
+                if isinstance(obj, torch.nn.Module)
+                for t in obj.parameters()
+            ),
+            torch.device("cpu"),
+        )
 
     def epochs(self):
         """The epoch indices still to train (0-based); each starts a fresh set of sums."""
@@ -366,7 +466,9 @@ class Training:
         integer tensors are counts (summed). Stays on the device."""
         for name, value in terms.items():
             value = value.detach()
-            self.sums[name] = self.sums.get(name, 0) + (value * n if value.is_floating_point() else value)
+            self.sums[name] = self.sums.get(name, 0) + (
+                value * n if value.is_floating_point() else value
+            )
         self.seen += n
 
     def end_epoch(self, **metrics):
@@ -374,23 +476,40 @@ class Training:
         non-finite one, log them with `metrics` (and the lr), step the lr schedule, save the state.
         Returns the logged record."""
         names = list(self.sums)
-        totals = _sum_over_ranks([self.sums[k] for k in names] + [torch.tensor(float(self.seen))], self.device)
+        totals = _sum_over_ranks(
+            [self.sums[k] for k in names] + [torch.tensor(float(self.seen))], self.device
+        )
         seen = totals.pop()
-        means = {k: v / seen if self.sums[k].is_floating_point() else _counts(v) for k, v in zip(names, totals)}
+        means = {
+            k: v / seen if self.sums[k].is_floating_point() else _counts(v)
+            for k, v in zip(names, totals)
+        }
         label = f"{self.what} {self.epoch + 1}"
         self.log.check_finite(label, {k: v for k, v in means.items() if isinstance(v, float)})
         lr = {} if self.lr_schedule is None else {"lr": self.lr_schedule.get_last_lr()[0]}
-        record = self.log.log_epoch(self.epoch, self.total, {**({} if self.stage == "train" else {"stage": self.stage}),
-                                                             **means, **metrics, **lr},
-                                    int(seen), time.time() - self.start)
+        record = self.log.log_epoch(
+            self.epoch,
+            self.total,
+            {**({} if self.stage == "train" else {"stage": self.stage}), **means, **metrics, **lr},
+            int(seen),
+            time.time() - self.start,
+        )
         if self.lr_schedule is not None:
             with warnings.catch_warnings():  # an epoch without a batch: the optimiser never stepped
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step",
-                                        UserWarning)
+                warnings.filterwarnings(
+                    "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                )
                 self.lr_schedule.step()  # the next epoch's lr, saved with the optimiser
-        self.log.save_state({"stage": self.stage, "epoch": self.epoch + 1, **self.extra,
-                             **{name: obj.state_dict() for name, obj in self.save.items()},
-                             "rng": rng_state(self.generators)}, f"{label}/{self.total}")
+        self.log.save_state(
+            {
+                "stage": self.stage,
+                "epoch": self.epoch + 1,
+                **self.extra,
+                **{name: obj.state_dict() for name, obj in self.save.items()},
+                "rng": rng_state(self.generators),
+            },
+            f"{label}/{self.total}",
+        )
         return record
 
 
@@ -402,18 +521,23 @@ def _sum_over_ranks(tensors, device):
     """0-d and 1-d tensors summed over the ranks (one all-reduce) and copied to the host with one sync ->
     floats and lists. Called once per epoch, never inside the batch loop."""
     parts = [torch.as_tensor(t, device=device).to(torch.float64).reshape(-1) for t in tensors]
-    flat = all_reduce_sum(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)).tolist()
+    flat = all_reduce_sum(
+        torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+    ).tolist()
     out, i = [], 0
     for t, part in zip(tensors, parts):
-        out.append(flat[i] if torch.as_tensor(t).dim() == 0 else flat[i:i + len(part)])
+        out.append(flat[i] if torch.as_tensor(t).dim() == 0 else flat[i : i + len(part)])
         i += len(part)
     return out
 
 
 def rng_state(generators):
     """This process's random state: the global torch RNG (and CUDA's when initialised) and each named generator."""
-    state = {"torch": torch.get_rng_state(), "generators": {name: g.get_state() for name, g in generators.items()},
-             "devices": {name: g.device.type for name, g in generators.items()}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+        "devices": {name: g.device.type for name, g in generators.items()},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -422,13 +546,17 @@ def rng_state(generators):
 def restore_rng(states, generators):
     """Restore `rng_state` from a saved state (one entry per rank) into this rank's RNGs and `generators`."""
     if len(states) != world_size():
-        raise ValueError(f"state.pt was written by {len(states)} process(es) and this run has {world_size()} — "
-                         f"resume with the same number (torchrun --nproc_per_node={len(states)})")
+        raise ValueError(
+            f"state.pt was written by {len(states)} process(es) and this run has {world_size()} — "
+            f"resume with the same number (torchrun --nproc_per_node={len(states)})"
+        )
     state = states[rank()]
     for name, g in generators.items():
         if state["devices"].get(name, g.device.type) != g.device.type:
-            raise ValueError(f"state.pt was written on {state['devices'][name]} and this run is on {g.device.type} — "
-                             f"resume on {state['devices'][name]} (its random generators cannot move)")
+            raise ValueError(
+                f"state.pt was written on {state['devices'][name]} and this run is on {g.device.type} — "
+                f"resume on {state['devices'][name]} (its random generators cannot move)"
+            )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -438,8 +566,10 @@ def restore_rng(states, generators):
 
 #### Checks before any work: flag ranges, paths to write, failed writes ####
 
-def check_range(flag, value, low=None, high=None, paper=None, open_low=False, open_high=False,
-                fix=None):
+
+def check_range(
+    flag, value, low=None, high=None, paper=None, open_low=False, open_high=False, fix=None
+):
     """Refuse a numeric flag (each element of a list) that is NaN, infinite or outside [low, high]
     (an open end with open_low / open_high), in one line that names the range and the paper's value
     (or `fix`)."""
@@ -477,19 +607,30 @@ def check_training_flags(args, table, source="the paper uses", checkpoints=True)
     --lr, --momentum, --weight-decay and --milestones against their ranges (the message quotes
     `table`'s values, which `source` names), --seed, and the folders the run writes: --runs-dir, and
     --checkpoint-dir when `checkpoints` (the teacher cache and its lock file)."""
+
     def quoted(key):
         return f"{source} {paper_values(table, key)}"
+
     check_range("--epochs", args.epochs, 1, fix=quoted("epochs"))
     check_range("--batch-size", args.batch_size, 1, fix=quoted("batch_size"))
     check_range("--lr", args.lr, 0, open_low=True, fix=quoted("lr"))
     check_range("--momentum", args.momentum, 0, 1, open_high=True, fix=quoted("momentum"))
     check_range("--weight-decay", args.weight_decay, 0, fix=quoted("weight_decay"))
-    check_range("--milestones", list(args.milestones), 1,
-                fix=quoted("milestones") + " (the lr is divided by 10 after that many epochs)")
+    check_range(
+        "--milestones",
+        list(args.milestones),
+        1,
+        fix=quoted("milestones") + " (the lr is divided by 10 after that many epochs)",
+    )
     check_range("--seed", args.seed, 0, SEED_MAX, fix=f"give a whole number from 0 to {SEED_MAX}")
     if hasattr(args, "teacher_seed"):  # the method CLIs: the seed of the recipe teacher they load
-        check_range("--teacher-seed", args.teacher_seed, 0, SEED_MAX,
-                    fix=f"give a whole number from 0 to {SEED_MAX}")
+        check_range(
+            "--teacher-seed",
+            args.teacher_seed,
+            0,
+            SEED_MAX,
+            fix=f"give a whole number from 0 to {SEED_MAX}",
+        )
     check_writable_folder("--runs-dir", args.runs_dir)
     if checkpoints:
         check_writable_folder("--checkpoint-dir", args.checkpoint_dir)
@@ -503,8 +644,10 @@ def check_writable_folder(flag, path, folder=None):
     while not os.path.lexists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise ValueError(f"{flag} {path}: {probe} is a file, not a folder — give another path (or "
-                         f"move that file away)")
+        raise ValueError(
+            f"{flag} {path}: {probe} is a file, not a folder — give another path (or "
+            f"move that file away)"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: {probe} is not writable — give a path you can write to")
 
@@ -513,8 +656,9 @@ def check_writable_file(flag, path):
     """Refuse a file path the run will write that cannot be written (a folder of that name, or a
     folder above it that cannot be made or written); missing folders are made when it is written."""
     if os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder — give a file path, e.g. "
-                         f"{os.path.join(path, 'out.json')}")
+        raise ValueError(
+            f"{flag} {path} is a folder — give a file path, e.g. {os.path.join(path, 'out.json')}"
+        )
     check_writable_folder(flag, path, os.path.dirname(os.path.abspath(path)))
 
 
@@ -524,8 +668,10 @@ def check_run_file(run_dir, filename, what, fix):
     path = os.path.join(run_dir, filename)
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         found = "an empty file" if os.path.isfile(path) else "none"
-        raise ValueError(f"--resume {run_dir}: expected {filename} ({what}) in that folder, found "
-                         f"{found} — {fix}")
+        raise ValueError(
+            f"--resume {run_dir}: expected {filename} ({what}) in that folder, found "
+            f"{found} — {fix}"
+        )
 
 
 @contextlib.contextmanager
@@ -543,15 +689,20 @@ def reporting_write(path, log=None):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
             reason += f"; {free / 2**20:.0f} MiB free there"
         if log is not None and log.saved_label is not None:
-            kept = (f"the state after {log.saved_label} is kept in {log.path('state.pt')}: make "
-                    f"room (or fix the permissions) and resume with --resume {log.dir}")
+            kept = (
+                f"the state after {log.saved_label} is kept in {log.path('state.pt')}: make "
+                f"room (or fix the permissions) and resume with --resume {log.dir}"
+            )
         else:
-            kept = ("nothing was saved: make room (or fix the permissions, or give another folder) "
-                    "and start the run again")
+            kept = (
+                "nothing was saved: make room (or fix the permissions, or give another folder) "
+                "and start the run again"
+            )
         raise ValueError(f"writing {path} failed ({reason}) — {kept}") from None
 
 
 #### The command line ####
+
 
 def cli(run, parser, script, argv=None):
     """Parse argv and call run(args) for `script` (e.g. "kd3.py"). Bad input ends in one line `error: ...` (exit 1); Ctrl-C in one line that says
@@ -568,11 +719,17 @@ def cli(run, parser, script, argv=None):
         log = RunLog.current
         if log is None or log.saved_label is None:
             _drop_empty_run_folder()
-            print("\ninterrupted before the first epoch finished: nothing was saved, nothing to resume", flush=True)
+            print(
+                "\ninterrupted before the first epoch finished: nothing was saved, nothing to resume",
+                flush=True,
+            )
         else:
             launcher = f"torchrun --nproc_per_node={world_size()}" if world_size() > 1 else "python"
-            print(f"\ninterrupted: the state after {log.saved_label} is in {log.path('state.pt')}\n"
-                  f"resume with: {launcher} {script} --resume {log.dir}", flush=True)
+            print(
+                f"\ninterrupted: the state after {log.saved_label} is in {log.path('state.pt')}\n"
+                f"resume with: {launcher} {script} --resume {log.dir}",
+                flush=True,
+            )
         raise SystemExit(130) from None
     finally:
         cleanup_distributed()
@@ -594,7 +751,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        hidden = (
+            action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        )
         if action.option_strings and not hidden and "default" not in text:
             text += " (default: %(default)s)"
         return text
@@ -613,10 +772,15 @@ def family_default(table, key, unit=""):
     values = {family: _show(settings[key]) for family, settings in table.items() if key in settings}
     if len(set(values.values())) == 1:
         return f"default: {next(iter(values.values()))}{unit}"
-    return "default: " + " / ".join(f"{v}{unit} ({FAMILY_NAMES.get(family, family)})" for family, v in values.items())
+    return "default: " + " / ".join(
+        f"{v}{unit} ({FAMILY_NAMES.get(family, family)})" for family, v in values.items()
+    )
 
 
-FAMILY_NAMES = {"cifar": "CIFAR-like", "mnist": "MNIST family"}  # data.DATASETS[...]["family"] as --help says it
+FAMILY_NAMES = {
+    "cifar": "CIFAR-like",
+    "mnist": "MNIST family",
+}  # data.DATASETS[...]["family"] as --help says it
 
 
 def _show(value):
@@ -634,15 +798,20 @@ def _show(value):
 # are summed over the ranks, so every rank sees the same selection, accuracy and losses and takes the same
 # decisions. Only rank 0 prints and writes files. Without torchrun every helper here is a no-op.
 
+
 def init_distributed(device):
     """Join the torchrun process group; returns this rank's device (cuda:LOCAL_RANK on a GPU)."""
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # env:// from torchrun's variables
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo"
+        )  # env:// from torchrun's variables
         if dist.get_rank() != 0:
-            sys.stdout = open(os.devnull, "w")  # one progress log (rank 0's); errors still reach stderr
+            sys.stdout = open(
+                os.devnull, "w"
+            )  # one progress log (rank 0's); errors still reach stderr
     return device
 
 
@@ -664,7 +833,9 @@ def distribute(module):
     if world_size() == 1:
         return module
     device = next(module.parameters()).device
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def all_reduce_sum(tensor):
@@ -686,7 +857,7 @@ def _assemble(local, lo, n):
     if world_size() == 1:
         return local
     full = local.new_zeros((n,) + tuple(local.shape[1:]))
-    full[lo:lo + len(local)] = local
+    full[lo : lo + len(local)] = local
     return all_reduce_sum(full)
 
 

@@ -33,12 +33,36 @@ import runtime
 # mnist (DAFL / KD3 MNIST setting; MNIST, Fashion-MNIST, KMNIST): Adam 1e-3, 40 epochs, batch 256.
 # synthetic: tiny settings so that the end-to-end tests take seconds.
 RECIPES = {
-    "cifar": dict(arch="resnet34", optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=240,
-                  milestones=(150, 180, 210), batch_size=128),
-    "mnist": dict(arch="lenet5", optimizer="adam", lr=1e-3, momentum=0.0, weight_decay=0.0, epochs=40,
-                  milestones=(), batch_size=256),
-    "synthetic": dict(arch="lenet5", optimizer="adam", lr=2e-3, momentum=0.0, weight_decay=0.0, epochs=8,
-                      milestones=(), batch_size=128),
+    "cifar": dict(
+        arch="resnet34",
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        epochs=240,
+        milestones=(150, 180, 210),
+        batch_size=128,
+    ),
+    "mnist": dict(
+        arch="lenet5",
+        optimizer="adam",
+        lr=1e-3,
+        momentum=0.0,
+        weight_decay=0.0,
+        epochs=40,
+        milestones=(),
+        batch_size=256,
+    ),
+    "synthetic": dict(
+        arch="lenet5",
+        optimizer="adam",
+        lr=2e-3,
+        momentum=0.0,
+        weight_decay=0.0,
+        epochs=8,
+        milestones=(),
+        batch_size=128,
+    ),
 }
 
 
@@ -54,30 +78,76 @@ def recipe_for(dataset):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train (and cache) a teacher with the papers' recipe.",
-                                formatter_class=runtime.HelpFormatter)
-    p.add_argument("--dataset", default="fashionmnist", choices=sorted(data.DATASETS), help="the teacher's task")
-    p.add_argument("--arch", default=None, help="network; " + runtime.family_default(RECIPES, "arch"))
-    p.add_argument("--epochs", type=int, default=None, help=runtime.family_default(RECIPES, "epochs"))
-    p.add_argument("--optimizer", default=None, choices=["sgd", "adam"],
-                   help=runtime.family_default(RECIPES, "optimizer"))
+    p = argparse.ArgumentParser(
+        description="Train (and cache) a teacher with the papers' recipe.",
+        formatter_class=runtime.HelpFormatter,
+    )
+    p.add_argument(
+        "--dataset",
+        default="fashionmnist",
+        choices=sorted(data.DATASETS),
+        help="the teacher's task",
+    )
+    p.add_argument(
+        "--arch", default=None, help="network; " + runtime.family_default(RECIPES, "arch")
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help=runtime.family_default(RECIPES, "epochs")
+    )
+    p.add_argument(
+        "--optimizer",
+        default=None,
+        choices=["sgd", "adam"],
+        help=runtime.family_default(RECIPES, "optimizer"),
+    )
     p.add_argument("--lr", type=float, default=None, help=runtime.family_default(RECIPES, "lr"))
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum; "
-                   + runtime.family_default(RECIPES, "momentum"))
-    p.add_argument("--weight-decay", type=float, default=None, help=runtime.family_default(RECIPES, "weight_decay"))
-    p.add_argument("--milestones", type=int, nargs="*", default=None, help="lr / 10 at these epochs; "
-                   + runtime.family_default(RECIPES, "milestones"))
-    p.add_argument("--batch-size", type=int, default=None, help=runtime.family_default(RECIPES, "batch_size"))
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=None,
+        help="SGD momentum; " + runtime.family_default(RECIPES, "momentum"),
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help=runtime.family_default(RECIPES, "weight_decay"),
+    )
+    p.add_argument(
+        "--milestones",
+        type=int,
+        nargs="*",
+        default=None,
+        help="lr / 10 at these epochs; " + runtime.family_default(RECIPES, "milestones"),
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help=runtime.family_default(RECIPES, "batch_size")
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
-    p.add_argument("--data-root", default="data", help="where the dataset's files are (docs/data.md)")
-    p.add_argument("--download", action="store_true", help="fetch the dataset with torchvision first")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    p.add_argument(
+        "--data-root", default="data", help="where the dataset's files are (docs/data.md)"
+    )
+    p.add_argument(
+        "--download", action="store_true", help="fetch the dataset with torchvision first"
+    )
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train"
+    )
     p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
-    p.add_argument("--overwrite", action="store_true", help="replace a teacher already in the cache (default: "
-                   "refuse, the cached teacher is what every method loads)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a teacher already in the cache (default: "
+        "refuse, the cached teacher is what every method loads)",
+    )
     p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from "
-                   "RUN_DIR/state.pt with its saved config.json (flags given now must match it)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from "
+        "RUN_DIR/state.pt with its saved config.json (flags given now must match it)",
+    )
     return p
 
 
@@ -86,19 +156,24 @@ def resolve_recipe(args):
     for key, value in recipe_for(args.dataset).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    runtime.check_training_flags(args, RECIPES, source="the recipes use",
-                                 checkpoints=uses_recipe(args))
+    runtime.check_training_flags(
+        args, RECIPES, source="the recipes use", checkpoints=uses_recipe(args)
+    )
     return args
 
 
 def uses_recipe(args):
     """Whether the run's settings are its recipe's (only such a teacher goes into the cache)."""
     recipe = recipe_for(args.dataset)
-    return all(tuple(v) == tuple(recipe[k]) if isinstance(v, (list, tuple)) else v == recipe[k]
-               for k, v in vars(args).items() if k in recipe)
+    return all(
+        tuple(v) == tuple(recipe[k]) if isinstance(v, (list, tuple)) else v == recipe[k]
+        for k, v in vars(args).items()
+        if k in recipe
+    )
 
 
 #### One step ####
+
 
 def train_step(trained, x, y, opt):
     """Supervised training of the teacher: cross-entropy on the true labels of its own data."""
@@ -113,14 +188,19 @@ def train_step(trained, x, y, opt):
 
 #### Training ####
 
+
 def train_teacher(args):
     args = resolve_recipe(runtime.resume_config(args, build_parser(), "teacher.py"))
     cache = teacher_path(args.dataset, args.arch, args.seed, args.checkpoint_dir)
     to_cache = uses_recipe(args)
     if to_cache and os.path.isfile(cache) and not args.overwrite:
-        raise ValueError(f"a teacher is already cached at {cache} (every method loads it) — use it as it is, or "
-                         f"pass --overwrite to train it again")
-    with CacheLock(cache, wait=False) if to_cache and runtime.is_main() else contextlib.nullcontext():
+        raise ValueError(
+            f"a teacher is already cached at {cache} (every method loads it) — use it as it is, or "
+            f"pass --overwrite to train it again"
+        )
+    with (
+        CacheLock(cache, wait=False) if to_cache and runtime.is_main() else contextlib.nullcontext()
+    ):
         return _train_teacher(args, cache if to_cache else None)
 
 
@@ -132,38 +212,81 @@ def _train_teacher(args, cache):
     train_x, train_y = data.load_dataset(args.dataset, "train", args.data_root)
     test_x, test_y = data.load_dataset(args.dataset, "test", args.data_root)
     log = runtime.RunLog(f"teacher-{args.dataset}-{args.arch}", args, args.runs_dir)
-    print(f"train {tuple(train_x.shape)}, test {tuple(test_x.shape)}, device {device}"
-          + (f", {runtime.world_size()} processes" if runtime.world_size() > 1 else ""), flush=True)
+    print(
+        f"train {tuple(train_x.shape)}, test {tuple(test_x.shape)}, device {device}"
+        + (f", {runtime.world_size()} processes" if runtime.world_size() > 1 else ""),
+        flush=True,
+    )
 
-    net = runtime.prepare_model(models.build_model(args.arch, meta["num_classes"], meta["channels"]), device)
+    net = runtime.prepare_model(
+        models.build_model(args.arch, meta["num_classes"], meta["channels"]), device
+    )
     trained = runtime.distribute(net)
     opt = runtime.make_optimizer(net.parameters(), args)
-    loader = data.DeviceLoader(train_x, train_y, batch_size=args.batch_size, shuffle=True, crop_pad=meta["crop_pad"],
-                               flip=meta["flip"], mean=meta["mean"], std=meta["std"], device=device, seed=args.seed,
-                               rank=runtime.rank(), world_size=runtime.world_size())
+    loader = data.DeviceLoader(
+        train_x,
+        train_y,
+        batch_size=args.batch_size,
+        shuffle=True,
+        crop_pad=meta["crop_pad"],
+        flip=meta["flip"],
+        mean=meta["mean"],
+        std=meta["std"],
+        device=device,
+        seed=args.seed,
+        rank=runtime.rank(),
+        world_size=runtime.world_size(),
+    )
     test_x, test_y = test_x.to(device), test_y.to(device)
     lr_schedule = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones, gamma=0.1)  # lr / 10
-    training = runtime.Training(log, args.epochs, save={"model": net, "opt": opt}, rngs={"loader": loader},
-                                lr_schedule=lr_schedule)
+    training = runtime.Training(
+        log,
+        args.epochs,
+        save={"model": net, "opt": opt},
+        rngs={"loader": loader},
+        lr_schedule=lr_schedule,
+    )
     for epoch in training.epochs():
         for x, y in loader:
             training.record(len(y), **train_step(trained, x, y, opt))
-        training.end_epoch(test_acc=runtime.evaluate(net, test_x, test_y, meta["mean"], meta["std"]))
+        training.end_epoch(
+            test_acc=runtime.evaluate(net, test_x, test_y, meta["mean"], meta["std"])
+        )
 
     test_acc = log.last_record["test_acc"]
     path = cache or log.path("teacher.pt")
     if runtime.is_main():
         with runtime.reporting_write(path, log):
-            models.save_checkpoint(path, net, args.arch, meta["num_classes"], meta["channels"],
-                                   args, test_acc, dataset=args.dataset, image_size=meta["size"])
-    print(f"saved teacher to {path}" + ("" if cache else " (not its recipe's settings, so not into the cache; "
-                                                        "pass it to a method with --teacher)"), flush=True)
+            models.save_checkpoint(
+                path,
+                net,
+                args.arch,
+                meta["num_classes"],
+                meta["channels"],
+                args,
+                test_acc,
+                dataset=args.dataset,
+                image_size=meta["size"],
+            )
+    print(
+        f"saved teacher to {path}"
+        + (
+            ""
+            if cache
+            else " (not its recipe's settings, so not into the cache; "
+            "pass it to a method with --teacher)"
+        ),
+        flush=True,
+    )
     sha = file_sha256(path) if runtime.is_main() else None
     committed = COMMITTED.get((args.dataset, args.arch, args.seed)) if cache else None
     if sha and committed and os.path.isfile(committed):
         print(compare_with_committed(test_acc, sha, committed), flush=True)
-    return log.finish("teacher", args.dataset, {"arch": args.arch, "teacher_acc": test_acc,
-                                                "checkpoint": path, "teacher_sha256": sha})
+    return log.finish(
+        "teacher",
+        args.dataset,
+        {"arch": args.arch, "teacher_acc": test_acc, "checkpoint": path, "teacher_sha256": sha},
+    )
 
 
 def compare_with_committed(test_acc, sha, committed):
@@ -171,16 +294,22 @@ def compare_with_committed(test_acc, sha, committed):
     ckpt = torch.load(committed, map_location="cpu", weights_only=True)
     same = sha == file_sha256(committed)
     where = os.path.relpath(committed)
-    return (f"the committed teacher {where}: {ckpt['acc']:.2f}% test accuracy; this one: "
-            f"{test_acc:.2f}% ({test_acc - ckpt['acc']:+.2f} points), "
-            + ("the same file (sha256 equal)" if same else
-               "another network (sha256 differs: another processor, thread count or torch "
-               "version sums in another order)")
-            + f". The methods load this cached one from now on; --teacher {where} gives them the "
-            "committed one")
+    return (
+        f"the committed teacher {where}: {ckpt['acc']:.2f}% test accuracy; this one: "
+        f"{test_acc:.2f}% ({test_acc - ckpt['acc']:+.2f} points), "
+        + (
+            "the same file (sha256 equal)"
+            if same
+            else "another network (sha256 differs: another processor, thread count or torch "
+            "version sums in another order)"
+        )
+        + f". The methods load this cached one from now on; --teacher {where} gives them the "
+        "committed one"
+    )
 
 
 #### The cache ####
+
 
 def teacher_path(dataset, arch, seed, checkpoint_dir="checkpoints"):
     return os.path.join(checkpoint_dir, f"{dataset}-{arch}-seed{seed}.pt")
@@ -205,10 +334,15 @@ class CacheLock:
                     os.remove(self.lock)
                     continue
                 if not self.wait:
-                    raise ValueError(f"process {owner} is training this teacher into {self.path} right now — wait for "
-                                     f"it to finish (or remove {self.lock} if that process is gone)") from None
+                    raise ValueError(
+                        f"process {owner} is training this teacher into {self.path} right now — wait for "
+                        f"it to finish (or remove {self.lock} if that process is gone)"
+                    ) from None
                 if not said:
-                    print(f"waiting for process {owner}, which is training the teacher {self.path}", flush=True)
+                    print(
+                        f"waiting for process {owner}, which is training the teacher {self.path}",
+                        flush=True,
+                    )
                     said = True
                 time.sleep(2)
                 continue
@@ -236,18 +370,26 @@ def check_teacher(ckpt, dataset, arch=None, source="teacher"):
     """Clear error before any training when a checkpoint does not fit the dataset (or the asked architecture)."""
     meta = data.DATASETS[dataset]
     if ckpt["num_classes"] != meta["num_classes"] or ckpt["in_channels"] != meta["channels"]:
-        raise ValueError(f"{source} has {ckpt['num_classes']} classes and {ckpt['in_channels']} input channels, but "
-                         f"{dataset} has {meta['num_classes']} classes and {meta['channels']} channels — pass a "
-                         f"{dataset} teacher")
+        raise ValueError(
+            f"{source} has {ckpt['num_classes']} classes and {ckpt['in_channels']} input channels, but "
+            f"{dataset} has {meta['num_classes']} classes and {meta['channels']} channels — pass a "
+            f"{dataset} teacher"
+        )
     if ckpt.get("image_size") not in (None, meta["size"]):
-        raise ValueError(f"{source} was trained on {ckpt['image_size']}x{ckpt['image_size']} images, {dataset} "
-                         f"uses {meta['size']}x{meta['size']} — pass a {dataset} teacher")
+        raise ValueError(
+            f"{source} was trained on {ckpt['image_size']}x{ckpt['image_size']} images, {dataset} "
+            f"uses {meta['size']}x{meta['size']} — pass a {dataset} teacher"
+        )
     if ckpt.get("dataset") not in (None, dataset):
-        raise ValueError(f"{source} was trained on {ckpt['dataset']}, not {dataset} — pass a {dataset} teacher, "
-                         f"or --dataset {ckpt['dataset']}")
+        raise ValueError(
+            f"{source} was trained on {ckpt['dataset']}, not {dataset} — pass a {dataset} teacher, "
+            f"or --dataset {ckpt['dataset']}"
+        )
     if arch is not None and ckpt["arch"] != arch:
-        raise ValueError(f"{source} is a {ckpt['arch']}, but --teacher-arch says {arch} — leave --teacher-arch out "
-                         f"(the checkpoint's architecture is used) or pass a {arch} checkpoint")
+        raise ValueError(
+            f"{source} is a {ckpt['arch']}, but --teacher-arch says {arch} — leave --teacher-arch out "
+            f"(the checkpoint's architecture is used) or pass a {arch} checkpoint"
+        )
 
 
 def get_teacher(args, device):
@@ -266,16 +408,21 @@ def get_teacher(args, device):
                 pass
         committed = COMMITTED.get((args.dataset, arch, args.teacher_seed))
         if not os.path.isfile(path) and committed and os.path.isfile(committed):
-            print(f"no cached teacher at {path}: loading the committed teacher "
-                  f"{os.path.relpath(committed)}", flush=True)
+            print(
+                f"no cached teacher at {path}: loading the committed teacher "
+                f"{os.path.relpath(committed)}",
+                flush=True,
+            )
             path = committed
         else:
             if not os.path.isfile(path):
                 train_missing_teacher(args, arch, path, device)
             print(f"loading cached teacher {path}", flush=True)
     elif not os.path.exists(path):
-        raise ValueError(f"--teacher {path} does not exist — give a checkpoint written by teacher.py, or leave "
-                         f"--teacher out to use (or train) the cached teacher")
+        raise ValueError(
+            f"--teacher {path} does not exist — give a checkpoint written by teacher.py, or leave "
+            f"--teacher out to use (or train) the cached teacher"
+        )
     else:
         print(f"loading teacher {path}", flush=True)
     model, ckpt = read_teacher_file(path, "--teacher" if args.teacher else "the cached teacher")
@@ -283,10 +430,12 @@ def get_teacher(args, device):
     args.teacher_arch = ckpt["arch"]
     ckpt["path"], ckpt["sha256"] = path, file_sha256(path)  # a result names the teacher it ran with
     if getattr(args, "teacher_sha256", None) not in (None, ckpt["sha256"]):  # from --resume
-        raise ValueError(f"--resume {args.resume}: the run started with the teacher of sha256 "
-                         f"{args.teacher_sha256[:12]}..., but {path} is {ckpt['sha256'][:12]}..."
-                         " — "
-                         f"put that teacher back at {path}, or start a new run")
+        raise ValueError(
+            f"--resume {args.resume}: the run started with the teacher of sha256 "
+            f"{args.teacher_sha256[:12]}..., but {path} is {ckpt['sha256'][:12]}..."
+            " — "
+            f"put that teacher back at {path}, or start a new run"
+        )
     args.teacher_sha256 = ckpt["sha256"]
     model = runtime.prepare_model(model, device).eval()
     model.requires_grad_(False)
@@ -314,53 +463,84 @@ def read_teacher_file(path, what="--teacher"):
         raise ValueError(f"{what} {path} is a folder — give {expected}{hint}")
     if os.path.getsize(path) == 0:
         again = "; delete it and it is trained again" if what != "--teacher" else ""
-        raise ValueError(f"{what} {path} is an empty file (a save that never finished?) — give "
-                         f"{expected}{again}")
+        raise ValueError(
+            f"{what} {path} is an empty file (a save that never finished?) — give {expected}{again}"
+        )
     names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        raise ValueError(f"{what} {path} is a TorchScript module (torch.jit.save), not a "
-                         f"checkpoint — give {expected}; for a network of models.py, save its "
-                         f"state_dict with models.save_checkpoint")
+        raise ValueError(
+            f"{what} {path} is a TorchScript module (torch.jit.save), not a "
+            f"checkpoint — give {expected}; for a network of models.py, save its "
+            f"state_dict with models.save_checkpoint"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         if any(n.endswith("/data.pkl") for n in names):
-            raise ValueError(f"{what} {path} holds a pickled Python object (torch.save(model)), "
-                             f"which is not loaded (it would run code from the file) — give "
-                             f"{expected}; models.save_checkpoint(path, model, arch, ...) writes "
-                             f"one") from None
-        raise ValueError(f"{what} {path} is not a torch file (or is damaged) — give "
-                         f"{expected}") from None
-    kinds = (("images", "a transfer set (balanced_transfer.py's transfer_set.pt)"),
-             ("rng", "a run's state.pt (resume it with --resume <run folder>)"))
+            raise ValueError(
+                f"{what} {path} holds a pickled Python object (torch.save(model)), "
+                f"which is not loaded (it would run code from the file) — give "
+                f"{expected}; models.save_checkpoint(path, model, arch, ...) writes "
+                f"one"
+            ) from None
+        raise ValueError(
+            f"{what} {path} is not a torch file (or is damaged) — give {expected}"
+        ) from None
+    kinds = (
+        ("images", "a transfer set (balanced_transfer.py's transfer_set.pt)"),
+        ("rng", "a run's state.pt (resume it with --resume <run folder>)"),
+    )
     for key, kind in kinds:
         if isinstance(ckpt, dict) and key in ckpt:
             raise ValueError(f"{what} {path} is {kind}, not a teacher — give {expected}")
     arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
     if arch == "hidfd-generator":
-        raise ValueError(f"{what} {path} is a HiDFD generator (hidfd.py --stage gan), not a "
-                         f"teacher — give {expected}; the generator goes to hidfd.py --generator")
+        raise ValueError(
+            f"{what} {path} is a HiDFD generator (hidfd.py --stage gan), not a "
+            f"teacher — give {expected}; the generator goes to hidfd.py --generator"
+        )
     if arch is not None and arch not in models.MODELS:
-        raise ValueError(f"{what} {path} holds a {arch!r}, not a network of models.py — give "
-                         f"{expected}")
+        raise ValueError(
+            f"{what} {path} holds a {arch!r}, not a network of models.py — give {expected}"
+        )
     return models.load_checkpoint(path)
 
 
 def train_missing_teacher(args, arch, path, device):
     """Train the recipe teacher a method needs into the cache, after saying what runs and for about how long."""
-    argv = ["--dataset", args.dataset, "--arch", arch, "--seed", str(args.teacher_seed),
-            "--data-root", args.data_root, "--device", device.type,
-            "--checkpoint-dir", args.checkpoint_dir]
-    teacher_args = resolve_recipe(build_parser().parse_args(argv + (["--download"] if args.download else [])))
+    argv = [
+        "--dataset",
+        args.dataset,
+        "--arch",
+        arch,
+        "--seed",
+        str(args.teacher_seed),
+        "--data-root",
+        args.data_root,
+        "--device",
+        device.type,
+        "--checkpoint-dir",
+        args.checkpoint_dir,
+    ]
+    teacher_args = resolve_recipe(
+        build_parser().parse_args(argv + (["--download"] if args.download else []))
+    )
     if not args.download:
-        data.load_dataset(args.dataset, "train", args.data_root)  # its data missing: the error comes now
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the method's draws unchanged
+        data.load_dataset(
+            args.dataset, "train", args.data_root
+        )  # its data missing: the error comes now
+    with torch.random.fork_rng(
+        devices=[device] if device.type == "cuda" else []
+    ):  # the method's draws unchanged
         seconds = estimate_seconds(teacher_args, device)
-        print(f"no cached teacher at {path} (and none committed): training it first with the "
-              f"{data.DATASETS[args.dataset]['family']} recipe, "
-              f"about {runtime.format_seconds(seconds)} "
-              f"on {device.type} (estimated from 3 timed steps):"
-              f"\n    python teacher.py {' '.join(argv)}", flush=True)
+        print(
+            f"no cached teacher at {path} (and none committed): training it first with the "
+            f"{data.DATASETS[args.dataset]['family']} recipe, "
+            f"about {runtime.format_seconds(seconds)} "
+            f"on {device.type} (estimated from 3 timed steps):"
+            f"\n    python teacher.py {' '.join(argv)}",
+            flush=True,
+        )
         train_teacher(teacher_args)
     runtime.barrier()  # under torchrun rank 0 wrote the checkpoint that every rank loads next
 
@@ -368,7 +548,9 @@ def train_missing_teacher(args, arch, path, device):
 def estimate_seconds(args, device, steps=3):
     """Wall time of the recipe's training on `device`, from a few timed steps on random images of the real shape."""
     meta = data.DATASETS[args.dataset]
-    net = runtime.prepare_model(models.build_model(args.arch, meta["num_classes"], meta["channels"]), device)
+    net = runtime.prepare_model(
+        models.build_model(args.arch, meta["num_classes"], meta["channels"]), device
+    )
     opt = runtime.make_optimizer(net.parameters(), args)
     x = torch.randn(args.batch_size, meta["channels"], meta["size"], meta["size"], device=device)
     y = torch.randint(0, meta["num_classes"], (args.batch_size,), device=device)

@@ -36,8 +36,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def run_cli(args, cwd, timeout=300):
     """Run a CLI of this repository in `cwd`; return its stdout (fails the test with the output otherwise)."""
-    proc = subprocess.run([sys.executable] + [os.path.join(HERE, args[0])] + list(args[1:]), cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable] + [os.path.join(HERE, args[0])] + list(args[1:]),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -61,13 +66,30 @@ def synthetic_teacher(tmp_path_factory):
     """A LeNet-5 teacher trained on the `synthetic` dataset for 3 epochs (a few seconds); returns its path (in its run
     folder: 3 epochs are not the recipe's, so it does not go into the cache)."""
     work = tmp_path_factory.mktemp("teacher")
-    out = run_cli(["teacher.py", "--dataset", "synthetic", "--arch", "lenet5", "--epochs", "3", "--device", "cpu",
-                   "--checkpoint-dir", str(work / "ckpt"), "--runs-dir", str(work / "runs")], cwd=work)
+    out = run_cli(
+        [
+            "teacher.py",
+            "--dataset",
+            "synthetic",
+            "--arch",
+            "lenet5",
+            "--epochs",
+            "3",
+            "--device",
+            "cpu",
+            "--checkpoint-dir",
+            str(work / "ckpt"),
+            "--runs-dir",
+            str(work / "runs"),
+        ],
+        cwd=work,
+    )
     assert "RESULT method=teacher dataset=synthetic" in out and not (work / "ckpt").exists()
     return str(work / out.split("saved teacher to ")[1].split(" ")[0])
 
 
 #### models.py ####
+
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 @pytest.mark.parametrize("in_channels", [1, 3])
@@ -81,14 +103,21 @@ def test_model_interface(name, in_channels):
             logits, feats = model(x), model.features(x)
         assert logits.shape == (2, 7)
         assert feats.shape == (2, model.feat_dim)
-        assert isinstance(model.classifier, torch.nn.Linear) and model.classifier.in_features == model.feat_dim
+        assert (
+            isinstance(model.classifier, torch.nn.Linear)
+            and model.classifier.in_features == model.feat_dim
+        )
         assert torch.equal(logits, model.classifier(feats))
 
 
 def test_build_model_unknown_name_lists_valid_names():
     with pytest.raises(ValueError) as e:
         models.build_model("resnet1000", 10, 3)
-    assert "resnet1000" in str(e.value) and "resnet18" in str(e.value) and "lenet5_half" in str(e.value)
+    assert (
+        "resnet1000" in str(e.value)
+        and "resnet18" in str(e.value)
+        and "lenet5_half" in str(e.value)
+    )
 
 
 def test_half_networks_are_smaller():
@@ -102,8 +131,12 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = models.build_model("resnet18", 10, 3).eval()
     path = str(tmp_path / "sub" / "ck.pt")
-    models.save_checkpoint(path, model, "resnet18", 10, 3, {"lr": 0.1, "path": tmp_path}, 91.5, image_size=32)
-    assert not [f for f in os.listdir(tmp_path / "sub") if f.startswith(".tmp")]  # temp file renamed away
+    models.save_checkpoint(
+        path, model, "resnet18", 10, 3, {"lr": 0.1, "path": tmp_path}, 91.5, image_size=32
+    )
+    assert not [
+        f for f in os.listdir(tmp_path / "sub") if f.startswith(".tmp")
+    ]  # temp file renamed away
     loaded, ckpt = models.load_checkpoint(path)
     assert ckpt["arch"] == "resnet18" and ckpt["acc"] == 91.5 and ckpt["image_size"] == 32
     assert ckpt["args"]["path"] == str(tmp_path)
@@ -113,7 +146,9 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("writer", ["checkpoint", "state"])
-def test_a_save_interrupted_mid_write_leaves_the_previous_file_loadable(writer, tmp_path, monkeypatch):
+def test_a_save_interrupted_mid_write_leaves_the_previous_file_loadable(
+    writer, tmp_path, monkeypatch
+):
     model = models.build_model("lenet5", 10, 1)
     if writer == "checkpoint":
         path = str(tmp_path / "ck.pt")
@@ -128,19 +163,26 @@ def test_a_save_interrupted_mid_write_leaves_the_previous_file_loadable(writer, 
     expected = load()
     real_save = torch.save
 
-    def dies_mid_write(obj, f, *args, **kwargs):  # half of the bytes reach the file, then the process "dies"
+    def dies_mid_write(
+        obj, f, *args, **kwargs
+    ):  # half of the bytes reach the file, then the process "dies"
         real_save(obj, f, *args, **kwargs)
         size = os.path.getsize(f)
         with open(f, "r+b") as handle:
             handle.truncate(size // 2)
         raise OSError("killed mid-write")
+
     monkeypatch.setattr(torch, "save", dies_mid_write)
-    failure = OSError if writer == "checkpoint" else ValueError  # a run says it in one line (runtime.cli)
+    failure = (
+        OSError if writer == "checkpoint" else ValueError
+    )  # a run says it in one line (runtime.cli)
     with pytest.raises(failure, match="killed mid-write"):
         save()
     monkeypatch.undo()
     assert load() == expected  # the previous file is intact and loads
-    assert not [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".tmp")]  # no temp file left
+    assert not [
+        f for f in os.listdir(os.path.dirname(path)) if f.startswith(".tmp")
+    ]  # no temp file left
 
 
 def test_bad_checkpoint_gives_clear_error(tmp_path):
@@ -158,9 +200,14 @@ def test_bad_checkpoint_gives_clear_error(tmp_path):
 
 #### data.py: readers on tiny files written here ####
 
+
 def write_idx(path, array, compress=False):
     array = np.asarray(array, dtype=np.uint8)
-    payload = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    payload = (
+        struct.pack(">HBB", 0, 0x08, array.ndim)
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.tobytes()
+    )
     if compress:
         with gzip.open(str(path) + ".gz", "wb") as f:
             f.write(payload)
@@ -184,6 +231,7 @@ def fake_idx_dataset(folder, n_train=5, n_test=3, compress=False):
 
 def test_idx_reader_matches_torchvision(tmp_path):
     import torchvision
+
     fake_idx_dataset(tmp_path / "FashionMNIST" / "raw")
     for split, train in (("train", True), ("test", False)):
         ours_x, ours_y = data.load_images("fashionmnist", split, str(tmp_path))
@@ -206,9 +254,16 @@ def test_fashionmnist_falls_back_to_the_system_install(tmp_path, monkeypatch, ca
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", str(tmp_path / "system"))
     x, y = data.load_images("fashionmnist", "train", str(tmp_path / "empty-root"))
     data.load_images("fashionmnist", "test", str(tmp_path / "empty-root"))
-    assert torch.equal(x[:, 0], torch.from_numpy(arrays["train"][0])) and y.tolist() == arrays["train"][1].tolist()
-    lines = [line for line in capsys.readouterr().out.splitlines() if "reading fashionmnist" in line]
-    assert lines == [f"reading fashionmnist from {tmp_path / 'system'} (the system install)"]  # once, not per split
+    assert (
+        torch.equal(x[:, 0], torch.from_numpy(arrays["train"][0]))
+        and y.tolist() == arrays["train"][1].tolist()
+    )
+    lines = [
+        line for line in capsys.readouterr().out.splitlines() if "reading fashionmnist" in line
+    ]
+    assert lines == [
+        f"reading fashionmnist from {tmp_path / 'system'} (the system install)"
+    ]  # once, not per split
 
 
 def write_cifar10(folder, bytes_keys=False):
@@ -234,7 +289,10 @@ def test_cifar_pickle_reader(tmp_path, bytes_keys):
     for n in range(4):
         for c in range(3):
             for row in (0, 5, 31):
-                assert x[n, c, row].tolist() == flat[n, c * 1024 + row * 32: c * 1024 + row * 32 + 32].tolist()
+                assert (
+                    x[n, c, row].tolist()
+                    == flat[n, c * 1024 + row * 32 : c * 1024 + row * 32 + 32].tolist()
+                )
     assert y.tolist() == labels
     x_train, y_train = data.load_images("cifar10", "train", str(tmp_path))
     assert x_train.shape == (20, 3, 32, 32) and y_train.shape == (20,)
@@ -246,11 +304,15 @@ def test_svhn_mat_reader(tmp_path):
     X = rng.integers(0, 256, (32, 32, 3, 5), dtype=np.uint8)  # MATLAB (H, W, C, N)
     y = np.array([[10], [1], [2], [9], [10]], dtype=np.uint8)
     scipy_io.savemat(str(tmp_path / "test_32x32.mat"), {"X": X, "y": y}, do_compression=True)
-    scipy_io.savemat(str(tmp_path / "train_32x32.mat"), {"y": y.astype(np.float64), "X": X}, do_compression=False)
+    scipy_io.savemat(
+        str(tmp_path / "train_32x32.mat"), {"y": y.astype(np.float64), "X": X}, do_compression=False
+    )
     for split in ("test", "train"):
         images, labels = data.load_images("svhn", split, str(tmp_path))
         for n in range(5):
-            assert torch.equal(images[n], torch.from_numpy(X[:, :, :, n]).permute(2, 0, 1))  # (C, H, W)
+            assert torch.equal(
+                images[n], torch.from_numpy(X[:, :, :, n]).permute(2, 0, 1)
+            )  # (C, H, W)
         assert labels.tolist() == [0, 1, 2, 9, 0]  # 10 means digit 0
 
 
@@ -259,7 +321,7 @@ def test_stl10_binary_reader(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(3)
     imgs = rng.integers(0, 256, (2, 3, 96, 96), dtype=np.uint8)  # (N, C, H, W)
-    imgs.transpose(0, 1, 3, 2).tofile(folder / "test_X.bin")    # on disk each channel is column-major
+    imgs.transpose(0, 1, 3, 2).tofile(folder / "test_X.bin")  # on disk each channel is column-major
     np.array([1, 10], dtype=np.uint8).tofile(folder / "test_y.bin")
     x, y = data.load_images("stl10", "test", str(tmp_path))
     assert torch.equal(x, torch.from_numpy(imgs)) and y.tolist() == [0, 9]
@@ -267,14 +329,21 @@ def test_stl10_binary_reader(tmp_path):
 
 def test_folder_and_imagenet32_readers(tmp_path):
     from torchvision.utils import save_image
+
     imgs = {}
     for cls in ("b_cls", "a_cls"):
         os.makedirs(tmp_path / "folder" / cls)
         img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
-        save_image(img.float() / 255, str(tmp_path / "folder" / cls / "0.png"))  # lossless: rounds back to img
+        save_image(
+            img.float() / 255, str(tmp_path / "folder" / cls / "0.png")
+        )  # lossless: rounds back to img
         imgs[cls] = img
     x, y = data.load_images(f"folder:{tmp_path / 'folder'}")
-    assert y.tolist() == [0, 1] and torch.equal(x[0], imgs["a_cls"]) and torch.equal(x[1], imgs["b_cls"])
+    assert (
+        y.tolist() == [0, 1]
+        and torch.equal(x[0], imgs["a_cls"])
+        and torch.equal(x[1], imgs["b_cls"])
+    )
 
     folder = tmp_path / "Imagenet32_val_npz"
     folder.mkdir()
@@ -284,9 +353,16 @@ def test_folder_and_imagenet32_readers(tmp_path):
     assert y.tolist() == [0, 999] and x[1, 2, 0, 5].item() == flat[1, 2048 + 5]
 
 
-@pytest.mark.parametrize("name,expected", [("fashionmnist", "--download"), ("cifar10", "cifar-10-batches-py"),
-                                           ("tinyimagenet", "tiny-imagenet-200"), ("imagenet32", "Imagenet32_train_npz"),
-                                           ("svhn", "train_32x32.mat")])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("fashionmnist", "--download"),
+        ("cifar10", "cifar-10-batches-py"),
+        ("tinyimagenet", "tiny-imagenet-200"),
+        ("imagenet32", "Imagenet32_train_npz"),
+        ("svhn", "train_32x32.mat"),
+    ],
+)
 def test_missing_dataset_error_names_path_and_remedy(tmp_path, name, expected, monkeypatch):
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", str(tmp_path / "not-installed"))
     with pytest.raises(data.DatasetNotFoundError) as e:
@@ -303,11 +379,14 @@ def test_unknown_source_lists_valid_names():
 
 #### data.py: generated sources, conversion, mixtures ####
 
+
 def test_to_shape_gray_rgb_resize():
     rgb = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
     rgb[0, 0], rgb[0, 1], rgb[0, 2] = 100, 200, 50
     gray = data.to_shape(rgb, 1, 4)
-    assert gray.shape == (1, 1, 4, 4) and gray[0, 0, 0, 0].item() == round(0.299 * 100 + 0.587 * 200 + 0.114 * 50)
+    assert gray.shape == (1, 1, 4, 4) and gray[0, 0, 0, 0].item() == round(
+        0.299 * 100 + 0.587 * 200 + 0.114 * 50
+    )
     back = data.to_shape(gray, 3, 8)
     assert back.shape == (1, 3, 8, 8) and torch.equal(back[:, 0], back[:, 2])
     assert back.float().std() == 0  # a constant image stays constant under resizing
@@ -318,7 +397,10 @@ def test_noise_sources_statistics():
     assert u.shape == (2000, 1, 8, 8) and (labels == -1).all()
     assert abs(u.float().mean().item() / 255 - 0.5) < 0.01 and u.min() == 0 and u.max() == 255
     g, _ = data.load_images("noise-gaussian", n=2000, shape=(1, 8, 8))
-    assert abs(g.float().mean().item() / 255 - 0.5) < 0.01 and abs(g.float().std().item() / 255 - 0.1) < 0.01
+    assert (
+        abs(g.float().mean().item() / 255 - 0.5) < 0.01
+        and abs(g.float().std().item() / 255 - 0.1) < 0.01
+    )
 
 
 def test_synthetic_and_shift_are_deterministic_and_balanced():
@@ -332,7 +414,9 @@ def test_synthetic_and_shift_are_deterministic_and_balanced():
 
 
 def test_load_source_mixture_counts_and_shapes():
-    x, y, src = data.load_source("synthetic:30,noise-uniform:20", "train", "unused", channels=1, size=16)
+    x, y, src = data.load_source(
+        "synthetic:30,noise-uniform:20", "train", "unused", channels=1, size=16
+    )
     assert x.shape == (50, 1, 16, 16) and src.bincount().tolist() == [30, 20]
     assert (y[30:] == -1).all() and (y[:30] >= 0).all()
     assert data.parse_source("folder:/a/b:1") == ("folder:/a/b:1", None)
@@ -341,11 +425,14 @@ def test_load_source_mixture_counts_and_shapes():
 
 #### data.py: device batches ####
 
+
 def test_device_loader_normalisation_and_extra_tensors():
     images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
     labels = torch.arange(10)
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
-    batches = list(data.DeviceLoader(images, labels, batch_size=4, shuffle=False, mean=mean, std=std))
+    batches = list(
+        data.DeviceLoader(images, labels, batch_size=4, shuffle=False, mean=mean, std=std)
+    )
     assert [len(b[1]) for b in batches] == [4, 4, 2]
     x, y = batches[1]
     assert x.dtype == torch.float32 and x.shape == (4, 3, 4, 4) and y.tolist() == [4, 5, 6, 7]
@@ -356,11 +443,18 @@ def test_device_loader_normalisation_and_extra_tensors():
 
 def test_device_loader_seeded_shuffle_and_subset():
     images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1)
-    order = lambda seed: torch.cat([b[1] for b in data.DeviceLoader(images, torch.arange(20), batch_size=6, seed=seed)])  # noqa: E731
+
+    def order(seed):
+        return torch.cat(
+            [b[1] for b in data.DeviceLoader(images, torch.arange(20), batch_size=6, seed=seed)]
+        )
+
     assert torch.equal(order(3), order(3)) and not torch.equal(order(3), order(4))
     assert sorted(order(3).tolist()) == list(range(20))
     subset = torch.tensor([2, 5, 7])
-    seen = torch.cat([b[1] for b in data.DeviceLoader(images, torch.arange(20), batch_size=2, indices=subset)])
+    seen = torch.cat(
+        [b[1] for b in data.DeviceLoader(images, torch.arange(20), batch_size=2, indices=subset)]
+    )
     assert sorted(seen.tolist()) == [2, 5, 7]
 
 
@@ -371,13 +465,20 @@ def test_device_loader_shards_make_up_the_single_process_batches(drop_last):
     ids = torch.arange(100, 111)
     kw = dict(batch_size=4, seed=5, drop_last=drop_last, indices=torch.arange(11))
     single = [b[1].tolist() for b in data.DeviceLoader(images, ids, **kw)]
-    shards = [[b[1].tolist() for b in data.DeviceLoader(images, ids, rank=r, world_size=2, **kw)] for r in (0, 1)]
+    shards = [
+        [b[1].tolist() for b in data.DeviceLoader(images, ids, rank=r, world_size=2, **kw)]
+        for r in (0, 1)
+    ]
     assert len(shards[0]) == len(shards[1]) == len(single) == (2 if drop_last else 3)
     for i, batch in enumerate(single):
-        assert [len(s[i]) for s in shards] == [len(shards[0][i])] * 2  # the same batch sizes on every rank
+        assert [len(s[i]) for s in shards] == [
+            len(shards[0][i])
+        ] * 2  # the same batch sizes on every rank
         if i < 2:
             assert sorted(shards[0][i] + shards[1][i]) == sorted(batch)
-    if not drop_last:  # 11 -> padded to 12 with the order's first sample; the last step covers batch 2 plus it
+    if (
+        not drop_last
+    ):  # 11 -> padded to 12 with the order's first sample; the last step covers batch 2 plus it
         last = shards[0][2] + shards[1][2]
         assert sorted(last[:3]) == sorted(single[2]) and last[3] == single[0][0]
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
@@ -392,14 +493,17 @@ def test_augmentation_crop_and_flip_are_windows_of_the_input():
     assert out.shape == x.shape and out.dtype == x.dtype
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for i in range(len(x)):  # every output is some padded window, possibly mirrored
-        windows = [padded[i, :, r:r + 6, c:c + 5] for r in range(5) for c in range(5)]
+        windows = [padded[i, :, r : r + 6, c : c + 5] for r in range(5) for c in range(5)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
     flipped = data.augment_batch(x, 0, True, torch.Generator().manual_seed(1))
     n_flipped = sum(torch.equal(flipped[i], x[i].flip(-1)) for i in range(64))
-    assert 16 < n_flipped < 48 and all(torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1)) for i in range(64))
+    assert 16 < n_flipped < 48 and all(
+        torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1)) for i in range(64)
+    )
 
 
 #### teacher.py ####
+
 
 def test_teacher_trains_on_synthetic_and_caches(synthetic_teacher):
     model, ckpt = models.load_checkpoint(synthetic_teacher)
@@ -408,7 +512,9 @@ def test_teacher_trains_on_synthetic_and_caches(synthetic_teacher):
     meta = data.DATASETS["synthetic"]
     acc = runtime.evaluate(model, x, y, meta["mean"], meta["std"])
     assert acc > 60  # chance is 10%
-    assert ckpt["acc"] == round(acc, 5)  # the stored accuracy is the final (logged) test accuracy, recomputed here
+    assert ckpt["acc"] == round(
+        acc, 5
+    )  # the stored accuracy is the final (logged) test accuracy, recomputed here
 
 
 def test_get_teacher_loads_cache_and_rejects_mismatch(synthetic_teacher, tmp_path):
@@ -416,8 +522,12 @@ def test_get_teacher_loads_cache_and_rejects_mismatch(synthetic_teacher, tmp_pat
     model, ckpt = teacher.get_teacher(args, torch.device("cpu"))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert args.teacher_arch == "lenet5"  # taken from the checkpoint
-    args = kd3.build_parser().parse_args(["--dataset", "fashionmnist", "--teacher", synthetic_teacher])
-    with pytest.raises(ValueError, match="3 input channels, but fashionmnist has 10 classes and 1 channels"):
+    args = kd3.build_parser().parse_args(
+        ["--dataset", "fashionmnist", "--teacher", synthetic_teacher]
+    )
+    with pytest.raises(
+        ValueError, match="3 input channels, but fashionmnist has 10 classes and 1 channels"
+    ):
         teacher.get_teacher(args, torch.device("cpu"))
 
 
@@ -438,6 +548,7 @@ def test_run_log_files(tmp_path, capsys):
 #
 # The papers' "FLOPs" are multiply-accumulates (MACs): FlopCounterMode counts 2 FLOPs per MAC, so we halve it
 # (ResNet32x4: 2.17 GFLOPs counted = 1.08 GMACs vs 1.09 G printed).
+
 
 def build_on_meta(name, num_classes, in_channels):
     """Shapes only, no weights: counting needs no initialisation or arithmetic, which keeps these tests fast."""
@@ -460,7 +571,7 @@ def count_macs(model, in_channels, size):
 # (CIFAR-10) count for the ResNets and ShuffleNets, but the 100-class count for MobileNetV2 (0.81 M; with
 # 10 classes its 1280-d classifier makes it 0.70 M).
 PAPER_PARAMS = [
-    ("resnet32x4", 10, 3, 7.41),     # KD3 Table 3
+    ("resnet32x4", 10, 3, 7.41),  # KD3 Table 3
     ("resnet8x4", 10, 3, 1.21),
     ("mobilenetv2", 100, 3, 0.81),
     ("shufflenetv1", 10, 3, 0.86),
@@ -468,7 +579,7 @@ PAPER_PARAMS = [
     ("resnet110x2", 10, 3, 6.89),
     ("resnet110", 10, 3, 1.73),
     ("resnet116", 10, 3, 1.83),
-    ("resnet34", 10, 3, 21.28),      # KD3 Table 1
+    ("resnet34", 10, 3, 21.28),  # KD3 Table 1
     ("resnet18", 10, 3, 11.17),
     ("vgg16", 10, 3, 14.73),
     ("vgg13", 10, 3, 9.42),
@@ -479,7 +590,9 @@ PAPER_PARAMS = [
 @pytest.mark.parametrize("name,num_classes,in_channels,paper_millions", PAPER_PARAMS)
 def test_parameter_count_matches_paper(name, num_classes, in_channels, paper_millions):
     ours = count_parameters(build_on_meta(name, num_classes, in_channels)) / 1e6
-    assert ours == pytest.approx(paper_millions, rel=0.05), f"{name}: {ours:.3f} M vs {paper_millions} M printed"
+    assert ours == pytest.approx(paper_millions, rel=0.05), (
+        f"{name}: {ours:.3f} M vs {paper_millions} M printed"
+    )
 
 
 # (name, in_channels, input size, MACs as printed, relative tolerance). KD3 Table 3 is at 32x32; Table 1 at
@@ -487,7 +600,7 @@ def test_parameter_count_matches_paper(name, num_classes, in_channels, paper_mil
 # get 15%: their printed figures sit 5-13% above the convolution/linear MACs, the share that a counter
 # adding BatchNorm/ReLU element-wise ops contributes in networks this light (for the ResNets it is < 1%).
 PAPER_MACS = [
-    ("resnet32x4", 3, 32, 1.09e9, 0.05),    # KD3 Table 3
+    ("resnet32x4", 3, 32, 1.09e9, 0.05),  # KD3 Table 3
     ("resnet8x4", 3, 32, 0.18e9, 0.05),
     ("resnet110x2", 3, 32, 1.02e9, 0.05),
     ("resnet110", 3, 32, 0.26e9, 0.05),
@@ -495,13 +608,13 @@ PAPER_MACS = [
     ("mobilenetv2", 3, 32, 7.37e6, 0.15),
     ("shufflenetv1", 3, 32, 42.11e6, 0.15),
     ("shufflenetv2", 3, 32, 46.66e6, 0.15),
-    ("resnet34", 3, 32, 1.16e9, 0.05),      # KD3 Table 1, CIFAR rows
+    ("resnet34", 3, 32, 1.16e9, 0.05),  # KD3 Table 1, CIFAR rows
     ("resnet18", 3, 32, 0.56e9, 0.05),
-    ("resnet34", 3, 64, 4.65e9, 0.05),      # KD3 Table 1, TinyImageNet row
+    ("resnet34", 3, 64, 4.65e9, 0.05),  # KD3 Table 1, TinyImageNet row
     ("resnet18", 3, 64, 2.23e9, 0.05),
     ("vgg16", 3, 64, 1.26e9, 0.05),
     ("vgg13", 3, 64, 0.92e9, 0.05),
-    ("lenet5", 1, 32, 0.42e6, 0.05),        # KD3 Table 1, MNIST row
+    ("lenet5", 1, 32, 0.42e6, 0.05),  # KD3 Table 1, MNIST row
     ("lenet5_half", 1, 32, 0.14e6, 0.05),
 ]
 
@@ -509,8 +622,9 @@ PAPER_MACS = [
 @pytest.mark.parametrize("name,in_channels,size,paper_macs,tolerance", PAPER_MACS)
 def test_forward_macs_match_paper(name, in_channels, size, paper_macs, tolerance):
     ours = count_macs(build_on_meta(name, 10, in_channels), in_channels, size)
-    assert ours == pytest.approx(paper_macs, rel=tolerance), \
+    assert ours == pytest.approx(paper_macs, rel=tolerance), (
         f"{name} at {size}x{size}: {ours / 1e9:.4f} G vs {paper_macs / 1e9} G printed"
+    )
 
 
 def test_papers_count_multiply_adds_not_flops():
@@ -521,8 +635,9 @@ def test_papers_count_multiply_adds_not_flops():
 
 def test_wrn40x2_is_wrn40_2():
     a, b = build_on_meta("wrn40x2", 10, 3), build_on_meta("wrn40_2", 10, 3)
-    assert type(a) is type(b) and {k: v.shape for k, v in a.state_dict().items()} == \
-        {k: v.shape for k, v in b.state_dict().items()}
+    assert type(a) is type(b) and {k: v.shape for k, v in a.state_dict().items()} == {
+        k: v.shape for k, v in b.state_dict().items()
+    }
 
 
 def test_inception_v3_cifar100_shapes():
@@ -535,6 +650,7 @@ def test_inception_v3_cifar100_shapes():
 
 ## Heterogeneous pairs (KD3 / HiDFD Table 3) ##
 
+
 def test_heterogeneous_pair_through_the_connector():
     # resnet8x4 teacher (256-d features) -> shufflenetv2 student (1024-d): both methods reach the teacher's
     # frozen classifier through a learnable connector; one optimisation step must train the student, leave the
@@ -543,8 +659,10 @@ def test_heterogeneous_pair_through_the_connector():
     t = models.build_model("resnet8x4", 10, 3).eval().requires_grad_(False)
     teacher_state = {k: v.clone() for k, v in t.state_dict().items()}
     x = torch.randn(4, 3, 32, 32)
-    wrapped = [kd3.SharedClassifierStudent(models.build_model("shufflenetv2", 10, 3), t.classifier),
-               hidfd.SharedClassifierStudent(models.build_model("shufflenetv2", 10, 3), t.classifier)]
+    wrapped = [
+        kd3.SharedClassifierStudent(models.build_model("shufflenetv2", 10, 3), t.classifier),
+        hidfd.SharedClassifierStudent(models.build_model("shufflenetv2", 10, 3), t.classifier),
+    ]
     for model in wrapped:
         assert model.feat_dim == 256 and model.connector.in_features == 1024
         connector_before = model.connector.weight.clone()
@@ -562,30 +680,36 @@ def test_heterogeneous_pair_through_the_connector():
             folded = model.folded()
             assert folded.feat_dim == 1024 and torch.allclose(folded(x), expected, atol=1e-4)
 
+
 #### kd3.py ####
 # Every expected value is an independent hand computation (explicit loops and scalar formulas), never the function under test called another way.
 
 ## Losses and selection ##
 
+
 def test_alpha_schedule_eq4():
-    I = 10
-    assert kd3.alpha_schedule(0, I) == pytest.approx(math.exp(-5))            # t = 0: (0/5 - 1)^2 = 1
-    assert kd3.alpha_schedule(2, I) == pytest.approx(math.exp(-5 * 0.36))     # (2/5 - 1)^2 = 0.36
-    assert kd3.alpha_schedule(5, I) == pytest.approx(1.0)                     # t = I/2
+    I = 10  # noqa: E741 (the paper's I)
+    assert kd3.alpha_schedule(0, I) == pytest.approx(math.exp(-5))  # t = 0: (0/5 - 1)^2 = 1
+    assert kd3.alpha_schedule(2, I) == pytest.approx(math.exp(-5 * 0.36))  # (2/5 - 1)^2 = 0.36
+    assert kd3.alpha_schedule(5, I) == pytest.approx(1.0)  # t = I/2
     assert kd3.alpha_schedule(6, I) == 1.0 and kd3.alpha_schedule(9, I) == 1.0
     values = [kd3.alpha_schedule(t, 240) for t in range(240)]
     assert all(a <= b for a, b in zip(values, values[1:])) and 0 < values[0] < 0.01
     # an odd I: I/2 = 1.5 is not an integer (t // 2 would give 1 and another curve)
-    assert kd3.alpha_schedule(1, 3) == pytest.approx(math.exp(-5 * (1 / 1.5 - 1) ** 2))   # 0.5738
-    assert kd3.alpha_schedule(2, 3) == 1.0 and kd3.alpha_schedule(0, 1) == pytest.approx(math.exp(-5))
+    assert kd3.alpha_schedule(1, 3) == pytest.approx(math.exp(-5 * (1 / 1.5 - 1) ** 2))  # 0.5738
+    assert kd3.alpha_schedule(2, 3) == 1.0 and kd3.alpha_schedule(0, 1) == pytest.approx(
+        math.exp(-5)
+    )
 
 
 def test_combine_predictions_eq3():
     p_t = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
     p_s = torch.tensor([[0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
     out = kd3.combine_predictions(p_t, p_s, 0.25)
-    expected = [[0.75 * 0.7 + 0.25 * 0.1, 0.75 * 0.2 + 0.25 * 0.8, 0.75 * 0.1 + 0.25 * 0.1],
-                [0.75 * 0.1 + 0.25 * 0.3, 0.75 * 0.1 + 0.25 * 0.3, 0.75 * 0.8 + 0.25 * 0.4]]
+    expected = [
+        [0.75 * 0.7 + 0.25 * 0.1, 0.75 * 0.2 + 0.25 * 0.8, 0.75 * 0.1 + 0.25 * 0.1],
+        [0.75 * 0.1 + 0.25 * 0.3, 0.75 * 0.1 + 0.25 * 0.3, 0.75 * 0.8 + 0.25 * 0.4],
+    ]
     assert torch.allclose(out, torch.tensor(expected))
 
 
@@ -596,12 +720,16 @@ def test_class_thresholds_eq6_eq7_and_flexmatch():
     flex = [0.9 * v / (2 - v) for v in b]  # authors' code: V_th * b / (2 - b)
     assert torch.allclose(kd3.class_thresholds(pred, 4, 0.9, rule="flexmatch"), torch.tensor(flex))
     # every class predicted once: n_k / max n = 1, so every threshold is V_th
-    assert torch.allclose(kd3.class_thresholds(torch.tensor([0, 1, 2]), 3, 0.9), torch.tensor([0.9, 0.9, 0.9]))
+    assert torch.allclose(
+        kd3.class_thresholds(torch.tensor([0, 1, 2]), 3, 0.9), torch.tensor([0.9, 0.9, 0.9])
+    )
 
 
 def test_select_instances_strict_threshold():
     # binary-exact values, so that p_i == T_k holds exactly in float32 and in Python floats
-    combined = torch.tensor([[0.875, 0.125], [0.75, 0.25], [0.625, 0.375], [0.25, 0.75], [0.75, 0.25]])
+    combined = torch.tensor(
+        [[0.875, 0.125], [0.75, 0.25], [0.625, 0.375], [0.25, 0.75], [0.75, 0.25]]
+    )
     v_th = 0.75
     # by hand: predictions [0, 0, 0, 1, 0] -> n = [4, 1] -> T = [0.75, 0.1875]; keep p_i > T (0.75 is not > 0.75)
     counts = [0, 0]
@@ -611,7 +739,9 @@ def test_select_instances_strict_threshold():
     expected = [max(row) > thresholds[row.index(max(row))] for row in combined.tolist()]
     mask, pred = kd3.select_instances(combined, v_th)
     assert expected == [True, False, False, True, False]
-    assert mask.tolist() == expected and pred.tolist() == [0, 0, 0, 1, 0] and pred.dtype == torch.long
+    assert (
+        mask.tolist() == expected and pred.tolist() == [0, 0, 0, 1, 0] and pred.dtype == torch.long
+    )
 
 
 def test_alignment_weights_eq9_values_range_detached():
@@ -624,7 +754,9 @@ def test_alignment_weights_eq9_values_range_detached():
     torch.manual_seed(0)
     a, b = torch.rand(100, 10).softmax(1), torch.rand(100, 10).softmax(1)
     w = kd3.alignment_weights(a, b)
-    assert (w <= 0.5).all() and (w >= 1 - 1 / (1 + math.exp(-2)) - 1e-6).all()  # ||.||_1 of probabilities in [0, 2]
+    assert (w <= 0.5).all() and (
+        w >= 1 - 1 / (1 + math.exp(-2)) - 1e-6
+    ).all()  # ||.||_1 of probabilities in [0, 2]
 
 
 def test_weighted_feature_alignment_eq10():
@@ -638,7 +770,9 @@ def test_weighted_feature_alignment_eq10():
 
 def test_mix_distribution_eq11_eq12_by_hand():
     torch.manual_seed(0)
-    x = (torch.randn(3, 2, 4, 5) * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1) + 2).requires_grad_(True)
+    x = (torch.randn(3, 2, 4, 5) * torch.tensor([1.0, 3.0]).view(1, 2, 1, 1) + 2).requires_grad_(
+        True
+    )
     lam = torch.tensor([0.2, 1.0, 0.7])
     perm = torch.tensor([2, 0, 1])
     eps = 1e-6
@@ -672,12 +806,17 @@ def test_mix_distribution_eq11_eq12_by_hand():
 
 def _mdcl_by_hand(z, zh, tau, include_positive=False):
     def cos(a, b):
-        return sum(p * q for p, q in zip(a, b)) / math.sqrt(sum(p * p for p in a) * sum(q * q for q in b))
+        return sum(p * q for p, q in zip(a, b)) / math.sqrt(
+            sum(p * p for p in a) * sum(q * q for q in b)
+        )
+
     z, zh = z.tolist(), zh.tolist()
     losses = []
     for i in range(len(z)):
         num = math.exp(cos(z[i], zh[i]) / tau)
-        den = sum(math.exp(cos(z[i], zh[j]) / tau) for j in range(len(z)) if include_positive or j != i)
+        den = sum(
+            math.exp(cos(z[i], zh[j]) / tau) for j in range(len(z)) if include_positive or j != i
+        )
         losses.append(-math.log(num / den))
     return losses
 
@@ -689,7 +828,9 @@ def test_mdcl_loss_eq15_denominator_excludes_positive():
     assert kd3.mdcl_loss(z, zh, 0.3, reduction="sum").item() == pytest.approx(sum(per), rel=1e-5)
     assert kd3.mdcl_loss(z, zh, 0.3).item() == pytest.approx(sum(per) / 4, rel=1e-5)
     code = _mdcl_by_hand(z, zh, 0.3, include_positive=True)
-    assert kd3.mdcl_loss(z, zh, 0.3, positive_in_denominator=True).item() == pytest.approx(sum(code) / 4, rel=1e-5)
+    assert kd3.mdcl_loss(z, zh, 0.3, positive_in_denominator=True).item() == pytest.approx(
+        sum(code) / 4, rel=1e-5
+    )
     # two identical pairs: the j != i denominator holds one term, so the loss is exactly
     # -(1/tau) + sim(z_0, z^_1)/tau per instance, here with orthogonal vectors: -1/tau
     e = torch.eye(2)
@@ -706,19 +847,33 @@ def test_projection_head_unit_norm():
 
 ## Training pieces ##
 
+
 def _args(**kw):
     """kd3's parsed defaults (the paper's values) with 10 epochs and any overrides."""
-    args = kd3.resolve_settings(kd3.build_parser().parse_args(["--dataset", "synthetic", "--epochs", "10"]))
+    args = kd3.resolve_settings(
+        kd3.build_parser().parse_args(["--dataset", "synthetic", "--epochs", "10"])
+    )
     return argparse.Namespace(**{**vars(args), **kw})
 
 
 def _kd3_step(student, teacher, x, args, lr=0.1):
     """One kd3.train_step of `student` (and fresh projection heads) on x; returns its terms (+ the networks)."""
     nets = kd3.KD3Networks(student, teacher.feat_dim, args.proj_dim, with_heads=not args.no_mdcl)
-    opt = torch.optim.SGD([p for p in nets.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=5e-4)
-    terms = kd3.train_step(nets, teacher, x, opt, tau=args.tau, alpha=args.alpha,
-                           mix_delta=args.mix_delta, mdcl=not args.no_mdcl,
-                           cls_share=args.no_cls_share or "shared", kd_t=args.kd_t)
+    opt = torch.optim.SGD(
+        [p for p in nets.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=5e-4
+    )
+    terms = kd3.train_step(
+        nets,
+        teacher,
+        x,
+        opt,
+        tau=args.tau,
+        alpha=args.alpha,
+        mix_delta=args.mix_delta,
+        mdcl=not args.no_mdcl,
+        cls_share=args.no_cls_share or "shared",
+        kd_t=args.kd_t,
+    )
     terms["networks"] = nets
     return terms
 
@@ -736,32 +891,40 @@ def test_classifier_sharing_keeps_teacher_classifier_fixed():
     teacher_state = {k: v.clone() for k, v in t.state_dict().items()}
     model = kd3.SharedClassifierStudent(models.build_model("lenet5_half", 10, 1), t.classifier)
     assert isinstance(model.connector, torch.nn.Linear)  # 42-d -> 84-d
-    assert model.classifier is not t.classifier and torch.equal(model.classifier.weight, t.classifier.weight)
+    assert model.classifier is not t.classifier and torch.equal(
+        model.classifier.weight, t.classifier.weight
+    )
     assert not any(p.requires_grad for p in model.classifier.parameters())
     classifier_before = model.classifier.weight.clone()
     backbone_before = model.backbone.body[0].weight.clone()
     nets = kd3.KD3Networks(model, t.feat_dim, 128)
     head_t_before = nets.head_t.linear.weight.clone()
-    opt = torch.optim.SGD([p for p in nets.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(
+        [p for p in nets.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=5e-4
+    )
     x = torch.randn(8, 1, 32, 32)
     terms = kd3.train_step(nets, t, x, opt, tau=0.3, alpha=0.01, mix_delta=0.1)
     assert set(terms) >= {"wfa", "mdcl_s", "mdcl_t"} and torch.isfinite(terms["wfa"])
     for k, v in t.state_dict().items():
         assert torch.equal(v, teacher_state[k]), k
-    assert torch.equal(model.classifier.weight, classifier_before)          # g_T stays the teacher's
+    assert torch.equal(model.classifier.weight, classifier_before)  # g_T stays the teacher's
     assert not torch.equal(model.backbone.body[0].weight, backbone_before)  # phi_S is trained
-    assert not torch.equal(nets.head_t.linear.weight, head_t_before)       # L^T_mdcl trains the teacher's head
+    assert not torch.equal(
+        nets.head_t.linear.weight, head_t_before
+    )  # L^T_mdcl trains the teacher's head
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         expected = model(x)
-        assert torch.allclose(model.folded()(x), expected, atol=1e-5)       # standalone saved student
+        assert torch.allclose(model.folded()(x), expected, atol=1e-5)  # standalone saved student
 
 
 def test_no_cls_share_trains_own_classifier():
     t = _frozen_teacher()
     args = _args(no_cls_share="soft", no_mdcl=True)
     model = kd3.build_student(args, t, data.DATASETS["fashionmnist"])
-    assert model.classifier.weight.requires_grad and not torch.equal(model.classifier.weight, t.classifier.weight)
+    assert model.classifier.weight.requires_grad and not torch.equal(
+        model.classifier.weight, t.classifier.weight
+    )
     before = model.classifier.weight.clone()
     terms = _kd3_step(model, t, torch.randn(6, 1, 32, 32), args)
     assert "cls" in terms and "mdcl_s" not in terms and terms["networks"].head_s is None
@@ -774,35 +937,65 @@ def test_random_selection_takes_as_many_as_combined():
     model = kd3.SharedClassifierStudent(models.build_model("lenet5_half", 10, 1), t.classifier)
     web = torch.randint(0, 256, (300, 1, 32, 32), dtype=torch.uint8)
     meta = data.DATASETS["fashionmnist"]
-    p_t = torch.distributions.Dirichlet(torch.full((10,), 0.2)).sample((300,))  # peaked teacher probabilities
+    p_t = torch.distributions.Dirichlet(torch.full((10,), 0.2)).sample(
+        (300,)
+    )  # peaked teacher probabilities
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     hp = dict(total_epochs=10, v_th=0.95)
     _, idx_c, _ = kd3.select_web_instances(1, p_t, model, web, meta, gen(), **hp)
-    alpha, idx_r, _ = kd3.select_web_instances(1, p_t, model, web, meta, gen(), **hp,
-                                               selection="random")
+    alpha, idx_r, _ = kd3.select_web_instances(
+        1, p_t, model, web, meta, gen(), **hp, selection="random"
+    )
     assert alpha == pytest.approx(math.exp(-5 * (1 / 5 - 1) ** 2))
-    assert 0 < len(idx_c) < 300 and len(idx_r) == len(idx_c) and not torch.equal(idx_r.sort()[0], idx_c)
-    alpha_t, idx_t, _ = kd3.select_web_instances(3, p_t, model, web, meta, gen(), **hp,
-                                                 selection="teacher")
+    assert (
+        0 < len(idx_c) < 300
+        and len(idx_r) == len(idx_c)
+        and not torch.equal(idx_r.sort()[0], idx_c)
+    )
+    alpha_t, idx_t, _ = kd3.select_web_instances(
+        3, p_t, model, web, meta, gen(), **hp, selection="teacher"
+    )
     conf, pred = p_t.max(1)
     counts = [int((pred == k).sum()) for k in range(10)]
-    keep = [i for i in range(300) if conf[i] > counts[pred[i]] / max(counts) * 0.95]  # Eq. (8) on N_T alone
+    keep = [
+        i for i in range(300) if conf[i] > counts[pred[i]] / max(counts) * 0.95
+    ]  # Eq. (8) on N_T alone
     assert alpha_t == 0.0 and idx_t.tolist() == keep
 
 
 ## CLI ##
 
+
 def test_cli_smoke_synthetic(synthetic_teacher, tmp_path):
-    out = run_cli(["kd3.py", "--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
-                   "--web", "shifted:synthetic:600,noise-uniform:200", "--epochs", "3"], cwd=tmp_path)
+    out = run_cli(
+        [
+            "kd3.py",
+            "--dataset",
+            "synthetic",
+            "--teacher",
+            synthetic_teacher,
+            "--device",
+            "cpu",
+            "--web",
+            "shifted:synthetic:600,noise-uniform:200",
+            "--epochs",
+            "3",
+        ],
+        cwd=tmp_path,
+    )
     assert "RESULT method=kd3 dataset=synthetic" in out
     res = read_results(tmp_path)
     assert res["teacher_acc"] > 60 and res["web_size"] == 800
-    assert res["student_acc"] == student_acc_recomputed(res, tmp_path)  # the reported number is the saved student's
+    assert res["student_acc"] == student_acc_recomputed(
+        res, tmp_path
+    )  # the reported number is the saved student's
     run = os.path.join(tmp_path, "runs", sorted(os.listdir(tmp_path / "runs"))[-1])
     lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert len(lines) == 3 and lines[0]["selected"] > 0
-    assert all(sum(r["selected_per_class"]) == r["selected"] == sum(r["selected_per_source"]) for r in lines)
+    assert all(
+        sum(r["selected_per_class"]) == r["selected"] == sum(r["selected_per_source"])
+        for r in lines
+    )
     assert {"alpha_t", "test_acc", "images_per_s"} <= set(lines[0]) and "wfa" in lines[0]
     assert os.path.isfile(os.path.join(run, "epoch1-selected.png"))
     student, ckpt = models.load_checkpoint(os.path.join(run, "student.pt"))
@@ -810,13 +1003,35 @@ def test_cli_smoke_synthetic(synthetic_teacher, tmp_path):
 
 
 def test_cli_ablations_change_what_they_say(synthetic_teacher, tmp_path):
-    common = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu", "--web",
-              "shifted:synthetic:300,noise-uniform:100", "--epochs", "1", "--runs-dir", str(tmp_path / "runs")]
+    common = [
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        synthetic_teacher,
+        "--device",
+        "cpu",
+        "--web",
+        "shifted:synthetic:300,noise-uniform:100",
+        "--epochs",
+        "1",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
     kd3.main(common + ["--threshold", "flexmatch"])
     full = read_results(tmp_path)
-    ablated = ["--threshold", "flexmatch", "--no-cls-share", "onehot", "--no-md", "--contrastive", "ntxent"]
+    ablated = [
+        "--threshold",
+        "flexmatch",
+        "--no-cls-share",
+        "onehot",
+        "--no-md",
+        "--contrastive",
+        "ntxent",
+    ]
     kd3.main(common + ablated)
-    combined = read_results(tmp_path)  # run folders sort by variant name: "no-cls-share-..." after "flexmatch-..."
+    combined = read_results(
+        tmp_path
+    )  # run folders sort by variant name: "no-cls-share-..." after "flexmatch-..."
     kd3.main(common + ablated + ["--selection", "random"])
     ablation = read_results(tmp_path)  # "random-..." last
     assert combined["variant"] == "no-cls-share-onehot-no-md-flexmatch-ntxent"
@@ -829,37 +1044,78 @@ def test_cli_ablations_change_what_they_say(synthetic_teacher, tmp_path):
     run = os.path.dirname(os.path.join(tmp_path, ablation["student_checkpoint"]))
     record = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))][0]
     assert record["cls"] > 0 and "mdcl_s" in record
-    teacher_classifier = torch.load(synthetic_teacher, weights_only=True)["state_dict"]["classifier.weight"]
-    shared = torch.load(os.path.join(tmp_path, full["student_checkpoint"]), weights_only=True)["state_dict"]
-    own = torch.load(os.path.join(tmp_path, ablation["student_checkpoint"]), weights_only=True)["state_dict"]
+    teacher_classifier = torch.load(synthetic_teacher, weights_only=True)["state_dict"][
+        "classifier.weight"
+    ]
+    shared = torch.load(os.path.join(tmp_path, full["student_checkpoint"]), weights_only=True)[
+        "state_dict"
+    ]
+    own = torch.load(os.path.join(tmp_path, ablation["student_checkpoint"]), weights_only=True)[
+        "state_dict"
+    ]
     # the saved (folded) classifier is g_T o connector for KD3 and the trained head o connector for the ablation
     assert shared["classifier.weight"].shape == own["classifier.weight"].shape == (10, 42)
     assert not torch.allclose(own["classifier.weight"], shared["classifier.weight"], atol=1e-3)
     assert teacher_classifier.shape == (10, 84)
 
 
-def test_empty_selection_at_alpha_one_stops_with_a_clear_error(synthetic_teacher, tmp_path, monkeypatch):
+def test_empty_selection_at_alpha_one_stops_with_a_clear_error(
+    synthetic_teacher, tmp_path, monkeypatch
+):
     # epochs 1-2 (alpha < 1) select nothing and go on; epoch 3 has alpha(2, 4) = 1: the selection can never change
     # again (the student gets no update), so the run stops there, marked in results.json, instead of "finishing"
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(kd3, "select_instances", lambda c, v, rule="paper": (torch.zeros(len(c), dtype=torch.bool),
-                                                                               c.argmax(1)))
+    monkeypatch.setattr(
+        kd3,
+        "select_instances",
+        lambda c, v, rule="paper": (torch.zeros(len(c), dtype=torch.bool), c.argmax(1)),
+    )
     with pytest.raises(SystemExit, match="error: no web image was selected at epoch 3 with alpha"):
-        kd3.main(["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu", "--web",
-                  "noise-uniform:100", "--epochs", "4"])
+        kd3.main(
+            [
+                "--dataset",
+                "synthetic",
+                "--teacher",
+                synthetic_teacher,
+                "--device",
+                "cpu",
+                "--web",
+                "noise-uniform:100",
+                "--epochs",
+                "4",
+            ]
+        )
     res = read_results(tmp_path)
-    assert res["selected"] == 0 and res["epochs_trained"] == 3 and res["stopped_early"].startswith("no web image")
+    assert (
+        res["selected"] == 0
+        and res["epochs_trained"] == 3
+        and res["stopped_early"].startswith("no web image")
+    )
 
 
 def test_channel_mismatch_is_a_clear_error_before_training(synthetic_teacher, tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "kd3.py"), "--dataset", "fashionmnist", "--teacher",
-                           synthetic_teacher, "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "kd3.py"),
+            "--dataset",
+            "fashionmnist",
+            "--teacher",
+            synthetic_teacher,
+            "--device",
+            "cpu",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "error:" in proc.stderr and "channels" in proc.stderr
     assert not os.path.exists(tmp_path / "runs")
 
 
 #### hidfd.py ####
 # Every expected value is an independent hand computation (plain Python loops and math) on tiny tensors.
+
 
 def log_softmax_row(row, k):
     m = max(row)
@@ -872,40 +1128,70 @@ def norm(a, b):
 
 ## Eq. (1): ADCGAN losses ##
 
+
 def adc_inputs():
     torch.manual_seed(0)
     c = 3
-    return (torch.randn(4), torch.randn(4), torch.randn(4, 2 * c), torch.randn(4, 2 * c),
-            torch.tensor([0, 2, 1, 2]), torch.tensor([1, 1, 0, 2]))
+    return (
+        torch.randn(4),
+        torch.randn(4),
+        torch.randn(4, 2 * c),
+        torch.randn(4, 2 * c),
+        torch.tensor([0, 2, 1, 2]),
+        torch.tensor([1, 1, 0, 2]),
+    )
 
 
 def test_adc_discriminator_loss_standard_and_hinge():
     adv_r, adv_f, cls_r, cls_f, y_r, y_f = adc_inputs()
     sigmoid = lambda a: 1 / (1 + math.exp(-a))  # noqa: E731
     # maximise L_d = E_P log N_D(x) + E_Q log(1 - N_D(x))  ->  minimise -L_d
-    adv = -sum(math.log(sigmoid(a)) for a in adv_r.tolist()) / 4 - sum(math.log(1 - sigmoid(a)) for a in adv_f.tolist()) / 4
+    adv = (
+        -sum(math.log(sigmoid(a)) for a in adv_r.tolist()) / 4
+        - sum(math.log(1 - sigmoid(a)) for a in adv_f.tolist()) / 4
+    )
     # maximise E_P log Psi(y+|x) + E_Q log Psi(y-|x): "fake" classes are columns C..2C-1
-    cls = (-sum(log_softmax_row(row, y) for row, y in zip(cls_r.tolist(), y_r.tolist())) / 4
-           - sum(log_softmax_row(row, y + 3) for row, y in zip(cls_f.tolist(), y_f.tolist())) / 4)
+    cls = (
+        -sum(log_softmax_row(row, y) for row, y in zip(cls_r.tolist(), y_r.tolist())) / 4
+        - sum(log_softmax_row(row, y + 3) for row, y in zip(cls_f.tolist(), y_f.tolist())) / 4
+    )
     got_adv, got_cls = hidfd.adc_discriminator_loss(adv_r, adv_f, cls_r, cls_f, y_r, y_f)
-    assert got_adv.item() == pytest.approx(adv, rel=1e-5) and got_cls.item() == pytest.approx(cls, rel=1e-5)
-    hinge = sum(max(0, 1 - a) for a in adv_r.tolist()) / 4 + sum(max(0, 1 + a) for a in adv_f.tolist()) / 4
-    got_adv, got_cls = hidfd.adc_discriminator_loss(adv_r, adv_f, cls_r, cls_f, y_r, y_f, gan_loss="hinge")
-    assert got_adv.item() == pytest.approx(hinge, rel=1e-5) and got_cls.item() == pytest.approx(cls, rel=1e-5)
+    assert got_adv.item() == pytest.approx(adv, rel=1e-5) and got_cls.item() == pytest.approx(
+        cls, rel=1e-5
+    )
+    hinge = (
+        sum(max(0, 1 - a) for a in adv_r.tolist()) / 4
+        + sum(max(0, 1 + a) for a in adv_f.tolist()) / 4
+    )
+    got_adv, got_cls = hidfd.adc_discriminator_loss(
+        adv_r, adv_f, cls_r, cls_f, y_r, y_f, gan_loss="hinge"
+    )
+    assert got_adv.item() == pytest.approx(hinge, rel=1e-5) and got_cls.item() == pytest.approx(
+        cls, rel=1e-5
+    )
 
 
 def test_adc_generator_loss_standard_and_hinge():
     _, adv_f, _, cls_f, _, y_f = adc_inputs()
     non_saturating = sum(-math.log(1 / (1 + math.exp(-a))) for a in adv_f.tolist()) / 4
     # -E_Q log Psi(y+|x) + E_Q log Psi(y-|x)
-    cls = sum(-log_softmax_row(row, y) + log_softmax_row(row, y + 3) for row, y in zip(cls_f.tolist(), y_f.tolist())) / 4
+    cls = (
+        sum(
+            -log_softmax_row(row, y) + log_softmax_row(row, y + 3)
+            for row, y in zip(cls_f.tolist(), y_f.tolist())
+        )
+        / 4
+    )
     got_adv, got_cls = hidfd.adc_generator_loss(adv_f, cls_f, y_f)
-    assert got_adv.item() == pytest.approx(non_saturating, rel=1e-5) and got_cls.item() == pytest.approx(cls, rel=1e-5)
+    assert got_adv.item() == pytest.approx(
+        non_saturating, rel=1e-5
+    ) and got_cls.item() == pytest.approx(cls, rel=1e-5)
     got_adv, _ = hidfd.adc_generator_loss(adv_f, cls_f, y_f, gan_loss="hinge")
     assert got_adv.item() == pytest.approx(-sum(adv_f.tolist()) / 4, rel=1e-5)
 
 
 ## Eqs. (8), (9), (14): feature distances ##
+
 
 def feature_inputs():
     torch.manual_seed(1)
@@ -914,11 +1200,17 @@ def feature_inputs():
 
 def test_blend_indicator_eq8_both_readings():
     p = torch.tensor([0.8, 0.5, 0.7])
-    assert hidfd.blend_indicator(p, 0.7).tolist() == [1.0, 0.0, 0.0]                    # I(p > q), as printed
-    assert hidfd.blend_indicator(p, 0.7, reading="text").tolist() == [0.0, 1.0, 0.0]    # "with a probability of q"
+    assert hidfd.blend_indicator(p, 0.7).tolist() == [1.0, 0.0, 0.0]  # I(p > q), as printed
+    assert hidfd.blend_indicator(p, 0.7, reading="text").tolist() == [
+        0.0,
+        1.0,
+        0.0,
+    ]  # "with a probability of q"
     u = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
     assert hidfd.blend_indicator(u, 0.7).mean().item() == pytest.approx(0.3, abs=0.01)
-    assert hidfd.blend_indicator(u, 0.7, reading="text").mean().item() == pytest.approx(0.7, abs=0.01)
+    assert hidfd.blend_indicator(u, 0.7, reading="text").mean().item() == pytest.approx(
+        0.7, abs=0.01
+    )
 
 
 def test_blend_and_trans_losses_by_hand():
@@ -932,20 +1224,32 @@ def test_blend_and_trans_losses_by_hand():
 
 def test_align_loss_by_hand():
     s, t = [[3.0, 4.0], [1.0, 1.0]], [[0.0, 0.0], [1.0, 2.0]]
-    assert hidfd.align_loss(torch.tensor(s), torch.tensor(t)).item() == pytest.approx((5.0 + 1.0) / 2)
+    assert hidfd.align_loss(torch.tensor(s), torch.tensor(t)).item() == pytest.approx(
+        (5.0 + 1.0) / 2
+    )
 
 
 ## Eqs. (10)-(12): class-frequency smoothing ##
 
+
 def test_class_frequency_ema_sequence():
     n = torch.tensor([10.0, 10.0, 10.0])
     counts = [torch.tensor([4, 16, 10]), torch.tensor([0, 20, 10]), torch.tensor([30, 0, 0])]
-    expected = [[7.0, 13.0, 10.0], [3.5, 16.5, 10.0], [16.75, 8.25, 5.0]]  # n = 0.5 n + 0.5 counts, by hand
+    expected = [
+        [7.0, 13.0, 10.0],
+        [3.5, 16.5, 10.0],
+        [16.75, 8.25, 5.0],
+    ]  # n = 0.5 n + 0.5 counts, by hand
     for c, e in zip(counts, expected):
         n = hidfd.update_class_frequency(n, c, gamma=0.5)
         assert n.tolist() == pytest.approx(e)
-    assert hidfd.update_class_frequency(torch.tensor([8.0]), torch.tensor([0]), gamma=0.25).item() == 6.0
-    assert hidfd.update_class_frequency(torch.tensor([8.0]), torch.tensor([2])).item() == 5.0  # default gamma 0.5
+    assert (
+        hidfd.update_class_frequency(torch.tensor([8.0]), torch.tensor([0]), gamma=0.25).item()
+        == 6.0
+    )
+    assert (
+        hidfd.update_class_frequency(torch.tensor([8.0]), torch.tensor([2])).item() == 5.0
+    )  # default gamma 0.5
 
 
 def test_reg_loss_by_hand():
@@ -955,14 +1259,19 @@ def test_reg_loss_by_hand():
     p_t = [(probs[0][c] + probs[1][c]) / 2 for c in range(3)]
     n_hat = [f / sum(freq) for f in freq]
     expected = sum(p_t[c] * math.log(p_t[c]) / n_hat[c] for c in range(3))
-    assert hidfd.reg_loss(torch.tensor(logits), torch.tensor(freq)).item() == pytest.approx(expected, rel=1e-5)
+    assert hidfd.reg_loss(torch.tensor(logits), torch.tensor(freq)).item() == pytest.approx(
+        expected, rel=1e-5
+    )
     # a class with vanished frequency gets the floored share min_share / C = 0.1 / 3 instead of an infinite weight
     floored = [0.1 / 3, 0.5, 0.5]  # n_hat of [0, 1, 1]: 0 -> floor, the others 1/2
     expected = sum(p_t[c] * math.log(p_t[c]) / floored[c] for c in range(3))
-    assert hidfd.reg_loss(torch.tensor(logits), torch.tensor([0.0, 1.0, 1.0])).item() == pytest.approx(expected, rel=1e-5)
+    assert hidfd.reg_loss(
+        torch.tensor(logits), torch.tensor([0.0, 1.0, 1.0])
+    ).item() == pytest.approx(expected, rel=1e-5)
     # the normalised weights 1/(C nhat) give the same loss divided by C
-    assert hidfd.reg_loss(torch.tensor(logits), torch.tensor([0.0, 1.0, 1.0]), weights="normalised").item() == \
-        pytest.approx(expected / 3, rel=1e-5)
+    assert hidfd.reg_loss(
+        torch.tensor(logits), torch.tensor([0.0, 1.0, 1.0]), weights="normalised"
+    ).item() == pytest.approx(expected / 3, rel=1e-5)
 
 
 def test_reg_loss_favours_rare_classes():
@@ -970,7 +1279,9 @@ def test_reg_loss_favours_rare_classes():
     logits = torch.zeros(4, 3, requires_grad=True)
     hidfd.reg_loss(logits, torch.tensor([10.0, 10.0, 1.0])).backward()
     grad = logits.grad.sum(0)
-    assert grad[2] < grad[0] and grad[2] < grad[1]  # gradient descent increases the rare class's logit
+    assert (
+        grad[2] < grad[0] and grad[2] < grad[1]
+    )  # gradient descent increases the rare class's logit
 
 
 def test_inflation_factor():
@@ -981,6 +1292,7 @@ def test_inflation_factor():
 
 
 ## Gradient flow ##
+
 
 def test_feature_integration_trains_the_discriminator_not_the_generator():
     torch.manual_seed(0)
@@ -1010,15 +1322,22 @@ def test_generator_step_conditions_on_the_labels_it_scores():
     G = hidfd.Generator(10, 1, 32, z_dim=8, width=4)
     D = hidfd.Discriminator(10, 1, 32, teacher.feat_dim, width=4)
     noise = torch.Generator().manual_seed(3)
-    _, y = hidfd.sample_noise_and_labels(6, 10, 8, torch.Generator().manual_seed(3))  # the draws the step makes
+    _, y = hidfd.sample_noise_and_labels(
+        6, 10, 8, torch.Generator().manual_seed(3)
+    )  # the draws the step makes
     freq = hidfd.ClassFrequency(10, 6, 0.5)
     opt = torch.optim.SGD(G.parameters(), lr=0.0)
     terms = hidfd.generator_step(G, D, gan_teacher, freq, opt, 6, noise, z_dim=8, lambda_g=0.1)
-    rows = G.norms[0].gain.weight.grad.abs().sum(1)                                   # (10,) per class
+    rows = G.norms[0].gain.weight.grad.abs().sum(1)  # (10,) per class
     sampled = set(y.tolist())
-    assert len(sampled) > 1 and all(rows[c] > 0 for c in sampled) and all(rows[c] == 0 for c in set(range(10)) - sampled)
-    assert terms["teacher_hist"].sum() == 6 and torch.equal(freq.n, 0.5 * torch.full((10,), 0.6) + 0.5 *
-                                                            terms["teacher_hist"].float())  # Eq. (10) on these counts
+    assert (
+        len(sampled) > 1
+        and all(rows[c] > 0 for c in sampled)
+        and all(rows[c] == 0 for c in set(range(10)) - sampled)
+    )
+    assert terms["teacher_hist"].sum() == 6 and torch.equal(
+        freq.n, 0.5 * torch.full((10,), 0.6) + 0.5 * terms["teacher_hist"].float()
+    )  # Eq. (10) on these counts
 
 
 def test_reg_loss_trains_the_generator_through_the_frozen_teacher():
@@ -1033,6 +1352,7 @@ def test_reg_loss_trains_the_generator_through_the_frozen_teacher():
 
 
 ## Networks ##
+
 
 @pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("channels", [1, 3])
@@ -1049,7 +1369,9 @@ def test_network_shapes(size, channels):
 def test_shared_classifier_and_folded_student_agree():
     torch.manual_seed(0)
     teacher = hidfd.models.build_model("lenet5", 10, 1).eval().requires_grad_(False)
-    model = hidfd.SharedClassifierStudent(hidfd.models.build_model("lenet5_half", 10, 1), teacher.classifier).eval()
+    model = hidfd.SharedClassifierStudent(
+        hidfd.models.build_model("lenet5_half", 10, 1), teacher.classifier
+    ).eval()
     assert model.connector.in_features == 42 and model.connector.out_features == 84
     assert not any(p.requires_grad for p in model.classifier.parameters())
     assert torch.equal(model.classifier.weight, teacher.classifier.weight)
@@ -1062,14 +1384,31 @@ def test_shared_classifier_and_folded_student_agree():
 
 ## CLI ##
 
+
 def test_cli_heterogeneous_pair_kd3_and_hidfd(synthetic_teacher, tmp_path):
     # LeNet-5 teacher (84-d features) -> ShuffleNetV2 student (1024-d): both CLIs train through the connector
     # and save a standalone student whose folded classifier reproduces the wrapped model's logits.
-    common = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--student-arch", "shufflenetv2",
-              "--device", "cpu", "--epochs", "1", "--batch-size", "32", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    common = [
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        synthetic_teacher,
+        "--student-arch",
+        "shufflenetv2",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
     runs = {}
-    for method, extra in (("kd3", ["--web", "shifted:synthetic:100"]),
-                          ("hidfd", ["--rho", "0.02", "--n-synthetic", "100", "--gan-epochs", "1"])):
+    for method, extra in (
+        ("kd3", ["--web", "shifted:synthetic:100"]),
+        ("hidfd", ["--rho", "0.02", "--n-synthetic", "100", "--gan-epochs", "1"]),
+    ):
         out = run_cli([f"{method}.py"] + common + extra, cwd=tmp_path)
         assert f"RESULT method={method} dataset=synthetic" in out
         run_dir = out.split("run folder: ")[1].split("\n")[0]
@@ -1077,25 +1416,52 @@ def test_cli_heterogeneous_pair_kd3_and_hidfd(synthetic_teacher, tmp_path):
             runs[method] = json.load(f)
     assert runs["kd3"]["selected"] > 0 and runs["hidfd"]["hybrid_size"] == 200
     for res in runs.values():
-        student, ckpt = models.load_checkpoint(str(tmp_path / res["student_checkpoint"]))  # relative to cwd
-        assert ckpt["arch"] == "shufflenetv2" and student.feat_dim == 1024 and ckpt["acc"] == res["student_acc"]
+        student, ckpt = models.load_checkpoint(
+            str(tmp_path / res["student_checkpoint"])
+        )  # relative to cwd
+        assert (
+            ckpt["arch"] == "shufflenetv2"
+            and student.feat_dim == 1024
+            and ckpt["acc"] == res["student_acc"]
+        )
 
 
 def test_cli_two_stages_and_collected_only(synthetic_teacher, tmp_path):
-    common = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
-              "--checkpoint-dir", str(tmp_path / "ckpt")]
+    common = [
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        synthetic_teacher,
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+    ]
     out = run_cli(["hidfd.py", "--stage", "gan"] + common, cwd=tmp_path)
     generator = tmp_path / "ckpt" / "hidfd-generator-synthetic-lenet5-seed0.pt"
     assert generator.is_file() and "stage gan" in out
     gan = read_results(tmp_path)
     run_dir = tmp_path / "runs" / sorted(os.listdir(tmp_path / "runs"))[-1]
-    assert gan["student_acc"] is None and gan["gan_epochs"] == 2 and sum(gan["gan_probe_hist"]) == 1000
+    assert (
+        gan["student_acc"] is None and gan["gan_epochs"] == 2 and sum(gan["gan_probe_hist"]) == 1000
+    )
     assert (run_dir / "samples-gan-epoch002.png").is_file()
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    assert {"d_loss", "g_loss", "blend", "trans", "reg", "teacher_hist", "probe_agree", "d_heldout_acc",
-            "images_per_s"} <= set(records[0])
+    assert {
+        "d_loss",
+        "g_loss",
+        "blend",
+        "trans",
+        "reg",
+        "teacher_hist",
+        "probe_agree",
+        "d_heldout_acc",
+        "images_per_s",
+    } <= set(records[0])
 
-    out = run_cli(["hidfd.py", "--stage", "distill", "--generator", str(generator)] + common, cwd=tmp_path)
+    out = run_cli(
+        ["hidfd.py", "--stage", "distill", "--generator", str(generator)] + common, cwd=tmp_path
+    )
     res = read_results(tmp_path)
     assert "RESULT method=hidfd dataset=synthetic" in out
     assert res["variant"] == "hidfd" and res["n_collected"] == 500 and res["n_synthetic"] == 500
@@ -1104,15 +1470,36 @@ def test_cli_two_stages_and_collected_only(synthetic_teacher, tmp_path):
     assert res["teacher_acc"] > 60
 
     # the collection-only arm in-process (same code path as the CLI, without another interpreter start-up)
-    hidfd.main(["--stage", "distill", "--no-synthetic", "--n-synthetic", "1000", "--runs-dir", str(tmp_path / "runs")]
-               + common)
+    hidfd.main(
+        [
+            "--stage",
+            "distill",
+            "--no-synthetic",
+            "--n-synthetic",
+            "1000",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ]
+        + common
+    )
     base = read_results(tmp_path)
     assert base["variant"] == "collected-only" and base["collected_only_acc"] == base["student_acc"]
-    assert base["n_synthetic"] == 0 and base["inflation_factor"] == 2 and base["hybrid_size"] == 1000
+    assert (
+        base["n_synthetic"] == 0 and base["inflation_factor"] == 2 and base["hybrid_size"] == 1000
+    )
 
     with pytest.raises(SystemExit, match="error: no generator checkpoint"):
-        hidfd.main(["--stage", "distill", "--generator", str(tmp_path / "absent.pt"),
-                    "--runs-dir", str(tmp_path / "runs")] + common)
+        hidfd.main(
+            [
+                "--stage",
+                "distill",
+                "--generator",
+                str(tmp_path / "absent.pt"),
+                "--runs-dir",
+                str(tmp_path / "runs"),
+            ]
+            + common
+        )
 
 
 #### balanced_transfer.py ####
@@ -1120,6 +1507,7 @@ def test_cli_two_stages_and_collected_only(synthetic_teacher, tmp_path):
 # noise statistics.
 
 ## Algorithm 1: balanced_indices ##
+
 
 def algorithm1_by_hand(pred_labels, quota, num_classes):
     """Algorithm 1 as printed, one sample at a time."""
@@ -1140,15 +1528,17 @@ def algorithm1_by_hand(pred_labels, quota, num_classes):
 def test_balanced_indices_keeps_in_order_up_to_quota():
     labels = torch.tensor([2, 2, 0, 2, 1, 0, 0, 2, 1])
     kept = bt.balanced_indices([labels], quota=2, num_classes=3)
-    assert [k.tolist() for k in kept] == [[0, 1, 2, 4, 5, 8]]  # third 2 (pos 3), third 0 (pos 6), pos 7 dropped
+    assert [k.tolist() for k in kept] == [
+        [0, 1, 2, 4, 5, 8]
+    ]  # third 2 (pos 3), third 0 (pos 6), pos 7 dropped
     assert kept[0].dtype == torch.int64
     assert bt.balanced_indices([], quota=2, num_classes=3) == []  # no source, nothing kept
 
 
 def test_balanced_indices_switches_source_and_stops_when_full():
-    d1 = torch.tensor([0, 0, 0, 0, 1])           # class 2 never appears in D_1
-    d2 = torch.tensor([1, 2, 0, 2, 2, 1])        # fills class 1 and 2
-    d3 = torch.tensor([0, 1, 2])                 # not needed: every quota is full after D_2
+    d1 = torch.tensor([0, 0, 0, 0, 1])  # class 2 never appears in D_1
+    d2 = torch.tensor([1, 2, 0, 2, 2, 1])  # fills class 1 and 2
+    d3 = torch.tensor([0, 1, 2])  # not needed: every quota is full after D_2
     kept = bt.balanced_indices([d1, d2, d3], quota=2, num_classes=3)
     assert [k.tolist() for k in kept] == [[0, 1, 4], [0, 1, 3], []]
 
@@ -1165,8 +1555,12 @@ def test_balanced_indices_matches_the_printed_algorithm_on_random_streams():
     for trial in range(20):
         c = int(torch.randint(2, 7, (1,), generator=g))
         probs = torch.rand(c, generator=g) ** 3  # skewed, like a teacher on arbitrary data
-        sources = [torch.multinomial(probs, int(torch.randint(0, 60, (1,), generator=g)), replacement=True,
-                                     generator=g) for _ in range(int(torch.randint(1, 4, (1,), generator=g)))]
+        sources = [
+            torch.multinomial(
+                probs, int(torch.randint(0, 60, (1,), generator=g)), replacement=True, generator=g
+            )
+            for _ in range(int(torch.randint(1, 4, (1,), generator=g)))
+        ]
         quota = int(torch.randint(1, 8, (1,), generator=g))
         expected = algorithm1_by_hand([s.tolist() for s in sources], quota, c)
         assert [k.tolist() for k in bt.balanced_indices(sources, quota, c)] == expected
@@ -1188,8 +1582,13 @@ def test_algorithm1_literal_keeps_what_the_vectorised_versions_keep():
         quota = int(torch.randint(1, 10, (1,), generator=g))
         samples = [[(i, k) for k in range(len(s))] for i, s in enumerate(sources)]  # x_k of D_i
         counts = [0] * c
-        literal = bt.algorithm1_literal(samples, lambda x: int(sources[x[0]][x[1]]), quota, counts,
-                                        torch.Generator().manual_seed(trial))
+        literal = bt.algorithm1_literal(
+            samples,
+            lambda x: int(sources[x[0]][x[1]]),
+            quota,
+            counts,
+            torch.Generator().manual_seed(trial),
+        )
         order_gen = torch.Generator().manual_seed(trial)  # the same random order of line 5
         orders = [torch.randperm(len(s), generator=order_gen) for s in sources]
         vectorised = bt.balanced_indices([s[o] for s, o in zip(sources, orders)], quota, c)
@@ -1208,6 +1607,7 @@ def test_algorithm1_literal_keeps_what_the_vectorised_versions_keep():
 
 ## Eq. (2): kd_loss ##
 
+
 class IndexTeacher(torch.nn.Module):
     """A stand-in teacher for a source whose image i has pixel value i: class = i // per_class (class-ordered)."""
 
@@ -1216,30 +1616,45 @@ class IndexTeacher(torch.nn.Module):
         self.per_class, self.num_classes, self.feat_dim = per_class, num_classes, num_classes
         self.classifier = torch.nn.Identity()
         self.classifier.out_features = num_classes
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # predict() reads the device of the first parameter
+        self.anchor = torch.nn.Parameter(
+            torch.zeros(1)
+        )  # predict() reads the device of the first parameter
 
     def features(self, x):
         index = (x[:, 0, 0, 0] * 0.30 + 0.45) * 255  # synthetic's normalisation undone
-        return F.one_hot((index.round().long() // self.per_class).clamp(max=self.num_classes - 1), self.num_classes).float()
+        return F.one_hot(
+            (index.round().long() // self.per_class).clamp(max=self.num_classes - 1),
+            self.num_classes,
+        ).float()
 
 
 def test_a_finite_source_is_composed_in_a_seeded_random_order(monkeypatch):
     n, per_class, quota = 200, 20, 5  # 10 classes of 20 images stored class by class; N/C = 5
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
-    monkeypatch.setattr(data, "load_source", lambda *a, **k: (images, torch.full((n,), -1), torch.zeros(n, dtype=torch.long)))
-    args = bt.resolve_settings(bt.build_parser().parse_args(["--dataset", "synthetic", "--source", "stored",
-                                                            "--transfer-size", "50", "--seed", "4"]))
+    monkeypatch.setattr(
+        data,
+        "load_source",
+        lambda *a, **k: (images, torch.full((n,), -1), torch.zeros(n, dtype=torch.long)),
+    )
+    args = bt.resolve_settings(
+        bt.build_parser().parse_args(
+            ["--dataset", "synthetic", "--source", "stored", "--transfer-size", "50", "--seed", "4"]
+        )
+    )
     x, labels, report = bt.compose_transfer_set(IndexTeacher(per_class), args, torch.device("cpu"))
     kept = sorted(x[:, 0, 0, 0].tolist())
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(4 + 0)).tolist()  # line 5: random sampling
+    order = torch.randperm(
+        n, generator=torch.Generator().manual_seed(4 + 0)
+    ).tolist()  # line 5: random sampling
     expected, counts = [], [0] * 10
     for i in order:
         if counts[i // per_class] < quota:
             counts[i // per_class] += 1
             expected.append(i)
     assert kept == sorted(expected) and report["histogram"] == [quota] * 10
-    assert kept != [c * per_class + k for c in range(10) for k in range(quota)]  # not the first images of each class
-
+    assert kept != [
+        c * per_class + k for c in range(10) for k in range(quota)
+    ]  # not the first images of each class
 
 
 def test_kd_loss_matches_hand_computation_and_soft_cross_entropy_gradient():
@@ -1253,19 +1668,20 @@ def test_kd_loss_matches_hand_computation_and_soft_cross_entropy_gradient():
         for j in range(3):
             p_t, p_s = math.exp(t[i, j].item() / T) / zt, math.exp(s[i, j].item() / T) / zs
             expected += p_t * (math.log(p_t) - math.log(p_s))
-    expected = expected / 2 * T ** 2
+    expected = expected / 2 * T**2
     loss = bt.kd_loss(s, t, T)
     assert abs(loss.item() - expected) < 1e-5
     loss.backward()
     grad = s.grad.clone()
     s.grad = None
-    soft_ce = -(torch.softmax(t / T, 1) * torch.log_softmax(s / T, 1)).sum(1).mean() * T ** 2
+    soft_ce = -(torch.softmax(t / T, 1) * torch.log_softmax(s / T, 1)).sum(1).mean() * T**2
     soft_ce.backward()
     assert torch.allclose(grad, s.grad, atol=1e-6)
     assert bt.kd_loss(t, t, T).abs().item() < 1e-6
 
 
 ## Noise and augmentation ##
+
 
 def test_random_noise_ranges_and_statistics():
     g = torch.Generator().manual_seed(0)
@@ -1276,21 +1692,28 @@ def test_random_noise_ranges_and_statistics():
     assert gauss.min() >= 0 and gauss.max() <= 1
     assert abs(gauss.mean().item() - 0.5) < 0.005 and abs(gauss.std().item() - 0.1) < 0.005
     low = bt.random_noise(50, (1, 32, 32), "lowfreq", g)
-    assert torch.equal(low, low[:, :, ::4, ::4].repeat_interleave(4, 2).repeat_interleave(4, 3))  # 8x8 blocks
+    assert torch.equal(
+        low, low[:, :, ::4, ::4].repeat_interleave(4, 2).repeat_interleave(4, 3)
+    )  # 8x8 blocks
     bright = bt.random_noise(4000, (1, 8, 8), "brightness", g)
-    assert bright.min() >= 0 and bright.max() <= 1 and abs(bright.mean().item() - 0.25) < 0.01  # E[U]E[U]
+    assert (
+        bright.min() >= 0 and bright.max() <= 1 and abs(bright.mean().item() - 0.25) < 0.01
+    )  # E[U]E[U]
     with pytest.raises(ValueError, match="unknown noise"):
         bt.random_noise(1, (1, 2, 2), "pink", g)
 
 
 #### balanced_transfer.py: the streaming composer, its screen and its cache ####
 
+
 def noise_teacher(seed=0):
     """A LeNet-5 with random weights that calls uniform noise every class, some rarely, like a trained teacher."""
     torch.manual_seed(seed)
     net = models.build_model("lenet5", 10, 1).eval()
     x = bt.draw_noise(4096, (1, 32, 32), "uniform", torch.Generator().manual_seed(seed))
-    with torch.no_grad():  # a classifier over the noise features' spread, its classes from 18% down to 2%
+    with (
+        torch.no_grad()
+    ):  # a classifier over the noise features' spread, its classes from 18% down to 2%
         f = net.features((x.float() / 255 - 0.5) / 0.25)
         w = torch.randn(10, net.feat_dim) / f.std(0).norm() * 4
         net.classifier.weight.copy_(w)
@@ -1298,22 +1721,34 @@ def noise_teacher(seed=0):
     return runtime.prepare_model(net, torch.device("cpu")).eval().requires_grad_(False)
 
 
-def compose_stream(teacher, quota, max_draws, screen=True, batch=512, seed=0, stream=None, balanced=True):
+def compose_stream(
+    teacher, quota, max_draws, screen=True, batch=512, seed=0, stream=None, balanced=True
+):
     gen = torch.Generator().manual_seed(seed)
     stream = stream or bt.NoiseStream(gen, 10)
     labeller = bt.Labeller(teacher, (0.5,), (0.25,), batch, screen=screen)
-    return bt.compose_generated(stream, lambda: bt.draw_noise(batch, (1, 32, 32), "uniform", stream.generator),
-                                labeller, quota, max_draws, balanced)
+    return bt.compose_generated(
+        stream,
+        lambda: bt.draw_noise(batch, (1, 32, 32), "uniform", stream.generator),
+        labeller,
+        quota,
+        max_draws,
+        balanced,
+    )
 
 
 def test_uniform_noise_is_drawn_on_the_256_levels_each_equally_likely():
     x = bt.draw_noise(4000, (1, 8, 8), "uniform", torch.Generator().manual_seed(0))
     assert x.dtype == torch.uint8 and x.shape == (4000, 1, 8, 8)
     counts = torch.bincount(x.flatten().long(), minlength=256).double()
-    assert counts.min() > 0.8 * 1000 and counts.max() < 1.2 * 1000  # 256,000 pixels: 1,000 per level
+    assert (
+        counts.min() > 0.8 * 1000 and counts.max() < 1.2 * 1000
+    )  # 256,000 pixels: 1,000 per level
     gauss = bt.draw_noise(10, (1, 4, 4), "gaussian", torch.Generator().manual_seed(0))
-    assert torch.equal(gauss, bt.to_uint8(bt.random_noise(10, (1, 4, 4), "gaussian",
-                                                          torch.Generator().manual_seed(0))))
+    assert torch.equal(
+        gauss,
+        bt.to_uint8(bt.random_noise(10, (1, 4, 4), "gaussian", torch.Generator().manual_seed(0))),
+    )
 
 
 def test_pairwise_max_pool_equals_max_pool2d_on_even_and_odd_sizes():
@@ -1327,14 +1762,22 @@ def test_screen_candidates_by_hand():
     open_classes = torch.tensor([False, True, False])
     # row 0: class 1 is 0.5 below the top (within the margin 1); row 1: 2.0 below; row 2: class 1 is 1.0 below
     assert bt.screen_candidates(logits, open_classes, 1.0).tolist() == [True, False, True]
-    assert bt.screen_candidates(logits, torch.tensor([True, False, False]), 1.0).tolist() == [True, True, False]
-    assert bt.screen_candidates(logits, torch.zeros(3, dtype=torch.bool), 1.0).tolist() == [False] * 3
+    assert bt.screen_candidates(logits, torch.tensor([True, False, False]), 1.0).tolist() == [
+        True,
+        True,
+        False,
+    ]
+    assert (
+        bt.screen_candidates(logits, torch.zeros(3, dtype=torch.bool), 1.0).tolist() == [False] * 3
+    )
 
 
 def test_the_screen_is_within_half_its_margin_of_the_fp32_teacher():
     teacher = noise_teacher()
     labeller = bt.Labeller(teacher, (0.5,), (0.25,), 1024)
-    assert labeller.folded  # LeNet-5's first convolution has no padding: the normalisation is folded into it
+    assert (
+        labeller.folded
+    )  # LeNet-5's first convolution has no padding: the normalisation is folded into it
     x = bt.draw_noise(2048, (1, 32, 32), "uniform", torch.Generator().manual_seed(1))
     exact = runtime.predict(teacher, x, (0.5,), (0.25,), 1024)
     error = (labeller.screened_logits(x) - exact).abs().max().item()
@@ -1345,8 +1788,12 @@ def test_the_screen_changes_no_kept_image_or_label():
     teacher = noise_teacher()
     plain = compose_stream(teacher, quota=60, max_draws=float("inf"), screen=False, batch=256)
     screened = compose_stream(teacher, quota=60, max_draws=float("inf"), screen=True, batch=256)
-    assert screened.complete and screened.screen["screened"] >= 4 * 256  # most batches went through the screen
-    assert screened.screen["labelled_exactly"] < screened.screen["screened"] / 2  # and it passed few draws on
+    assert (
+        screened.complete and screened.screen["screened"] >= 4 * 256
+    )  # most batches went through the screen
+    assert (
+        screened.screen["labelled_exactly"] < screened.screen["screened"] / 2
+    )  # and it passed few draws on
     assert screened.screen["checked"] > 0 and screened.screen["misses"] == 0
     a, b = plain.state_dict(), screened.state_dict()
     assert a["made"] == b["made"] and torch.equal(a["counts"], b["counts"])
@@ -1359,8 +1806,10 @@ def test_the_screen_changes_no_kept_image_or_label():
 
 def test_the_composer_stops_only_when_every_quota_is_full_or_the_draws_end():
     teacher = noise_teacher()
-    capped = compose_stream(teacher, quota=10 ** 6, max_draws=1000, screen=False)
-    assert capped.made == 1000 and not capped.complete  # the cap ends inside the second batch of 512
+    capped = compose_stream(teacher, quota=10**6, max_draws=1000, screen=False)
+    assert (
+        capped.made == 1000 and not capped.complete
+    )  # the cap ends inside the second batch of 512
     full = compose_stream(teacher, quota=3, max_draws=float("inf"), batch=64)
     counts = full.counts.tolist()
     assert counts == [3] * 10 and full.complete
@@ -1368,7 +1817,10 @@ def test_the_composer_stops_only_when_every_quota_is_full_or_the_draws_end():
     first_full = torch.stack(full.batch_hist).cumsum(0)
     assert int((first_full >= 3).any(1).nonzero()[0]) == 0 and full.made > 64
     # and it stopped at the batch that filled the last class
-    assert full.made == 64 * len(full.batch_hist) and int(full.state_dict()["kept_at"].max()) >= full.made - 64
+    assert (
+        full.made == 64 * len(full.batch_hist)
+        and int(full.state_dict()["kept_at"].max()) >= full.made - 64
+    )
 
 
 def test_a_continued_stream_equals_an_uninterrupted_one_and_prefixes_give_smaller_quotas():
@@ -1385,13 +1837,19 @@ def test_a_continued_stream_equals_an_uninterrupted_one_and_prefixes_give_smalle
     small = compose_stream(teacher, quota=15, max_draws=512 * 30).state_dict()
     images, labels, draws, hist = bt.stream_prefix(whole, quota=15)
     assert torch.equal(images, small["images"]) and torch.equal(labels, small["labels"])
-    if small["counts"].min() >= 15:  # it filled: the prefix ends at the batch where the slower stream ended
+    if (
+        small["counts"].min() >= 15
+    ):  # it filled: the prefix ends at the batch where the slower stream ended
         assert draws == small["made"] and torch.equal(hist, small["batch_hist"].sum(0))
     # fewer draws: the kept images of the first 2 batches, and their histogram
     assert whole["made"] > 512 * 2
     images, labels, draws, hist = bt.stream_prefix(whole, max_draws=512 * 2)
     first2 = compose_stream(teacher, quota=40, max_draws=512 * 2).state_dict()
-    assert draws == 1024 and torch.equal(images, first2["images"]) and torch.equal(hist, first2["batch_hist"].sum(0))
+    assert (
+        draws == 1024
+        and torch.equal(images, first2["images"])
+        and torch.equal(hist, first2["batch_hist"].sum(0))
+    )
 
 
 def test_draws_to_balance_by_hand():
@@ -1410,57 +1868,130 @@ def test_max_draws_flag_reads_numbers_and_full():
 
 
 def test_cli_composition_cache_continues_reuses_and_is_never_replaced(synthetic_teacher, tmp_path):
-    common = ["balanced_transfer.py", "--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
-              "--source", "noise-uniform", "--transfer-size", "200", "--epochs", "1", "--no-augment",
-              "--compose-cache", str(tmp_path / "cache"), "--draw-batch", "256"]
+    common = [
+        "balanced_transfer.py",
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        synthetic_teacher,
+        "--device",
+        "cpu",
+        "--source",
+        "noise-uniform",
+        "--transfer-size",
+        "200",
+        "--epochs",
+        "1",
+        "--no-augment",
+        "--compose-cache",
+        str(tmp_path / "cache"),
+        "--draw-batch",
+        "256",
+    ]
     out = run_cli(common + ["--max-draws", "512"], cwd=tmp_path)
     first = read_results(tmp_path)
     (cache,) = (tmp_path / "cache").iterdir()
-    assert first["draws"] == 512 and "-quota20.pt" in cache.name and first["teacher_sha256"] in cache.name + \
-        first["teacher_sha256"] and cache.name.split("-teacher")[1][:16] == first["teacher_sha256"][:16]
+    assert (
+        first["draws"] == 512
+        and "-quota20.pt" in cache.name
+        and first["teacher_sha256"] in cache.name + first["teacher_sha256"]
+        and cache.name.split("-teacher")[1][:16] == first["teacher_sha256"][:16]
+    )
     out = run_cli(common + ["--max-draws", "1536"], cwd=tmp_path)
     assert "continuing the composition cached in" in out and "from 512 draws" in out
     done = read_results(tmp_path)
     assert done["draws"] == 1536 and sum(done["histogram"]) > sum(first["histogram"])
     saved = cache.read_bytes()
-    out = run_cli(common + ["--max-draws", "1536"], cwd=tmp_path)  # drawn already: read, not drawn again
+    out = run_cli(
+        common + ["--max-draws", "1536"], cwd=tmp_path
+    )  # drawn already: read, not drawn again
     again = read_results(tmp_path)
     assert "read from the composition cache" in out and cache.read_bytes() == saved
     assert again["histogram"] == done["histogram"] and again["draws"] == done["draws"]
     cache.write_bytes(b"not a torch file")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "balanced_transfer.py")] + common[1:] +
-                          ["--max-draws", "1536"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: the composition cache") \
-        and "delete it" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "balanced_transfer.py")]
+        + common[1:]
+        + ["--max-draws", "1536"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        proc.returncode == 1
+        and proc.stderr.strip().startswith("error: the composition cache")
+        and "delete it" in proc.stderr
+        and len(proc.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_augment_keeps_shape_and_range_and_is_seeded():
     x = torch.rand(256, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     a = bt.augment(x, torch.Generator().manual_seed(5))
     b = bt.augment(x, torch.Generator().manual_seed(5))
-    assert a.shape == x.shape and a.dtype == x.dtype and a.min() >= 0 and a.max() <= 1 and torch.equal(a, b)
+    assert (
+        a.shape == x.shape
+        and a.dtype == x.dtype
+        and a.min() >= 0
+        and a.max() <= 1
+        and torch.equal(a, b)
+    )
     changed = ((a - x).abs().flatten(1).max(1).values > 1e-4).float().mean().item()
     assert 0.9 < changed < 1.0  # every op skipped with probability 0.5 ** 5: ~3% stay unchanged
     only_flip = bt.augment(x, torch.Generator().manual_seed(5), p=0.0)
-    assert torch.allclose(only_flip, x, atol=1e-5)  # p = 0: the identity (up to interpolation rounding)
+    assert torch.allclose(
+        only_flip, x, atol=1e-5
+    )  # p = 0: the identity (up to interpolation rounding)
 
 
 def test_augment_flip_and_salt_pepper_by_hand():
     x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    out = bt.augment(x, torch.Generator().manual_seed(3), p=1.0, max_scale=0.0, max_degrees=0.0, noise_std=0.0,
-                     salt_pepper=0.0)
+    out = bt.augment(
+        x,
+        torch.Generator().manual_seed(3),
+        p=1.0,
+        max_scale=0.0,
+        max_degrees=0.0,
+        noise_std=0.0,
+        salt_pepper=0.0,
+    )
     assert torch.allclose(out, x.flip(3), atol=1e-5)  # scale 1, angle 0, always flipped
-    sp = bt.augment(torch.full((64, 1, 8, 8), 0.5), torch.Generator().manual_seed(3), p=1.0, max_scale=0.0,
-                    max_degrees=0.0, noise_std=0.0, salt_pepper=0.2)
+    sp = bt.augment(
+        torch.full((64, 1, 8, 8), 0.5),
+        torch.Generator().manual_seed(3),
+        p=1.0,
+        max_scale=0.0,
+        max_degrees=0.0,
+        noise_std=0.0,
+        salt_pepper=0.2,
+    )
     values = set(sp.unique().tolist())
     assert values <= {0.0, 0.5, 1.0} and abs((sp != 0.5).float().mean().item() - 0.2) < 0.03
 
 
 ## CLI ##
 
+
 def test_cli_balanced_synthetic(synthetic_teacher, tmp_path):
-    out = run_cli(["balanced_transfer.py", "--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
-                   "--transfer-size", "400", "--max-draws", "2000", "--epochs", "1"], cwd=tmp_path)
+    out = run_cli(
+        [
+            "balanced_transfer.py",
+            "--dataset",
+            "synthetic",
+            "--teacher",
+            synthetic_teacher,
+            "--device",
+            "cpu",
+            "--transfer-size",
+            "400",
+            "--max-draws",
+            "2000",
+            "--epochs",
+            "1",
+        ],
+        cwd=tmp_path,
+    )
     assert "RESULT method=balanced_transfer dataset=synthetic" in out
     res = read_results(tmp_path)
     assert res["source"] == "noise-uniform,shifted:synthetic" and res["balanced"] and res["augment"]
@@ -1472,15 +2003,35 @@ def test_cli_balanced_synthetic(synthetic_teacher, tmp_path):
 
 
 def test_cli_unbalanced_short_source_and_strict(synthetic_teacher, tmp_path):
-    common = ["balanced_transfer.py", "--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
-              "--transfer-size", "200", "--epochs", "1"]
+    common = [
+        "balanced_transfer.py",
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        synthetic_teacher,
+        "--device",
+        "cpu",
+        "--transfer-size",
+        "200",
+        "--epochs",
+        "1",
+    ]
     run_cli(common + ["--unbalanced", "--no-augment", "--source", "noise-uniform"], cwd=tmp_path)
     res = read_results(tmp_path)
     assert res["transfer_size"] == 200 == res["draws"] and res["histogram"] == res["raw_histogram"]
-    out = run_cli(common + ["--source", "synthetic:5"], cwd=tmp_path)  # 5 images cannot cover 10 classes
+    out = run_cli(
+        common + ["--source", "synthetic:5"], cwd=tmp_path
+    )  # 5 images cannot cover 10 classes
     assert "SHORT by 20" in out and read_results(tmp_path)["transfer_size"] == 5
-    proc = subprocess.run([sys.executable, f"{HERE}/balanced_transfer.py"] + common[1:] + ["--source", "synthetic:5",
-                          "--strict"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, f"{HERE}/balanced_transfer.py"]
+        + common[1:]
+        + ["--source", "synthetic:5", "--strict"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "error: --strict 0.0: classes" in proc.stderr
 
 
@@ -1511,6 +2062,7 @@ def interrupt_at(monkeypatch, save_number):
         if len(labels) == save_number:
             raise KeyboardInterrupt
         real_save_state(self, state, label)
+
     monkeypatch.setattr(runtime.RunLog, "save_state", save_state)
 
 
@@ -1520,7 +2072,13 @@ def assert_resume_matches(module, argv, save_number, tmp_path, monkeypatch, caps
     script = module.__name__ + ".py"
 
     def fresh(name):
-        return argv + ["--runs-dir", str(tmp_path / name), "--checkpoint-dir", str(tmp_path / f"{name}-ckpt")]
+        return argv + [
+            "--runs-dir",
+            str(tmp_path / name),
+            "--checkpoint-dir",
+            str(tmp_path / f"{name}-ckpt"),
+        ]
+
     if whole is None:
         module.main(fresh("whole"))
         whole = only_run(tmp_path / "whole")
@@ -1533,7 +2091,9 @@ def assert_resume_matches(module, argv, save_number, tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert stop.value.code == 130 and f"resume with: python {script} --resume {cut}\n" in out
     state = torch.load(os.path.join(cut, "state.pt"), weights_only=True)
-    assert state["metrics_lines"] == save_number - 1 and len(run_records(cut)) == save_number  # one line too many
+    assert (
+        state["metrics_lines"] == save_number - 1 and len(run_records(cut)) == save_number
+    )  # one line too many
     assert f"interrupted: the state after {state['label']} is in {cut}/state.pt" in out
 
     module.main(["--resume", cut])
@@ -1545,8 +2105,9 @@ def assert_resume_matches(module, argv, save_number, tmp_path, monkeypatch, caps
     paths = ("student_checkpoint", "checkpoint", "generator")
     # teacher.py's teacher_sha256: that of the file it wrote, whose stored args name the run's folders
     skip = TIMING_KEYS + paths + (("teacher_sha256",) if module is teacher else ())
-    assert {k: v for k, v in got.items() if k not in skip} == \
-        {k: v for k, v in expected.items() if k not in skip}
+    assert {k: v for k, v in got.items() if k not in skip} == {
+        k: v for k, v in expected.items() if k not in skip
+    }
     for key in paths:
         if key in expected:
             a = torch.load(expected[key], weights_only=True)["state_dict"]
@@ -1561,14 +2122,29 @@ def test_resume_teacher(tmp_path, monkeypatch, capsys):
 
 
 def test_resume_kd3_and_what_resume_refuses(synthetic_teacher, tmp_path, monkeypatch, capsys):
-    argv = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
-            "--web", "shifted:synthetic:300,noise-uniform:100", "--epochs", "3"]
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        synthetic_teacher,
+        "--device",
+        "cpu",
+        "--web",
+        "shifted:synthetic:300,noise-uniform:100",
+        "--epochs",
+        "3",
+    ]
     whole, cut = assert_resume_matches(kd3, argv, 2, tmp_path, monkeypatch, capsys)
-    assert [r["selected"] for r in run_records(whole)][:2] != [0, 0]  # the compared epochs did train
+    assert [r["selected"] for r in run_records(whole)][:2] != [
+        0,
+        0,
+    ]  # the compared epochs did train
     with pytest.raises(SystemExit, match="has finished"):
         kd3.main(["--resume", cut])
     os.remove(os.path.join(cut, "results.json"))
-    with pytest.raises(SystemExit, match=r"contradict the run's config.json: --epochs 5 \(saved: 3\)"):
+    with pytest.raises(
+        SystemExit, match=r"contradict the run's config.json: --epochs 5 \(saved: 3\)"
+    ):
         kd3.main(["--resume", cut, "--epochs", "5"])
     with pytest.raises(SystemExit, match="not written by hidfd.py"):
         hidfd.main(["--resume", cut])
@@ -1580,8 +2156,24 @@ def test_resume_kd3_and_what_resume_refuses(synthetic_teacher, tmp_path, monkeyp
 
 
 def test_resume_hidfd_in_both_stages(synthetic_teacher, tmp_path, monkeypatch, capsys):
-    argv = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu", "--rho", "0.02",
-            "--collected", "shifted:synthetic:200", "--n-synthetic", "200", "--gan-epochs", "2", "--epochs", "2"]
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        synthetic_teacher,
+        "--device",
+        "cpu",
+        "--rho",
+        "0.02",
+        "--collected",
+        "shifted:synthetic:200",
+        "--n-synthetic",
+        "200",
+        "--gan-epochs",
+        "2",
+        "--epochs",
+        "2",
+    ]
     # saves: GAN epochs 1, 2, then distill epochs 1, 2
     whole, cut = assert_resume_matches(hidfd, argv, 2, tmp_path, monkeypatch, capsys)
     assert "resuming after GAN epoch 1/2" in capsys.readouterr().out
@@ -1590,8 +2182,22 @@ def test_resume_hidfd_in_both_stages(synthetic_teacher, tmp_path, monkeypatch, c
 
 
 def test_resume_balanced_transfer(synthetic_teacher, tmp_path, monkeypatch, capsys):
-    argv = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu", "--max-draws", "1000",
-            "--source", "noise-uniform,shifted:synthetic:600", "--transfer-size", "500", "--epochs", "2"]
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        synthetic_teacher,
+        "--device",
+        "cpu",
+        "--max-draws",
+        "1000",
+        "--source",
+        "noise-uniform,shifted:synthetic:600",
+        "--transfer-size",
+        "500",
+        "--epochs",
+        "2",
+    ]
     whole, cut = assert_resume_matches(bt, argv, 2, tmp_path, monkeypatch, capsys)
     assert "transfer set read from" in capsys.readouterr().out
 
@@ -1608,24 +2214,80 @@ def test_rng_state_refuses_another_world_size_or_device():
 
 
 NAN_CASES = {  # script: (extra flags, (module, loss function), term, where it stops, last good state)
-    "teacher": (["--epochs", "2", "--batch-size", "256"], (teacher.F, "cross_entropy"), "cross_entropy",
-                "epoch 2", "epoch 1/2"),
-    "kd3": (["--web", "shifted:synthetic:300", "--epochs", "3"], (kd3, "weighted_feature_alignment"), "wfa",
-            "epoch 2", "epoch 1/3"),
-    "hidfd-gan": (["--stage", "gan", "--rho", "0.02", "--collected", "shifted:synthetic:200", "--gan-epochs", "2"],
-                  (hidfd, "reg_loss"), "reg", "GAN epoch 2", "GAN epoch 1/2"),
-    "hidfd-distill": (["--stage", "distill", "--no-synthetic", "--rho", "0.02", "--collected",
-                       "shifted:synthetic:200", "--epochs", "2"], (hidfd, "align_loss"), "align", "distill epoch 2",
-                      "distill epoch 1/2"),
-    "balanced_transfer": (["--max-draws", "1000", "--source", "noise-uniform", "--transfer-size", "300",
-                           "--epochs", "2"], (bt, "kd_loss"), "kd_loss", "epoch 2", "epoch 1/2"),
+    "teacher": (
+        ["--epochs", "2", "--batch-size", "256"],
+        (teacher.F, "cross_entropy"),
+        "cross_entropy",
+        "epoch 2",
+        "epoch 1/2",
+    ),
+    "kd3": (
+        ["--web", "shifted:synthetic:300", "--epochs", "3"],
+        (kd3, "weighted_feature_alignment"),
+        "wfa",
+        "epoch 2",
+        "epoch 1/3",
+    ),
+    "hidfd-gan": (
+        [
+            "--stage",
+            "gan",
+            "--rho",
+            "0.02",
+            "--collected",
+            "shifted:synthetic:200",
+            "--gan-epochs",
+            "2",
+        ],
+        (hidfd, "reg_loss"),
+        "reg",
+        "GAN epoch 2",
+        "GAN epoch 1/2",
+    ),
+    "hidfd-distill": (
+        [
+            "--stage",
+            "distill",
+            "--no-synthetic",
+            "--rho",
+            "0.02",
+            "--collected",
+            "shifted:synthetic:200",
+            "--epochs",
+            "2",
+        ],
+        (hidfd, "align_loss"),
+        "align",
+        "distill epoch 2",
+        "distill epoch 1/2",
+    ),
+    "balanced_transfer": (
+        [
+            "--max-draws",
+            "1000",
+            "--source",
+            "noise-uniform",
+            "--transfer-size",
+            "300",
+            "--epochs",
+            "2",
+        ],
+        (bt, "kd_loss"),
+        "kd_loss",
+        "epoch 2",
+        "epoch 1/2",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(NAN_CASES))
-def test_non_finite_loss_stops_with_the_last_good_state(case, synthetic_teacher, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_with_the_last_good_state(
+    case, synthetic_teacher, tmp_path, monkeypatch
+):
     flags, (owner, loss_name), term, where, kept = NAN_CASES[case]
-    module = {"teacher": teacher, "kd3": kd3, "hidfd": hidfd, "balanced_transfer": bt}[case.split("-")[0]]
+    module = {"teacher": teacher, "kd3": kd3, "hidfd": hidfd, "balanced_transfer": bt}[
+        case.split("-")[0]
+    ]
     real_loss, real_save_state, saved = getattr(owner, loss_name), runtime.RunLog.save_state, []
 
     def loss_turning_nan(*args, **kwargs):  # NaN from the first batch after the first saved epoch
@@ -1634,13 +2296,18 @@ def test_non_finite_loss_stops_with_the_last_good_state(case, synthetic_teacher,
     def save_state(self, state, label):
         real_save_state(self, state, label)
         saved.append(label)
+
     monkeypatch.setattr(owner, loss_name, loss_turning_nan)
     monkeypatch.setattr(runtime.RunLog, "save_state", save_state)
     runs = tmp_path / "runs"
     common = ["--dataset", "synthetic", "--device", "cpu", "--runs-dir", str(runs)]
     with pytest.raises(SystemExit) as stop:
-        module.main(common + ([] if module is teacher else ["--teacher", synthetic_teacher]) + flags
-                    + ["--checkpoint-dir", str(tmp_path / "ckpt")])
+        module.main(
+            common
+            + ([] if module is teacher else ["--teacher", synthetic_teacher])
+            + flags
+            + ["--checkpoint-dir", str(tmp_path / "ckpt")]
+        )
     message, run = str(stop.value.code), only_run(runs)
     assert message.startswith(f"error: non-finite loss at {where}: ") and f"{term}=nan" in message
     assert f"the last good state ({kept}) is in {run}/state.pt" in message
@@ -1651,45 +2318,95 @@ def test_non_finite_loss_stops_with_the_last_good_state(case, synthetic_teacher,
 def test_check_teacher_names_what_does_not_fit():
     fits = {"num_classes": 10, "in_channels": 3, "image_size": 32}
     teacher.check_teacher(fits, "synthetic")
-    for change, expected in ((dict(num_classes=100), "has 100 classes and 3 input channels"),
-                             (dict(in_channels=1), "has 10 classes and 1 input channels"),
-                             (dict(image_size=64), "trained on 64x64 images, synthetic uses 32x32")):
+    for change, expected in (
+        (dict(num_classes=100), "has 100 classes and 3 input channels"),
+        (dict(in_channels=1), "has 10 classes and 1 input channels"),
+        (dict(image_size=64), "trained on 64x64 images, synthetic uses 32x32"),
+    ):
         with pytest.raises(ValueError, match=expected):
             teacher.check_teacher({**fits, **change}, "synthetic")
 
 
 @pytest.mark.parametrize("module", [kd3, hidfd, bt], ids=["kd3", "hidfd", "balanced_transfer"])
-def test_every_method_rejects_a_mismatched_teacher_before_training(module, synthetic_teacher, tmp_path):
+def test_every_method_rejects_a_mismatched_teacher_before_training(
+    module, synthetic_teacher, tmp_path
+):
     ckpt = torch.load(synthetic_teacher, weights_only=True)
     ckpt["image_size"] = 64
     torch.save(ckpt, tmp_path / "teacher64.pt")
-    with pytest.raises(SystemExit, match="error: teacher .*teacher64.pt was trained on 64x64 images, synthetic uses"):
-        module.main(["--dataset", "synthetic", "--teacher", str(tmp_path / "teacher64.pt"), "--device", "cpu",
-                     "--runs-dir", str(tmp_path / "runs")])
+    with pytest.raises(
+        SystemExit,
+        match="error: teacher .*teacher64.pt was trained on 64x64 images, synthetic uses",
+    ):
+        module.main(
+            [
+                "--dataset",
+                "synthetic",
+                "--teacher",
+                str(tmp_path / "teacher64.pt"),
+                "--device",
+                "cpu",
+                "--runs-dir",
+                str(tmp_path / "runs"),
+            ]
+        )
     assert not os.path.exists(tmp_path / "runs")
 
 
 def test_converted_sources_are_logged_once_each(capsys):
     data.load_source("synthetic:20,noise-uniform:10", "train", "unused", channels=1, size=28)
     lines = [line for line in capsys.readouterr().out.splitlines() if "converted" in line]
-    assert lines == ["source synthetic:20: converted 3x32x32 images to 1x28x28"]  # noise is drawn at 1x28x28
+    assert lines == [
+        "source synthetic:20: converted 3x32x32 images to 1x28x28"
+    ]  # noise is drawn at 1x28x28
     data.load_source("synthetic:20", "train", "unused", channels=3, size=32)
     assert "converted" not in capsys.readouterr().out
 
 
 def test_two_process_gloo_run_selects_like_one_process(synthetic_teacher, tmp_path):
-    argv = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
-            "--web", "shifted:synthetic:300,noise-uniform:100", "--epochs", "2"]
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        synthetic_teacher,
+        "--device",
+        "cpu",
+        "--web",
+        "shifted:synthetic:300,noise-uniform:100",
+        "--epochs",
+        "2",
+    ]
     # both runs in processes of one thread each: another thread count may round the predictions differently,
     # and an image within a rounding error of its class threshold would then flip the comparison below
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, os.path.join(HERE, "kd3.py")] + argv
-                            + ["--runs-dir", str(tmp_path / "one")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    single = subprocess.run(
+        [sys.executable, os.path.join(HERE, "kd3.py")]
+        + argv
+        + ["--runs-dir", str(tmp_path / "one")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(HERE, "kd3.py")] + argv + ["--runs-dir", str(tmp_path / "two")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(HERE, "kd3.py"),
+        ]
+        + argv
+        + ["--runs-dir", str(tmp_path / "two")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("RESULT method=kd3") == 1  # only rank 0 prints
     one, two = run_records(only_run(tmp_path / "one")), run_records(only_run(tmp_path / "two"))
@@ -1698,13 +2415,17 @@ def test_two_process_gloo_run_selects_like_one_process(synthetic_teacher, tmp_pa
     assert two[0]["selected_per_class"] == one[0]["selected_per_class"] and two[0]["selected"] > 0
     state = torch.load(os.path.join(only_run(tmp_path / "two"), "state.pt"), weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["label"] == "epoch 2/2"
-    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank its own draws
+    assert not torch.equal(
+        state["rng"][0]["torch"], state["rng"][1]["torch"]
+    )  # each rank its own draws
 
 
 #### Bad input: one clear line, no run folder, nothing cached lost ####
 
+
 def sha(path):
     import hashlib
+
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
@@ -2149,6 +2870,7 @@ def _wrong_files(tmp, t, synthetic_teacher):
 
 def _png_bytes(array, mode=None):
     import io
+
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -2183,8 +2905,8 @@ def _bt_run(run, t, transfer_set):
 def _bad_inputs(tmp, synthetic_teacher):
     """(module, argv, expected message) per bad input; files the cases need are written under tmp."""
     header = torch.load(synthetic_teacher, weights_only=True)
-    torch.save({**header, "num_classes": 7}, tmp / "seven.pt")                       # header says 7, weights 10
-    torch.save({**header, "dataset": "cifar10"}, tmp / "cifar-teacher.pt")           # same shape, other task
+    torch.save({**header, "num_classes": 7}, tmp / "seven.pt")  # header says 7, weights 10
+    torch.save({**header, "dataset": "cifar10"}, tmp / "cifar-teacher.pt")  # same shape, other task
     (tmp / "web" / "cls").mkdir(parents=True)
     (tmp / "web" / "cls" / "fake.png").write_text("not an image")
     (tmp / "gen.pt").write_bytes(b"\x00corrupt")
@@ -2192,15 +2914,30 @@ def _bad_inputs(tmp, synthetic_teacher):
     keyless = _bad_state(str(tmp / "run-keyless"), {"epoch": 1})
     t = ["--dataset", "synthetic", "--device", "cpu", "--teacher", synthetic_teacher]
     return [
-        (kd3, ["--dataset", "synthetic", "--teacher", str(tmp / "absent.pt")], "--teacher .*absent.pt does not exist"),
-        (kd3, ["--dataset", "synthetic", "--teacher", str(tmp / "seven.pt")], "weights do not fit its header"),
-        (kd3, ["--dataset", "synthetic", "--teacher", str(tmp / "cifar-teacher.pt")],
-         "trained on cifar10, not synthetic"),
+        (
+            kd3,
+            ["--dataset", "synthetic", "--teacher", str(tmp / "absent.pt")],
+            "--teacher .*absent.pt does not exist",
+        ),
+        (
+            kd3,
+            ["--dataset", "synthetic", "--teacher", str(tmp / "seven.pt")],
+            "weights do not fit its header",
+        ),
+        (
+            kd3,
+            ["--dataset", "synthetic", "--teacher", str(tmp / "cifar-teacher.pt")],
+            "trained on cifar10, not synthetic",
+        ),
         (kd3, t + ["--teacher-arch", "resnet18"], "is a lenet5, but --teacher-arch says resnet18"),
         (kd3, t + ["--web", f"folder:{tmp / 'web'}"], "fake.png is not a readable image"),
         (kd3, ["--resume", truncated], "state.pt cannot be read"),
         (kd3, ["--resume", keyless], "not a state.pt written by this project"),
-        (hidfd, t + ["--stage", "distill", "--generator", str(tmp / "gen.pt")], "gen.pt cannot be read"),
+        (
+            hidfd,
+            t + ["--stage", "distill", "--generator", str(tmp / "gen.pt")],
+            "gen.pt cannot be read",
+        ),
         (teacher, ["--dataset", "synthetic", "--batch-size", "0"], "--batch-size must be >= 1"),
         (teacher, ["--dataset", "synthetic", "--batch-size", "-5"], "--batch-size must be >= 1"),
         (teacher, ["--dataset", "synthetic", "--epochs", "0"], "--epochs must be >= 1, got 0 — "),
@@ -2214,19 +2951,54 @@ def _bad_inputs(tmp, synthetic_teacher):
         (hidfd, t + ["--lambda-g", "-0.5"], "--lambda-g must be >= 0, got -0.5 — .* 0.1"),
         (kd3, t + ["--v-th", "1.5"], "--v-th must be in"),
         (bt, t + ["--strict", "2"], "--strict FRACTION must be in"),
-        (bench, ["--device", "cpu", "--quick", "--arch-pair", "lenet5:lenet5_half:mnist", "--image-size", "28"],
-         "--image-size 28: lenet5 cannot take 28x28 inputs"),
-    ] + [case[1:] for case in (_bad_flags(t) + _unwritable_paths(tmp, t)
-                               + _wrong_files(tmp, t, synthetic_teacher))]
+        (
+            bench,
+            [
+                "--device",
+                "cpu",
+                "--quick",
+                "--arch-pair",
+                "lenet5:lenet5_half:mnist",
+                "--image-size",
+                "28",
+            ],
+            "--image-size 28: lenet5 cannot take 28x28 inputs",
+        ),
+    ] + [
+        case[1:]
+        for case in (
+            _bad_flags(t) + _unwritable_paths(tmp, t) + _wrong_files(tmp, t, synthetic_teacher)
+        )
+    ]
 
 
-BAD_INPUT_IDS = ["teacher-missing", "header-vs-weights", "teacher-of-another-dataset", "teacher-arch-contradicts",
-                 "folder-non-image", "resume-truncated", "resume-missing-keys", "generator-corrupt",
-                 "teacher-batch-0", "teacher-batch-negative", "teacher-epochs-0", "kd3-empty-source",
-                 "bt-empty-source", "hidfd-gan-no-synthetic", "hidfd-n-synthetic-0", "hidfd-q", "hidfd-gamma",
-                 "hidfd-lambda-d", "hidfd-lambda-g", "kd3-v-th", "bt-strict-fraction", "bench-image-size-too-small"]
-BAD_INPUT_IDS += [case[0] for case in (_bad_flags([]) + _unwritable_paths(None, [])
-                                        + _wrong_files(None, [], ""))]
+BAD_INPUT_IDS = [
+    "teacher-missing",
+    "header-vs-weights",
+    "teacher-of-another-dataset",
+    "teacher-arch-contradicts",
+    "folder-non-image",
+    "resume-truncated",
+    "resume-missing-keys",
+    "generator-corrupt",
+    "teacher-batch-0",
+    "teacher-batch-negative",
+    "teacher-epochs-0",
+    "kd3-empty-source",
+    "bt-empty-source",
+    "hidfd-gan-no-synthetic",
+    "hidfd-n-synthetic-0",
+    "hidfd-q",
+    "hidfd-gamma",
+    "hidfd-lambda-d",
+    "hidfd-lambda-g",
+    "kd3-v-th",
+    "bt-strict-fraction",
+    "bench-image-size-too-small",
+]
+BAD_INPUT_IDS += [
+    case[0] for case in (_bad_flags([]) + _unwritable_paths(None, []) + _wrong_files(None, [], ""))
+]
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
@@ -2244,40 +3016,82 @@ def test_bad_input_ends_in_one_clear_line(case, synthetic_teacher, tmp_path, mon
 
 
 def test_bad_input_from_the_command_line_has_no_traceback(synthetic_teacher, tmp_path):
-    for argv in (["kd3.py", "--dataset", "synthetic", "--teacher", str(tmp_path / "absent.pt")],
-                 ["teacher.py", "--dataset", "synthetic", "--epochs", "0"]):
-        proc = subprocess.run([sys.executable, os.path.join(HERE, argv[0])] + argv[1:], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    for argv in (
+        ["kd3.py", "--dataset", "synthetic", "--teacher", str(tmp_path / "absent.pt")],
+        ["teacher.py", "--dataset", "synthetic", "--epochs", "0"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, argv[0])] + argv[1:],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (
+            proc.returncode == 1
+            and proc.stderr.count("\n") == 1
+            and proc.stderr.startswith("error: ")
+        )
         assert "Traceback" not in proc.stderr + proc.stdout and not (tmp_path / "runs").exists()
 
 
 def test_download_without_network_says_so_and_leaves_no_empty_folder(tmp_path, monkeypatch):
     import urllib.error
 
-    def offline(name, root):  # what torchvision's downloader does without a network: folders first, then fails
+    def offline(
+        name, root
+    ):  # what torchvision's downloader does without a network: folders first, then fails
         os.makedirs(os.path.join(root, "MNIST", "raw"))
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
     monkeypatch.setattr(data, "_fetch", offline)
     root = tmp_path / "data"
     with pytest.raises(SystemExit) as stop:
-        teacher.main(["--dataset", "mnist", "--download", "--data-root", str(root), "--runs-dir", str(tmp_path / "r")])
+        teacher.main(
+            [
+                "--dataset",
+                "mnist",
+                "--download",
+                "--data-root",
+                str(root),
+                "--runs-dir",
+                str(tmp_path / "r"),
+            ]
+        )
     message = str(stop.value.code)
-    assert message.startswith("error: --download of mnist failed (") and "name resolution" in message
+    assert (
+        message.startswith("error: --download of mnist failed (") and "name resolution" in message
+    )
     assert "yann.lecun.com" in message and "MNIST/raw/" in message
     assert not root.exists() and not (tmp_path / "r").exists()
 
 
-def test_ctrl_c_before_the_first_epoch_ends_in_one_line(synthetic_teacher, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_before_the_first_epoch_ends_in_one_line(
+    synthetic_teacher, tmp_path, monkeypatch, capsys
+):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(kd3, "train_step", interrupted)
     with pytest.raises(SystemExit) as stop:
-        kd3.main(["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu",
-                  "--web", "noise-uniform:100", "--runs-dir", str(tmp_path / "runs")])
+        kd3.main(
+            [
+                "--dataset",
+                "synthetic",
+                "--teacher",
+                synthetic_teacher,
+                "--device",
+                "cpu",
+                "--web",
+                "noise-uniform:100",
+                "--runs-dir",
+                str(tmp_path / "runs"),
+            ]
+        )
     assert stop.value.code == 130
-    assert capsys.readouterr().out.endswith("\ninterrupted before the first epoch finished: nothing was saved, "
-                                            "nothing to resume\n")
+    assert capsys.readouterr().out.endswith(
+        "\ninterrupted before the first epoch finished: nothing was saved, nothing to resume\n"
+    )
     assert os.listdir(tmp_path / "runs") == []  # the run folder held no epoch: removed
 
 
@@ -2455,8 +3269,8 @@ def _write_image(path, array, mode=None, **save):
 
 
 def test_folder_images_are_each_resized_and_every_mode_converted(tmp_path, monkeypatch, capsys):
-    from PIL import Image
     import torchvision.transforms.v2.functional as TF
+    from PIL import Image
 
     bands = np.zeros((32, 64, 3), np.uint8)
     bands[:, :16], bands[:, 16:48], bands[:, 48:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -2575,18 +3389,25 @@ def test_teacher_cache_is_never_silently_replaced(tmp_path, monkeypatch, capsys)
     cache.parent.mkdir()
     torch.save({"a cached teacher": 1}, cache)
     before = sha(cache)
-    teacher.main(["--dataset", "synthetic", "--epochs", "1", "--device", "cpu"])  # not the recipe: its run folder
+    teacher.main(
+        ["--dataset", "synthetic", "--epochs", "1", "--device", "cpu"]
+    )  # not the recipe: its run folder
     out = capsys.readouterr().out
     saved = out.split("saved teacher to ")[1].split(" ")[0]
     assert saved.startswith("runs/teacher-synthetic-lenet5-") and saved.endswith("/teacher.pt")
     assert "not into the cache" in out and sha(cache) == before
-    with pytest.raises(SystemExit, match="already cached at checkpoints/synthetic-lenet5-seed0.pt .* --overwrite"):
-        teacher.main(["--dataset", "synthetic", "--device", "cpu"])  # the recipe, cache present: refused
+    with pytest.raises(
+        SystemExit, match="already cached at checkpoints/synthetic-lenet5-seed0.pt .* --overwrite"
+    ):
+        teacher.main(
+            ["--dataset", "synthetic", "--device", "cpu"]
+        )  # the recipe, cache present: refused
     assert sha(cache) == before
 
 
 def test_cache_lock_refuses_or_waits_and_clears_a_stale_lock(tmp_path):
     import threading
+
     path = str(tmp_path / "t.pt")
     with open(path + ".lock", "w") as f:
         f.write(str(os.getpid()))  # a live process holds it
@@ -2597,7 +3418,9 @@ def test_cache_lock_refuses_or_waits_and_clears_a_stale_lock(tmp_path):
     with teacher.CacheLock(path, wait=True):
         assert open(path + ".lock").read() == str(os.getpid())
     assert not os.path.exists(path + ".lock")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     with open(path + ".lock", "w") as f:
         f.write(dead.stdout.strip())  # its process is gone
     with teacher.CacheLock(path, wait=False):
@@ -2605,19 +3428,54 @@ def test_cache_lock_refuses_or_waits_and_clears_a_stale_lock(tmp_path):
     assert not os.path.exists(path + ".lock")
 
 
-def test_generator_from_another_setting_is_refused_unless_named(synthetic_teacher, tmp_path, capsys):
-    common = ["--dataset", "synthetic", "--teacher", synthetic_teacher, "--device", "cpu", "--rho", "0.02",
-              "--collected", "shifted:synthetic:200", "--checkpoint-dir", str(tmp_path / "ckpt"),
-              "--runs-dir", str(tmp_path / "runs"), "--gan-epochs", "1", "--epochs", "1", "--n-synthetic", "100"]
+def test_generator_from_another_setting_is_refused_unless_named(
+    synthetic_teacher, tmp_path, capsys
+):
+    common = [
+        "--dataset",
+        "synthetic",
+        "--teacher",
+        synthetic_teacher,
+        "--device",
+        "cpu",
+        "--rho",
+        "0.02",
+        "--collected",
+        "shifted:synthetic:200",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--gan-epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--n-synthetic",
+        "100",
+    ]
     hidfd.main(common + ["--stage", "gan"])
-    ckpt = torch.load(tmp_path / "ckpt" / "hidfd-generator-synthetic-lenet5-seed0.pt", weights_only=True)
-    assert (ckpt["collected"], ckpt["rho"], ckpt["width"], ckpt["z_dim"]) == ("shifted:synthetic:200", 0.02, 16, 32)
+    ckpt = torch.load(
+        tmp_path / "ckpt" / "hidfd-generator-synthetic-lenet5-seed0.pt", weights_only=True
+    )
+    assert (ckpt["collected"], ckpt["rho"], ckpt["width"], ckpt["z_dim"]) == (
+        "shifted:synthetic:200",
+        0.02,
+        16,
+        32,
+    )
     other = [a if a != "0.02" else "0.04" for a in common]
     with pytest.raises(SystemExit, match=r"trained with rho 0.02 \(this run: 0.04\) — train one"):
         hidfd.main(other + ["--stage", "distill"])
     capsys.readouterr()
-    hidfd.main(other + ["--stage", "distill", "--generator", str(tmp_path / "ckpt" /
-                                                                 "hidfd-generator-synthetic-lenet5-seed0.pt")])
+    hidfd.main(
+        other
+        + [
+            "--stage",
+            "distill",
+            "--generator",
+            str(tmp_path / "ckpt" / "hidfd-generator-synthetic-lenet5-seed0.pt"),
+        ]
+    )
     assert "note: --generator" in capsys.readouterr().out
 
 
@@ -2647,7 +3505,11 @@ def _hidfd_gan_flops(b):
     t = models.build_model("lenet5", 10, 1).eval()
     one = torch.zeros(1, 1, 32, 32)
     f_g = _counted(lambda: G(torch.zeros(1, 64), torch.zeros(1, dtype=torch.long)))
-    f_d, f_tf, f_t = _counted(lambda: D(one)), _counted(lambda: t.features(one)), _counted(lambda: t(one))
+    f_d, f_tf, f_t = (
+        _counted(lambda: D(one)),
+        _counted(lambda: t.features(one)),
+        _counted(lambda: t(one)),
+    )
     return b * (4 * f_g + 9 * f_d + f_tf + 2 * f_t)
 
 
@@ -2665,17 +3527,36 @@ FLOPS_PER_STEP = {  # the documented convention: 1x no-grad forward, 3x trained 
 def test_bench_flops_are_hand_counts():
     torch.manual_seed(0)
     lenet = models.build_model("lenet5", 10, 1)
-    assert bench.forward_flops(lenet, "forward", torch.zeros(1, 1, 32, 32)) == LENET5_FORWARD == 833_040
+    assert (
+        bench.forward_flops(lenet, "forward", torch.zeros(1, 1, 32, 32))
+        == LENET5_FORWARD
+        == 833_040
+    )
     assert bench.forward_flops(lenet, "features", torch.zeros(1, 1, 32, 32)) == LENET5_FEATURES
     assert lenet.training  # forward_flops counts in eval mode and restores the mode
-    args, device = bench.resolve_settings(bench.build_parser().parse_args(
-        ["--device", "cpu", "--quick", "--arch-pair", "lenet5:lenet5_half:mnist", "--batch", "4", "--pool", "8"]))
+    args, device = bench.resolve_settings(
+        bench.build_parser().parse_args(
+            [
+                "--device",
+                "cpu",
+                "--quick",
+                "--arch-pair",
+                "lenet5:lenet5_half:mnist",
+                "--batch",
+                "4",
+                "--pool",
+                "8",
+            ]
+        )
+    )
     for step, flops in FLOPS_PER_STEP.items():
         assert bench.BUILDERS[step](args.pairs[0], args, device).flops == flops, step
     # bad input: unknown names are reported by the registries, --device cuda without CUDA is refused
-    for argv, message in ((["--arch-pair", "resnet34:nosuchnet"], "unknown architecture 'nosuchnet'"),
-                          (["--arch-pair", "lenet5:lenet5_half:nosuchdata"], "unknown dataset 'nosuchdata'"),
-                          (["--device", "cpu", "--batch", "64", "--pool", "32"], "must hold at least one batch")):
+    for argv, message in (
+        (["--arch-pair", "resnet34:nosuchnet"], "unknown architecture 'nosuchnet'"),
+        (["--arch-pair", "lenet5:lenet5_half:nosuchdata"], "unknown dataset 'nosuchdata'"),
+        (["--device", "cpu", "--batch", "64", "--pool", "32"], "must hold at least one batch"),
+    ):
         with pytest.raises(SystemExit, match=message):
             bench.main(argv)
     if not torch.cuda.is_available():
@@ -2685,9 +3566,25 @@ def test_bench_flops_are_hand_counts():
 
 def test_bench_quick_table_has_every_step_and_real_timings(tmp_path, capsys):
     out = tmp_path / "new-folder" / "bench.json"  # checked before timing, made when written
-    results = bench.run(bench.build_parser().parse_args(
-        ["--device", "cpu", "--quick", "--arch-pair", "lenet5:lenet5_half:mnist", "--batch", "4", "--pool", "8",
-         "--repeats", "2", "--out", str(out)]))
+    results = bench.run(
+        bench.build_parser().parse_args(
+            [
+                "--device",
+                "cpu",
+                "--quick",
+                "--arch-pair",
+                "lenet5:lenet5_half:mnist",
+                "--batch",
+                "4",
+                "--pool",
+                "8",
+                "--repeats",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+    )
     printed = capsys.readouterr().out
     rows = results["rows"]
     assert [r["step"] for r in rows] == list(bench.STEPS)
@@ -2695,12 +3592,17 @@ def test_bench_quick_table_has_every_step_and_real_timings(tmp_path, capsys):
     for r in rows:
         assert (r["pair"], r["input"], r["batch"]) == ("lenet5->lenet5_half", "1x32x32", 4)
         assert len(r["fast_ms_runs"]) == len(r["naive_ms_runs"]) == 2
-        assert r["fast_ms"] == statistics.median(r["fast_ms_runs"]) and r["naive_ms"] == statistics.median(
-            r["naive_ms_runs"])
+        assert r["fast_ms"] == statistics.median(r["fast_ms_runs"]) and r[
+            "naive_ms"
+        ] == statistics.median(r["naive_ms_runs"])
         assert r["fast_img_s"] == pytest.approx(4 / (r["fast_ms"] / 1e3))
         assert r["fast_over_naive"] == pytest.approx(r["naive_ms"] / r["fast_ms"])
-        assert r["fast_tflop_s"] == pytest.approx(r["gflop_per_step"] / r["fast_ms"])  # GFLOP/ms = TFLOP/s
-        assert r["gflop_per_step"] == pytest.approx(FLOPS_PER_STEP[r["step"]] / 1e9, rel=1e-12)  # the models' own counts
+        assert r["fast_tflop_s"] == pytest.approx(
+            r["gflop_per_step"] / r["fast_ms"]
+        )  # GFLOP/ms = TFLOP/s
+        assert r["gflop_per_step"] == pytest.approx(
+            FLOPS_PER_STEP[r["step"]] / 1e9, rel=1e-12
+        )  # the models' own counts
         assert r["mfu"] is None  # no peak on CPU unless --peak-tflops is given
         assert f"{r['step']} " in printed and f"{r['fast_over_naive']:.2f}x" in printed
     assert results["threads"] == torch.get_num_threads() and results["naive_workers"] == 0
@@ -2708,26 +3610,41 @@ def test_bench_quick_table_has_every_step_and_real_timings(tmp_path, capsys):
 
 #### experiments/: the reproduction tables' plumbing ####
 
+
 def _runner(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments"))
+    monkeypatch.syspath_prepend(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments")
+    )
     import runner  # experiments/runner.py (not a package: the table scripts import it by name)
+
     monkeypatch.setattr(runner, "RESULTS", str(tmp_path))
     return runner
 
 
 def test_experiments_mean_std_matches_statistics(monkeypatch, tmp_path):
     import statistics
+
     runner = _runner(monkeypatch, tmp_path)
     values = [76.54, 77.9, 75.02]
-    assert runner.mean_std(values) == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (3)"
-    assert runner.mean_std([1.25, None]) == "1.25 (1 seed)"  # unfinished seeds are left out, and say so
-    assert runner.mean_std([-0.5, 1.5], signed=True) == f"+0.50 ± {statistics.stdev([-0.5, 1.5]):.2f} (2)"
+    assert (
+        runner.mean_std(values)
+        == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (3)"
+    )
+    assert (
+        runner.mean_std([1.25, None]) == "1.25 (1 seed)"
+    )  # unfinished seeds are left out, and say so
+    assert (
+        runner.mean_std([-0.5, 1.5], signed=True)
+        == f"+0.50 ± {statistics.stdev([-0.5, 1.5]):.2f} (2)"
+    )
     assert runner.mean_std([None, None]) == "—"
 
 
 def test_experiments_pending_jobs_skip_kept_results_and_go_seed_major(monkeypatch, tmp_path):
     runner = _runner(monkeypatch, tmp_path)
-    jobs = [(name, seed, ["kd3.py"]) for name in ("a", "b") for seed in (2, 0, 1)]  # row-major, odd seed order
+    jobs = [
+        (name, seed, ["kd3.py"]) for name in ("a", "b") for seed in (2, 0, 1)
+    ]  # row-major, odd seed order
     kept = tmp_path / "t" / "b-seed2"
     kept.mkdir(parents=True)
     (kept / "results.json").write_text(json.dumps({"student_acc": 50.0}))
@@ -2791,9 +3708,18 @@ def test_experiments_fill_docs_replaces_the_marked_table_and_nothing_else(monkey
     page = tmp_path / "page.md"
     page.write_text("intro\n<!-- TABLE:t -->\nafter\n<!-- TABLE:other -->\n")
     runner.fill_docs("t", "| a |\n|---|\n| 1 |\n", docs=str(tmp_path))
-    assert page.read_text() == "intro\n<!-- TABLE:t -->\n| a |\n|---|\n| 1 |\n<!-- /TABLE:t -->\nafter\n<!-- TABLE:other -->\n"
-    runner.fill_docs("t", "| a |\n|---|\n| 2 |\n", docs=str(tmp_path))  # a second fill replaces the first
-    assert page.read_text().count("| a |") == 1 and "| 2 |" in page.read_text() and "| 1 |" not in page.read_text()
+    assert (
+        page.read_text()
+        == "intro\n<!-- TABLE:t -->\n| a |\n|---|\n| 1 |\n<!-- /TABLE:t -->\nafter\n<!-- TABLE:other -->\n"
+    )
+    runner.fill_docs(
+        "t", "| a |\n|---|\n| 2 |\n", docs=str(tmp_path)
+    )  # a second fill replaces the first
+    assert (
+        page.read_text().count("| a |") == 1
+        and "| 2 |" in page.read_text()
+        and "| 1 |" not in page.read_text()
+    )
     assert page.read_text().endswith("<!-- /TABLE:t -->\nafter\n<!-- TABLE:other -->\n")
 
 
@@ -2807,8 +3733,11 @@ def test_every_link_in_the_readme_and_docs_resolves():
     """Every relative link of README.md and docs/*.md names a file of the repository, and every #anchor one of
     that page's headings (external http links are not followed: the tests run offline)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    pages = ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(here, "docs")))
-                             if f.endswith(".md")]
+    pages = ["README.md"] + [
+        os.path.join("docs", f)
+        for f in sorted(os.listdir(os.path.join(here, "docs")))
+        if f.endswith(".md")
+    ]
     broken, checked = [], 0
     for page in pages:
         text = open(os.path.join(here, page)).read()
@@ -2816,8 +3745,11 @@ def test_every_link_in_the_readme_and_docs_resolves():
             if target.startswith(("http://", "https://", "mailto:")):
                 continue
             path, _, anchor = target.partition("#")
-            file = os.path.normpath(os.path.join(here, os.path.dirname(page), path)) if path else \
-                os.path.join(here, page)
+            file = (
+                os.path.normpath(os.path.join(here, os.path.dirname(page), path))
+                if path
+                else os.path.join(here, page)
+            )
             checked += 1
             if not os.path.exists(file):
                 broken.append(f"{page}: {target} (no such file)")
@@ -2870,10 +3802,20 @@ def kd3_step(
 ):
     """Adapter: kd3's Stage-2 step (Algorithm 1, lines 9-15), the variants named as the flags."""
     return kd3.train_step(
-        nets, teacher, x, opt, tau=tau, alpha=alpha, mix_delta=mix_delta, mdcl=not no_mdcl,
-        md=not no_md, mdcl_reduction=mdcl_reduction, contrastive=contrastive,
+        nets,
+        teacher,
+        x,
+        opt,
+        tau=tau,
+        alpha=alpha,
+        mix_delta=mix_delta,
+        mdcl=not no_mdcl,
+        md=not no_md,
+        mdcl_reduction=mdcl_reduction,
+        contrastive=contrastive,
         cls_share=no_cls_share or "shared",
-        shared_predictions=bool(no_cls_share) and no_cls_share_predictions == "shared", kd_t=kd_t,
+        shared_predictions=bool(no_cls_share) and no_cls_share_predictions == "shared",
+        kd_t=kd_t,
     )
 
 
@@ -2894,8 +3836,19 @@ def hidfd_d_step(
 ):
     """Adapter: HiDFD's discriminator step (Algorithm A-1, line 5)."""
     return hidfd.discriminator_step(
-        D, G, teacher, x_real, y_real, t_real, opt_d, noise, z_dim=z_dim, lambda_d=lambda_d, q=q,
-        blend_reading=blend_reading, gan_loss=gan_loss,
+        D,
+        G,
+        teacher,
+        x_real,
+        y_real,
+        t_real,
+        opt_d,
+        noise,
+        z_dim=z_dim,
+        lambda_d=lambda_d,
+        q=q,
+        blend_reading=blend_reading,
+        gan_loss=gan_loss,
     )
 
 
@@ -2914,8 +3867,17 @@ def hidfd_g_step(
 ):
     """Adapter: HiDFD's generator step (Algorithm A-1, lines 6-8)."""
     return hidfd.generator_step(
-        G, D, teacher, class_freq, opt_g, n, noise, z_dim=z_dim, lambda_g=lambda_g,
-        reg_weights=reg_weights, gan_loss=gan_loss,
+        G,
+        D,
+        teacher,
+        class_freq,
+        opt_g,
+        n,
+        noise,
+        z_dim=z_dim,
+        lambda_g=lambda_g,
+        reg_weights=reg_weights,
+        gan_loss=gan_loss,
     )
 
 
@@ -2938,8 +3900,16 @@ def bt_kd_step(
 ):
     """Adapter: the balanced-transfer KD step (Algorithm 1, line 15, Eq. 2)."""
     return bt.kd_step(
-        student, teacher, x, cached_logits, opt, aug_gen, normalize, tau=temperature,
-        augmentation=augment, aug_labels=aug_labels,
+        student,
+        teacher,
+        x,
+        cached_logits,
+        opt,
+        aug_gen,
+        normalize,
+        tau=temperature,
+        augmentation=augment,
+        aug_labels=aug_labels,
     )
 
 
@@ -3755,20 +4725,35 @@ def test_golden_trajectory(method, trajectory, one_thread):
 
 #### experiments/gpu_check.py ####
 
+
 def test_gpu_check_smoke_runs_every_part_and_writes_what_each_measured(tmp_path, monkeypatch):
     """The GPU check's --smoke run: every part's JSON, the values read back from the CLIs' own
     files, the projections by hand; then its budget, its bad input and its idle-gap arithmetic."""
     results = tmp_path / "results"
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "experiments", "gpu_check.py"),
-                           str(results), "--smoke"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "experiments", "gpu_check.py"),
+            str(results),
+            "--smoke",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     monkeypatch.syspath_prepend(os.path.join(HERE, "experiments"))
     import gpu_check
-    parts = {name: json.loads((results / f"{i:02d}-{name}.json").read_text())
-             for i, (name, _) in enumerate(gpu_check.PARTS)}
+
+    parts = {
+        name: json.loads((results / f"{i:02d}-{name}.json").read_text())
+        for i, (name, _) in enumerate(gpu_check.PARTS)
+    }
     assert {name: p["status"] for name, p in parts.items()} == {
-        **{name: "ok" for name in parts}, "bench-compile": "skipped"}
+        **{name: "ok" for name in parts},
+        "bench-compile": "skipped",
+    }
     (summary_path,) = results.glob("bench-*-smoke.json")
     summary = json.loads(summary_path.read_text())
     assert summary["parts"]["kd3"] == {k: v for k, v in parts["kd3"].items() if k != "part"}
@@ -3776,18 +4761,24 @@ def test_gpu_check_smoke_runs_every_part_and_writes_what_each_measured(tmp_path,
     # bench: the step --smoke times, of both pairs, as bench.py's own JSON holds them
     rows = parts["bench"]["rows"]
     full = json.loads((results / "01-bench-bench.json").read_text())["rows"]
-    assert [(r["step"], r["pair"]) for r in rows] == [("kd3", "resnet34->resnet18"),
-                                                      ("kd3", "lenet5->lenet5_half")]
+    assert [(r["step"], r["pair"]) for r in rows] == [
+        ("kd3", "resnet34->resnet18"),
+        ("kd3", "lenet5->lenet5_half"),
+    ]
     assert [r["fast_img_s"] for r in rows] == [r["fast_img_s"] for r in full]
     assert all(r["batch"] == 2 and r["mfu"] is None for r in rows)  # no MFU on the CPU
     kd3_row = rows[0]
-    assert summary["goal"]["bench"] == {"mfu": None, "fast_over_naive": kd3_row["fast_over_naive"],
-                                        "met": None}
+    assert summary["goal"]["bench"] == {
+        "mfu": None,
+        "fast_over_naive": kd3_row["fast_over_naive"],
+        "met": None,
+    }
     # 240 epochs over 1,281,167 web images; the selection pass (ResNet18, 1.111 GFLOP per image,
     # every epoch) and the teacher's labels (ResNet34, 2.319 GFLOP, once) at the step's FLOP/s
     select_flop = (240 * 1_110_845_440 + 2_318_794_752) * 1_281_167
-    kd3_hours = (240 * 1_281_167 / kd3_row["fast_img_s"]
-                 + select_flop / (kd3_row["fast_tflop_s"] * 1e12)) / 3600
+    kd3_hours = (
+        240 * 1_281_167 / kd3_row["fast_img_s"] + select_flop / (kd3_row["fast_tflop_s"] * 1e12)
+    ) / 3600
     projections = summary["projections"]
     assert projections["kd3_cifar10_240_epochs"]["hours"] == pytest.approx(kd3_hours)
     gan_row = json.loads((results / "03-hidfd-gan-bench.json").read_text())["rows"][0]
@@ -3797,7 +4788,9 @@ def test_gpu_check_smoke_runs_every_part_and_writes_what_each_measured(tmp_path,
     for rho, iterations in (("0.1", 25_000), ("1.0", 250_000)):  # 500 x rho * 50,000 / 100
         hours = iterations / gan["iterations_per_s"] / 3600
         assert projections["hidfd_500_gan_epochs"][f"rho_{rho}"] == {
-            "iterations": iterations, "hours": pytest.approx(hours)}
+            "iterations": iterations,
+            "hours": pytest.approx(hours),
+        }
 
     # the profile (no MFU on the CPU counts as a shortfall): operator table, no device kernel
     assert parts["profile"]["measured_mfu"] is None and parts["profile"]["host_gaps"] is None
@@ -3807,8 +4800,10 @@ def test_gpu_check_smoke_runs_every_part_and_writes_what_each_measured(tmp_path,
     teacher_part, kd3_part = parts["teacher"], parts["kd3"]
     assert teacher_part["epochs"] == kd3_part["epochs"] == 1
     assert 0 <= teacher_part["teacher_acc"] <= 100
-    assert "--teacher" in kd3_part["commands"][0] and "RESULT method=kd3" in (
-        results / "05-kd3.log").read_text()
+    assert (
+        "--teacher" in kd3_part["commands"][0]
+        and "RESULT method=kd3" in (results / "05-kd3.log").read_text()
+    )
     assert kd3_part["teacher_acc"] == pytest.approx(teacher_part["teacher_acc"])
     for name, augment in (("bt-noaug", False), ("bt-aug", True)):
         bt_part = parts[name]
@@ -3828,10 +4823,11 @@ def test_gpu_check_smoke_runs_every_part_and_writes_what_each_measured(tmp_path,
     assert [p["status"] for p in cut] == ["skipped"] * len(gpu_check.PARTS)
     # bad input: one line, before any part, nothing replaced
     before = {p.name: p.read_bytes() for p in results.iterdir()}
-    for argv, message in (([str(results), "--smoke"], "is not empty"),
-                          ([str(tmp_path / "new"), "--smoke", "--only", "nosuch"], "no such part"),
-                          ([str(tmp_path / "new"), "--smoke", "--budget-minutes", "0"],
-                           "must be > 0")):
+    for argv, message in (
+        ([str(results), "--smoke"], "is not empty"),
+        ([str(tmp_path / "new"), "--smoke", "--only", "nosuch"], "no such part"),
+        ([str(tmp_path / "new"), "--smoke", "--budget-minutes", "0"], "must be > 0"),
+    ):
         with pytest.raises(SystemExit) as stop:
             gpu_check.main(argv)
         assert str(stop.value.code).startswith("error: ") and message in str(stop.value.code)
@@ -3843,24 +4839,33 @@ def test_gpu_check_smoke_runs_every_part_and_writes_what_each_measured(tmp_path,
     assert not (tmp_path / "new").exists()
     # idle gaps by hand: kernels [0, 10] and [5, 12] overlap; busy 12 + 5 + 1 of a 41 us span
     gaps = gpu_check.idle_gaps([(20, 25), (0, 10), (40, 41), (5, 12)])
-    assert gaps == {"span_us": 41, "busy_us": 18, "idle_fraction": pytest.approx(23 / 41),
-                    "gaps": 2, "longest_gaps_us": [15, 8]}
+    assert gaps == {
+        "span_us": 41,
+        "busy_us": 18,
+        "idle_fraction": pytest.approx(23 / 41),
+        "gaps": 2,
+        "longest_gaps_us": [15, 8],
+    }
     assert gpu_check.idle_gaps([]) is None
 
 
-def test_headline_cifar_commands_run_one_epoch_on_files_in_the_real_layouts(tmp_path, monkeypatch,
-                                                                           one_thread):
+def test_headline_cifar_commands_run_one_epoch_on_files_in_the_real_layouts(
+    tmp_path, monkeypatch, one_thread
+):
     """kd3.py, hidfd.py and balanced_transfer.py at --dataset cifar10 (ResNet34 teacher, their CIFAR
     settings) for one epoch, on a few images in CIFAR-10's, ImageNet 32x32's and TinyImageNet's
     on-disk layouts."""
     from PIL import Image
+
     root = tmp_path / "data"
     write_cifar10(root / "cifar-10-batches-py")  # 5 x 4 training images, 4 test images
     rng = np.random.default_rng(5)
     (root / "Imagenet32_train_npz").mkdir()
-    np.savez(root / "Imagenet32_train_npz" / "train_data_batch_1.npz",
-             data=rng.integers(0, 256, (40, 3072), dtype=np.uint8),
-             labels=rng.integers(1, 1001, 40))
+    np.savez(
+        root / "Imagenet32_train_npz" / "train_data_batch_1.npz",
+        data=rng.integers(0, 256, (40, 3072), dtype=np.uint8),
+        labels=rng.integers(1, 1001, 40),
+    )
     wnids = ["n01443537", "n01629819"]
     (root / "tiny-imagenet-200").mkdir()
     (root / "tiny-imagenet-200" / "wnids.txt").write_text("\n".join(wnids) + "\n")
@@ -3869,19 +4874,47 @@ def test_headline_cifar_commands_run_one_epoch_on_files_in_the_real_layouts(tmp_
         folder.mkdir(parents=True)
         for k in range(4):
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-                folder / f"{wnid}_{k}.JPEG")
+                folder / f"{wnid}_{k}.JPEG"
+            )
     torch.manual_seed(0)
     teacher_ckpt = str(tmp_path / "resnet34.pt")
-    models.save_checkpoint(teacher_ckpt, models.build_model("resnet34", 10, 3), "resnet34", 10, 3,
-                           {}, None, dataset="cifar10", image_size=32)
+    models.save_checkpoint(
+        teacher_ckpt,
+        models.build_model("resnet34", 10, 3),
+        "resnet34",
+        10,
+        3,
+        {},
+        None,
+        dataset="cifar10",
+        image_size=32,
+    )
     test_x, test_y = data.load_dataset("cifar10", "test", str(root))
     meta = data.DATASETS["cifar10"]
 
     def run(module, name, *flags):
         runs = tmp_path / f"runs-{name}"
-        module.main(["--dataset", "cifar10", "--teacher", teacher_ckpt, "--data-root", str(root),
-                     "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ckpt"), "--runs-dir",
-                     str(runs), "--epochs", "1", "--batch-size", "8", *flags])
+        module.main(
+            [
+                "--dataset",
+                "cifar10",
+                "--teacher",
+                teacher_ckpt,
+                "--data-root",
+                str(root),
+                "--device",
+                "cpu",
+                "--checkpoint-dir",
+                str(tmp_path / "ckpt"),
+                "--runs-dir",
+                str(runs),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                *flags,
+            ]
+        )
         (run_dir,) = runs.iterdir()
         res = json.loads((run_dir / "results.json").read_text())
         config = json.loads((run_dir / "config.json").read_text())
@@ -3900,16 +4933,36 @@ def test_headline_cifar_commands_run_one_epoch_on_files_in_the_real_layouts(tmp_
             super().__init__(*args, n=10)
 
     monkeypatch.setattr(hidfd, "ConditioningProbe", SmallProbe)
-    res, config = run(hidfd, "hidfd", "--rho", "0.0004", "--gan-epochs", "1",
-                      "--gan-batch-size", "10", "--n-synthetic", "20")
+    res, config = run(
+        hidfd,
+        "hidfd",
+        "--rho",
+        "0.0004",
+        "--gan-epochs",
+        "1",
+        "--gan-batch-size",
+        "10",
+        "--n-synthetic",
+        "20",
+    )
     assert (res["collected"], res["n_collected"], res["gan_epochs"]) == ("imagenet32", 20, 1)
     assert (res["n_synthetic"], res["inflation_factor"], res["hybrid_size"]) == (20, 1, 40)
     assert (config["gan_width"], config["z_dim"]) == (128, 128) and sum(res["gan_probe_hist"]) == 10
     assert os.path.isfile(res["generator"]) and res["generator"].startswith(str(tmp_path / "ckpt"))
 
     # the CIFAR sources are SVHN then TinyImageNet; ImageNet 32x32 stands in for SVHN here
-    res, config = run(bt, "bt", "--student-arch", "resnet18", "--source", "imagenet32,tinyimagenet",
-                      "--transfer-size", "20", "--draw-batch", "64")
+    res, config = run(
+        bt,
+        "bt",
+        "--student-arch",
+        "resnet18",
+        "--source",
+        "imagenet32,tinyimagenet",
+        "--transfer-size",
+        "20",
+        "--draw-batch",
+        "64",
+    )
     first, second = res["per_source"]
     assert (first["source"], first["examined"]) == ("imagenet32", 40)
     assert second["source"] == "tinyimagenet"
@@ -3920,8 +4973,10 @@ def test_headline_cifar_commands_run_one_epoch_on_files_in_the_real_layouts(tmp_
 
 #### The teacher of a method run: --seed, --teacher-seed, the committed teacher ####
 
-def test_seed_leaves_the_teacher_and_teacher_seed_picks_it(synthetic_teacher, tmp_path,
-                                                           monkeypatch):
+
+def test_seed_leaves_the_teacher_and_teacher_seed_picks_it(
+    synthetic_teacher, tmp_path, monkeypatch
+):
     import shutil
 
     cache = tmp_path / "ckpt"
@@ -3936,26 +4991,30 @@ def test_seed_leaves_the_teacher_and_teacher_seed_picks_it(synthetic_teacher, tm
     monkeypatch.setattr(teacher, "train_missing_teacher", train)
     sha = teacher.file_sha256(synthetic_teacher)
     for module in (kd3, hidfd, bt):
-        args = module.build_parser().parse_args(["--dataset", "synthetic", "--seed", "1",
-                                                 "--checkpoint-dir", str(cache)])
+        args = module.build_parser().parse_args(
+            ["--dataset", "synthetic", "--seed", "1", "--checkpoint-dir", str(cache)]
+        )
         _, ckpt = teacher.get_teacher(args, torch.device("cpu"))
         assert ckpt["path"] == str(cache / "synthetic-lenet5-seed0.pt") and trained == []
         assert ckpt["sha256"] == args.teacher_sha256 == sha  # config.json records it
-    args = kd3.build_parser().parse_args(["--dataset", "synthetic", "--teacher-seed", "1",
-                                          "--checkpoint-dir", str(cache)])
+    args = kd3.build_parser().parse_args(
+        ["--dataset", "synthetic", "--teacher-seed", "1", "--checkpoint-dir", str(cache)]
+    )
     _, ckpt = teacher.get_teacher(args, torch.device("cpu"))
     assert trained == [str(cache / "synthetic-lenet5-seed1.pt")] == [ckpt["path"]]
     with pytest.raises(SystemExit, match="^error: --teacher-seed must be in \\[0, "):
         kd3.main(["--dataset", "synthetic", "--teacher-seed", "-1", "--checkpoint-dir", str(cache)])
 
 
-def test_the_committed_teacher_is_loaded_when_none_is_cached(synthetic_teacher, tmp_path,
-                                                             monkeypatch):
+def test_the_committed_teacher_is_loaded_when_none_is_cached(
+    synthetic_teacher, tmp_path, monkeypatch
+):
     trained = []
     monkeypatch.setattr(teacher, "train_missing_teacher", lambda *a: trained.append(a[2]))
     monkeypatch.setitem(teacher.COMMITTED, ("synthetic", "lenet5", 0), synthetic_teacher)
-    args = kd3.build_parser().parse_args(["--dataset", "synthetic", "--seed", "2",
-                                          "--checkpoint-dir", str(tmp_path / "empty")])
+    args = kd3.build_parser().parse_args(
+        ["--dataset", "synthetic", "--seed", "2", "--checkpoint-dir", str(tmp_path / "empty")]
+    )
     _, ckpt = teacher.get_teacher(args, torch.device("cpu"))
     assert ckpt["path"] == synthetic_teacher and trained == []
     assert args.teacher_sha256 == teacher.file_sha256(synthetic_teacher)
@@ -3970,8 +5029,10 @@ def test_a_trained_teacher_is_compared_with_the_committed_one(synthetic_teacher,
     acc = torch.load(synthetic_teacher, weights_only=True)["acc"]
     sha = teacher.file_sha256(synthetic_teacher)
     line = teacher.compare_with_committed(acc - 0.25, sha, synthetic_teacher)
-    assert f": {acc:.2f}% test accuracy; this one: {acc - 0.25:.2f}% (-0.25 points), the same " \
-           "file (sha256 equal)" in line
+    assert (
+        f": {acc:.2f}% test accuracy; this one: {acc - 0.25:.2f}% (-0.25 points), the same "
+        "file (sha256 equal)" in line
+    )
     line = teacher.compare_with_committed(acc + 1.5, "f" * 64, synthetic_teacher)
     assert "(+1.50 points), another network (sha256 differs" in line
 
@@ -3979,8 +5040,10 @@ def test_a_trained_teacher_is_compared_with_the_committed_one(synthetic_teacher,
 def test_the_committed_fashionmnist_teacher_is_the_one_named():
     path = teacher.COMMITTED[("fashionmnist", "lenet5", 0)]
     assert os.path.relpath(path, HERE) == os.path.join("teachers", "fashionmnist-lenet5.pt")
-    assert teacher.file_sha256(path) == \
-        "f362060183f9e6d260e8966f1316171fb29b2f59f839bafeda8153fc81571126"
+    assert (
+        teacher.file_sha256(path)
+        == "f362060183f9e6d260e8966f1316171fb29b2f59f839bafeda8153fc81571126"
+    )
     assert torch.load(path, weights_only=True)["acc"] == 90.26
 
 
@@ -4028,8 +5091,17 @@ def _kept_quickstart_run(runner, method, seed, command, acc, wall_s, **extra):
     with open(os.path.join(folder, "results.json"), "w") as f:
         json.dump({"method": method, "student_acc": acc, **extra}, f)
     with open(os.path.join(folder, "quickstart.json"), "w") as f:
-        json.dump({"command": command, "seed": seed, "wall_s": wall_s, "threads": 2,
-                   "torch": "2.x", "processor": "a CPU"}, f)
+        json.dump(
+            {
+                "command": command,
+                "seed": seed,
+                "wall_s": wall_s,
+                "threads": 2,
+                "torch": "2.x",
+                "processor": "a CPU",
+            },
+            f,
+        )
 
 
 def test_quickstart_writes_the_readme_blocks_from_kept_runs(monkeypatch, tmp_path):
@@ -4043,13 +5115,17 @@ def test_quickstart_writes_the_readme_blocks_from_kept_runs(monkeypatch, tmp_pat
     kd3_cmd = "python kd3.py --epochs 5"
     hidfd_cmd = "python hidfd.py --gan-epochs 20 --epochs 5"
     bt_cmd = "python balanced_transfer.py --epochs 20 --no-augment"
-    assert quickstart.readme_commands(str(readme)) == {"kd3": kd3_cmd, "hidfd": hidfd_cmd,
-                                                       "balanced_transfer": bt_cmd}
+    assert quickstart.readme_commands(str(readme)) == {
+        "kd3": kd3_cmd,
+        "hidfd": hidfd_cmd,
+        "balanced_transfer": bt_cmd,
+    }
     for seed, acc, wall in ((0, 70.0, 60), (1, 71.0, 66), (2, 72.5, 72)):
         _kept_quickstart_run(runner, "kd3", seed, kd3_cmd, acc, wall)
     for seed, acc, agree in ((0, 77.0, 40.0), (1, 78.0, 48.0)):  # seed 2 not kept yet
-        _kept_quickstart_run(runner, "hidfd", seed, hidfd_cmd, acc, 300,
-                             synthetic_teacher_agree=agree)
+        _kept_quickstart_run(
+            runner, "hidfd", seed, hidfd_cmd, acc, 300, synthetic_teacher_agree=agree
+        )
     _kept_quickstart_run(runner, "hidfd", 2, "python hidfd.py --epochs 1", 10.0, 1)  # another cmd
     for seed, acc in ((0, 36.0), (1, 40.0), (2, 44.5)):
         _kept_quickstart_run(runner, "balanced_transfer", seed, bt_cmd, acc, 120)
@@ -4067,18 +5143,22 @@ def test_quickstart_writes_the_readme_blocks_from_kept_runs(monkeypatch, tmp_pat
     assert block(page, "kd3") == (
         "You should see `student_acc` of about **71.2** (70.00–72.50 over 3 seeds, 2 threads; "
         "71.17 ± 1.26) after about 1.1 minutes (1.0–1.2). Chance: 10%; the paper has no "
-        "Fashion-MNIST experiment.")
+        "Fashion-MNIST experiment."
+    )
     assert block(page, "hidfd").startswith(
         "You should see `student_acc` of about **77.5** (77.00–78.00 over 2 seeds, 2 threads; "
         "77.50 ± 0.71) after about 5.0 minutes (5.0–5.0). The teacher agrees with the "
-        "generator's label on about 44% of its samples (40.0–48.0%; chance 10%).")
+        "generator's label on about 44% of its samples (40.0–48.0%; chance 10%)."
+    )
     assert "40.17 ± 4.25" in block(page, "balanced_transfer")
     assert block(page, "balanced_transfer").endswith(
         "**Its seeds spread over 8.50 points (more than 3): a single run can land anywhere in "
-        "that range.**")
+        "that range.**"
+    )
     assert "spread over" not in block(page, "kd3") + block(page, "hidfd")  # 2.50 and 1.00 points
-    assert block(page, "total") == ("Together the three commands take about 8.1 minutes "
-                                    "(2 threads, a CPU, torch 2.x).")  # 1.1 + 5.0 + 2.0
+    assert block(page, "total") == (
+        "Together the three commands take about 8.1 minutes (2 threads, a CPU, torch 2.x)."
+    )  # 1.1 + 5.0 + 2.0
     sha = teacher.file_sha256(teacher_file)
     assert "has 90.26% test accuracy" in block(page, "teacher") and sha in block(page, "teacher")
     assert block(results.read_text(), "teacher") == block(page, "teacher")
@@ -4086,8 +5166,9 @@ def test_quickstart_writes_the_readme_blocks_from_kept_runs(monkeypatch, tmp_pat
     spread = block(long_runs.read_text(), "spread").splitlines()
     assert spread[2] == f"| `{kd3_cmd}` | 0, 1, 2 | 71.17 ± 1.26 | 70.00–72.50 | 2.50 | 2 | 1.1 |"
     assert spread[3] == f"| `{hidfd_cmd}` | 0, 1 | 77.50 ± 0.71 | 77.00–78.00 | 1.00 | 2 | 5.0 |"
-    assert spread[4] == (f"| `{bt_cmd}` | 0, 1, 2 | 40.17 ± 4.25 | 36.00–44.50 | "
-                         "8.50 (more than 3) | 2 | 2.0 |")
+    assert spread[4] == (
+        f"| `{bt_cmd}` | 0, 1, 2 | 40.17 ± 4.25 | 36.00–44.50 | 8.50 (more than 3) | 2 | 2.0 |"
+    )
     assert long_runs.read_text().startswith("intro\n") and long_runs.read_text().endswith("\nend\n")
 
     before = readme.read_text()  # a second report rewrites the same blocks, nothing else
@@ -4097,12 +5178,16 @@ def test_quickstart_writes_the_readme_blocks_from_kept_runs(monkeypatch, tmp_pat
     readme.write_text(before.replace(kd3_cmd + "\n", "python kd3.py --epochs 6\n", 1))
     quickstart.report(str(readme), docs, [0, 1, 2], teacher_file)
     assert block(readme.read_text(), "kd3").startswith(
-        "You should see `student_acc` of about **—**")
-    assert block(readme.read_text(), "total") == "Together the three commands take — minutes " \
-                                                 "(not measured yet)."
+        "You should see `student_acc` of about **—**"
+    )
+    assert (
+        block(readme.read_text(), "total") == "Together the three commands take — minutes "
+        "(not measured yet)."
+    )
     # a page without one of the markers: one line naming it
     readme.write_text(before.replace("<!-- QUICKSTART:total -->", ""))
-    with pytest.raises(SystemExit,
-                       match="^error: .*README.md has no <!-- QUICKSTART:total --> marker"):
+    with pytest.raises(
+        SystemExit, match="^error: .*README.md has no <!-- QUICKSTART:total --> marker"
+    ):
         quickstart.report(str(readme), docs, [0, 1, 2], teacher_file)
     assert readme.read_text() == before.replace("<!-- QUICKSTART:total -->", "")  # nothing written

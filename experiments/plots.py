@@ -45,8 +45,12 @@ def accuracy_curves(table, variants=None, chance=None):
     curves = {}  # variant -> list of per-seed accuracy lists
     for label, (source, name) in variants.items():
         folder = os.path.join(RESULTS, source)
-        runs = sorted(d for d in os.listdir(folder) if d.rsplit("-seed", 1)[0] == name
-                      and os.path.isfile(os.path.join(folder, d, "metrics.jsonl")))
+        runs = sorted(
+            d
+            for d in os.listdir(folder)
+            if d.rsplit("-seed", 1)[0] == name
+            and os.path.isfile(os.path.join(folder, d, "metrics.jsonl"))
+        )
         for run in runs:
             records = read_jsonl(os.path.join(folder, run, "metrics.jsonl"))
             curves.setdefault(label, []).append([r["test_acc"] for r in records if "test_acc" in r])
@@ -59,10 +63,21 @@ def accuracy_curves(table, variants=None, chance=None):
         per_epoch = list(zip(*[c[:n] for c in seeds]))
         mean = [sum(v) / len(v) for v in per_epoch]
         colour = plt.cm.tab10(i % 10)
-        ax.plot(epochs, mean, color=colour, label=f"{variant} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+        ax.plot(
+            epochs,
+            mean,
+            color=colour,
+            label=f"{variant} ({len(seeds)} seed{'s' * (len(seeds) > 1)})",
+        )
         if len(seeds) > 1:
-            ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch], color=colour,
-                            alpha=0.15, linewidth=0)
+            ax.fill_between(
+                epochs,
+                [min(v) for v in per_epoch],
+                [max(v) for v in per_epoch],
+                color=colour,
+                alpha=0.15,
+                linewidth=0,
+            )
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", label=f"chance ({chance:.0f}%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -103,25 +118,49 @@ def transfer_histograms():
             with open(path) as f:
                 results[variant] = json.load(f)
     bars = {}  # label -> histogram
-    for variant, res in sorted(results.items(), key=lambda kv: (kv[1]["balanced"], kv[1]["augment"])):
+    for variant, res in sorted(
+        results.items(), key=lambda kv: (kv[1]["balanced"], kv[1]["augment"])
+    ):
         composition = "balanced" if res["balanced"] else "unbalanced"
         label = f"{composition} set ({res['transfer_size']:,} of {res['draws']:,} draws)"
         bars.setdefault(label, res["histogram"])
         trained = res.get("trained_histogram") or res.get("augmented_histogram")
         if res["augment"] and trained and res.get("source", "noise-uniform") == "noise-uniform":
-            bars[f"{composition}, trained stream, targets {res.get('aug_labels', 'relabel')} (last epoch)"] = trained
+            bars[
+                f"{composition}, trained stream, targets {res.get('aug_labels', 'relabel')} (last epoch)"
+            ] = trained
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(10, 4.8))
     width = 0.8 / len(bars)
     for i, (label, hist) in enumerate(bars.items()):
-        ax.bar([c + i * width for c in range(len(hist))], [max(h, 0.8) for h in hist], width=width, label=label)
+        ax.bar(
+            [c + i * width for c in range(len(hist))],
+            [max(h, 0.8) for h in hist],
+            width=width,
+            label=label,
+        )
     ax.set_yscale("log")
     ax.set_xticks([c + 0.4 - width / 2 for c in range(10)])
-    ax.set_xticklabels(["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                        "boot"], rotation=30)
+    ax.set_xticklabels(
+        [
+            "t-shirt",
+            "trouser",
+            "pullover",
+            "dress",
+            "coat",
+            "sandal",
+            "shirt",
+            "sneaker",
+            "bag",
+            "boot",
+        ],
+        rotation=30,
+    )
     ax.set_ylabel("images (log scale)")
-    ax.set_title("uniform noise as Fashion-MNIST: the teacher's argmax histogram of each transfer set")
+    ax.set_title(
+        "uniform noise as Fashion-MNIST: the teacher's argmax histogram of each transfer set"
+    )
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return save(fig, "balanced_transfer-histograms.png")
@@ -137,14 +176,23 @@ def gan_agreement():
     drawn = 0
     for run in sorted(os.listdir(folder)):
         path = os.path.join(folder, run, "metrics.jsonl")
-        records = [r for r in read_jsonl(path) if r.get("stage") == "gan" and "probe_agree" in r] \
-            if os.path.isfile(path) else []
+        records = (
+            [r for r in read_jsonl(path) if r.get("stage") == "gan" and "probe_agree" in r]
+            if os.path.isfile(path)
+            else []
+        )
         if not records:
             continue
         with open(os.path.join(folder, run, "config.json")) as f:
             batch = json.load(f)["gan_batch_size"]
-        per_epoch = records[0]["images"] // batch  # the real images of one GAN epoch, in drop_last batches
-        ax.plot([r["epoch"] * per_epoch for r in records], [r["probe_agree"] for r in records], label=run)
+        per_epoch = (
+            records[0]["images"] // batch
+        )  # the real images of one GAN epoch, in drop_last batches
+        ax.plot(
+            [r["epoch"] * per_epoch for r in records],
+            [r["probe_agree"] for r in records],
+            label=run,
+        )
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -164,8 +212,12 @@ def main():
         raise SystemExit(f"no results yet in {RESULTS}: run a table script first")
     tables = sorted(d for d in os.listdir(RESULTS) if os.path.isdir(os.path.join(RESULTS, d)))
     families = table_families.TABLE
-    curves = [accuracy_curves(t, families_variants(), chance=100 / 10) if t == families
-              else accuracy_curves(t) for t in tables]
+    curves = [
+        accuracy_curves(t, families_variants(), chance=100 / 10)
+        if t == families
+        else accuracy_curves(t)
+        for t in tables
+    ]
     for path in curves + [transfer_histograms(), gan_agreement()]:
         if path:
             print(f"wrote {path}")

@@ -51,6 +51,7 @@ PAPER_TEACHER = "the LeNet-5 teacher of balanced transfer's Table 2: 90.84%"
 
 #### The commands ####
 
+
 def readme_commands(readme):
     """{method: command} from the indented command lines of README.md's quick-start section."""
     with open(readme) as f:
@@ -65,8 +66,10 @@ def readme_commands(readme):
                 commands[method] = line.strip()
     missing = [m for m in METHODS if m not in commands]
     if missing:
-        sys.exit(f"error: {readme} has no quick-start command for {', '.join(missing)} — add an "
-                 f"indented `python {missing[0]}.py ...` line to its quick start section")
+        sys.exit(
+            f"error: {readme} has no quick-start command for {', '.join(missing)} — add an "
+            f"indented `python {missing[0]}.py ...` line to its quick start section"
+        )
     return commands
 
 
@@ -76,8 +79,11 @@ def run_argv(command, seed, smoke=False):
     scratch = os.path.relpath(SCRATCH, runner.REPO)
     argv = shlex.split(command)[1:] + ["--seed", str(seed), "--checkpoint-dir", scratch]
     if smoke:
-        return argv + ["--dataset", "synthetic", "--epochs", "1"] + \
-            (["--gan-epochs", "1"] if argv[0] == "hidfd.py" else [])
+        return (
+            argv
+            + ["--dataset", "synthetic", "--epochs", "1"]
+            + (["--gan-epochs", "1"] if argv[0] == "hidfd.py" else [])
+        )
     return argv + ["--teacher", TEACHER]
 
 
@@ -113,13 +119,20 @@ def run_one(name, seed, command, argv):
     shutil.rmtree(SCRATCH, ignore_errors=True)
     os.makedirs(runner.RUNS, exist_ok=True)
     log_path = os.path.join(runner.RUNS, f"{TABLE}-{name}-seed{seed}.log")
-    print(f"{command} --seed {seed}\n    progress: tail -f "
-          f"{os.path.relpath(log_path, runner.REPO)}", flush=True)
+    print(
+        f"{command} --seed {seed}\n    progress: tail -f {os.path.relpath(log_path, runner.REPO)}",
+        flush=True,
+    )
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable] + argv + ["--runs-dir", runner.RUNS],
-                              cwd=runner.REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
-                              check=False)
+        proc = subprocess.run(
+            [sys.executable] + argv + ["--runs-dir", runner.RUNS],
+            cwd=runner.REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            check=False,
+        )
     wall = time.time() - start
     with open(log_path) as log:
         output = log.read()
@@ -129,17 +142,26 @@ def run_one(name, seed, command, argv):
     os.makedirs(out, exist_ok=True)
     for filename in ("results.json", "metrics.jsonl", "config.json"):
         shutil.copy(os.path.join(runner.REPO, run_folder, filename), out)
-    info = {"command": command, "seed": seed, "argv": argv, "wall_s": round(wall, 1),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "processor": processor()}
+    info = {
+        "command": command,
+        "seed": seed,
+        "argv": argv,
+        "wall_s": round(wall, 1),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "processor": processor(),
+    }
     with open(os.path.join(out, "quickstart.json"), "w") as f:
         json.dump(info, f, indent=2)
     shutil.rmtree(SCRATCH, ignore_errors=True)
-    print(f"    student_acc {kept(name, seed, command)['student_acc']:.2f} in {wall / 60:.1f} min",
-          flush=True)
+    print(
+        f"    student_acc {kept(name, seed, command)['student_acc']:.2f} in {wall / 60:.1f} min",
+        flush=True,
+    )
 
 
 #### The report ####
+
 
 def stats(values):
     """(mean, sample std, min, max) of a non-empty list (std 0 for one value)."""
@@ -162,26 +184,34 @@ def threads_of(runs):
 def command_block(method, runs):
     """The README's lines for one command, from its kept runs."""
     if not runs:
-        return (f"You should see `student_acc` of about **—** (no kept runs yet: "
-                f"`python experiments/quickstart.py` measures it). Chance: {CHANCE:.0f}%; "
-                f"{PAPER[method]}.")
+        return (
+            f"You should see `student_acc` of about **—** (no kept runs yet: "
+            f"`python experiments/quickstart.py` measures it). Chance: {CHANCE:.0f}%; "
+            f"{PAPER[method]}."
+        )
     accs = [r["student_acc"] for r in runs]
     m, s, lo, hi = stats(accs)
     wall = [r["wall_s"] / 60 for r in runs]
     n = len(runs)
-    text = (f"You should see `student_acc` of about **{m:.1f}** ({lo:.2f}–{hi:.2f} over {n} "
-            f"seed{'s' * (n > 1)}, {threads_of(runs)}; {m:.2f} ± {s:.2f}) after about "
-            f"{sum(wall) / n:.1f} minutes ({min(wall):.1f}–{max(wall):.1f}).")
+    text = (
+        f"You should see `student_acc` of about **{m:.1f}** ({lo:.2f}–{hi:.2f} over {n} "
+        f"seed{'s' * (n > 1)}, {threads_of(runs)}; {m:.2f} ± {s:.2f}) after about "
+        f"{sum(wall) / n:.1f} minutes ({min(wall):.1f}–{max(wall):.1f})."
+    )
     if method == "hidfd":
         agree = [r["synthetic_teacher_agree"] for r in runs if "synthetic_teacher_agree" in r]
         if agree:
             am, _, alo, ahi = stats(agree)
-            text += (f" The teacher agrees with the generator's label on about {am:.0f}% of its "
-                     f"samples ({alo:.1f}–{ahi:.1f}%; chance {CHANCE:.0f}%).")
+            text += (
+                f" The teacher agrees with the generator's label on about {am:.0f}% of its "
+                f"samples ({alo:.1f}–{ahi:.1f}%; chance {CHANCE:.0f}%)."
+            )
     text += f" Chance: {CHANCE:.0f}%; {PAPER[method]}."
     if hi - lo > SPREAD_LIMIT:
-        text += (f" **Its seeds spread over {hi - lo:.2f} points (more than {SPREAD_LIMIT:.0f}): "
-                 f"a single run can land anywhere in that range.**")
+        text += (
+            f" **Its seeds spread over {hi - lo:.2f} points (more than {SPREAD_LIMIT:.0f}): "
+            f"a single run can land anywhere in that range.**"
+        )
     return text
 
 
@@ -192,9 +222,11 @@ def teacher_block(teacher_file):
     ckpt = torch.load(teacher_file, map_location="cpu", weights_only=True)
     with open(teacher_file, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
-    return (f"The committed teacher `{TEACHER}` has {ckpt['acc']:.2f}% test accuracy "
-            f"({PAPER_TEACHER}) and sha256 `{sha}`, which every run's `config.json` and "
-            f"`results.json` record.")
+    return (
+        f"The committed teacher `{TEACHER}` has {ckpt['acc']:.2f}% test accuracy "
+        f"({PAPER_TEACHER}) and sha256 `{sha}`, which every run's `config.json` and "
+        f"`results.json` record."
+    )
 
 
 def total_block(runs_by_method):
@@ -203,14 +235,18 @@ def total_block(runs_by_method):
         return "Together the three commands take — minutes (not measured yet)."
     means = [sum(r["wall_s"] for r in runs) / len(runs) / 60 for runs in runs_by_method.values()]
     every = [r for runs in runs_by_method.values() for r in runs]
-    return (f"Together the three commands take about {sum(means):.1f} minutes "
-            f"({threads_of(every)}, {every[0]['processor']}, torch {every[0]['torch']}).")
+    return (
+        f"Together the three commands take about {sum(means):.1f} minutes "
+        f"({threads_of(every)}, {every[0]['processor']}, torch {every[0]['torch']})."
+    )
 
 
 def spread_block(runs_by_method, commands):
     """docs/long_runs.md's table: each command's spread over its kept seeds."""
-    header = ("| command | seeds | student acc (mean ± std) | min–max | spread (points) | threads "
-              "| wall (min) |")
+    header = (
+        "| command | seeds | student acc (mean ± std) | min–max | spread (points) | threads "
+        "| wall (min) |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|"]
     for method, runs in runs_by_method.items():
         if not runs:
@@ -219,13 +255,20 @@ def spread_block(runs_by_method, commands):
         m, s, lo, hi = stats([r["student_acc"] for r in runs])
         flag = f" (more than {SPREAD_LIMIT:.0f})" if hi - lo > SPREAD_LIMIT else ""
         wall = sum(r["wall_s"] for r in runs) / len(runs) / 60
-        lines.append(f"| `{commands[method]}` | {', '.join(str(r['seed']) for r in runs)} | "
-                     f"{m:.2f} ± {s:.2f} | {lo:.2f}–{hi:.2f} | {hi - lo:.2f}{flag} | "
-                     f"{thread_counts(runs)} | {wall:.1f} |")
+        lines.append(
+            f"| `{commands[method]}` | {', '.join(str(r['seed']) for r in runs)} | "
+            f"{m:.2f} ± {s:.2f} | {lo:.2f}–{hi:.2f} | {hi - lo:.2f}{flag} | "
+            f"{thread_counts(runs)} | {wall:.1f} |"
+        )
     every = [r for runs in runs_by_method.values() for r in runs]
-    where = (f"Measured by `python experiments/quickstart.py` on {every[0]['processor']}, torch "
-             f"{every[0]['torch']}, the default thread count.") if every else \
-        "Not measured yet: `python experiments/quickstart.py` runs the commands and writes it."
+    where = (
+        (
+            f"Measured by `python experiments/quickstart.py` on {every[0]['processor']}, torch "
+            f"{every[0]['torch']}, the default thread count."
+        )
+        if every
+        else "Not measured yet: `python experiments/quickstart.py` runs the commands and writes it."
+    )
     return "\n".join(lines) + "\n\n" + where
 
 
@@ -247,8 +290,10 @@ def report(readme, docs, seeds, teacher_file=None):
         for page in pages.get(name, [readme]):
             with open(page) as f:
                 if f"<!-- QUICKSTART:{name} -->" not in f.read():
-                    sys.exit(f"error: {page} has no <!-- QUICKSTART:{name} --> marker — add it "
-                             f"where the block goes")
+                    sys.exit(
+                        f"error: {page} has no <!-- QUICKSTART:{name} --> marker — add it "
+                        f"where the block goes"
+                    )
     for name, text in blocks.items():
         for page in pages.get(name, [readme]):
             runner.fill_page(page, "QUICKSTART", name, text)
@@ -260,25 +305,34 @@ def report(readme, docs, seeds, teacher_file=None):
 
 #### Main ####
 
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runner.HelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every command")
-    p.add_argument("--report-only", action="store_true", help="fill the blocks from the kept runs; "
-                   "run nothing")
+    p.add_argument(
+        "--report-only", action="store_true", help="fill the blocks from the kept runs; run nothing"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the runs still to do; run nothing")
-    p.add_argument("--smoke", action="store_true", help="check this script end to end in about a "
-                   "minute: one seed, one epoch, synthetic data; results and a filled copy of "
-                   "README.md go to experiments/runs/quickstart-smoke/ (nothing kept is touched)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check this script end to end in about a "
+        "minute: one seed, one epoch, synthetic data; results and a filled copy of "
+        "README.md go to experiments/runs/quickstart-smoke/ (nothing kept is touched)",
+    )
     args = p.parse_args(argv)
     if any(s < 0 for s in args.seeds):
         sys.exit("error: --seeds must be whole numbers from 0 — give e.g. --seeds 0 1 2")
     readme = os.path.join(runner.REPO, "README.md")
-    docs = {page: os.path.join(runner.REPO, "docs", f"{page}.md")
-            for page in ("results", "long_runs")}
+    docs = {
+        page: os.path.join(runner.REPO, "docs", f"{page}.md") for page in ("results", "long_runs")
+    }
     commands = readme_commands(readme)
     if not os.path.isfile(os.path.join(runner.REPO, TEACHER)):
-        sys.exit(f"error: the committed teacher {TEACHER} is missing — restore it from the "
-                 f"repository (git checkout -- {TEACHER})")
+        sys.exit(
+            f"error: the committed teacher {TEACHER} is missing — restore it from the "
+            f"repository (git checkout -- {TEACHER})"
+        )
     if args.smoke:
         smoke = os.path.join(runner.RUNS, "quickstart-smoke")
         shutil.rmtree(smoke, ignore_errors=True)
@@ -290,8 +344,11 @@ def main(argv=None):
         docs = {page: os.path.join(smoke, os.path.basename(path)) for page, path in docs.items()}
         args.seeds = args.seeds[:1]
     todo = [(m, s) for s in args.seeds for m in METHODS if kept(m, s, commands[m]) is None]
-    print(f"{TABLE}: {len(args.seeds) * len(METHODS) - len(todo)} of "
-          f"{len(args.seeds) * len(METHODS)} runs already kept", flush=True)
+    print(
+        f"{TABLE}: {len(args.seeds) * len(METHODS) - len(todo)} of "
+        f"{len(args.seeds) * len(METHODS)} runs already kept",
+        flush=True,
+    )
     for i, (method, seed) in enumerate([] if args.report_only else todo):
         print(f"[{i + 1}/{len(todo)}] ", end="", flush=True)
         argv = run_argv(commands[method], seed, args.smoke)

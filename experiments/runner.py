@@ -20,7 +20,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 RUNS = os.path.join(HERE, "runs")
-DATA_ROOT = "/usr/share/datasets"  # where `apt-get install dataset-fashion-mnist` puts Fashion-MNIST
+DATA_ROOT = (
+    "/usr/share/datasets"  # where `apt-get install dataset-fashion-mnist` puts Fashion-MNIST
+)
 TEACHER = os.path.join("teachers", "fashionmnist-lenet5.pt")  # the committed teacher of the tables
 
 
@@ -31,14 +33,33 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def base_parser(description, epochs):
     """The flags every table script shares."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (mean ± std over them)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="student seeds (mean ± std over them)",
+    )
     p.add_argument("--epochs", type=int, default=epochs, help="student epochs of every run")
     p.add_argument("--data-root", default=DATA_ROOT, help="where Fashion-MNIST is")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where every run trains")
-    p.add_argument("--teacher", default=TEACHER,
-                   help="one teacher for every run, so seeds vary the student only")
-    p.add_argument("--dry-run", action="store_true", help="print the commands and the table so far; run nothing")
-    p.add_argument("--report-only", action="store_true", help="write the table from the kept results; run nothing")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where every run trains"
+    )
+    p.add_argument(
+        "--teacher",
+        default=TEACHER,
+        help="one teacher for every run, so seeds vary the student only",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the commands and the table so far; run nothing",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the table from the kept results; run nothing",
+    )
     return p
 
 
@@ -48,10 +69,14 @@ def ensure_teacher(args):
     if os.path.isfile(os.path.join(REPO, args.teacher)) or args.dry_run or args.report_only:
         return
     if os.path.normpath(args.teacher) == os.path.normpath(TEACHER):
-        sys.exit(f"error: the committed teacher {TEACHER} is missing — restore it from the "
-                 f"repository (git checkout -- {TEACHER})")
-    sys.exit(f"error: --teacher {args.teacher} does not exist — give a teacher checkpoint "
-             f"(relative to {REPO}), or leave it out for the committed {TEACHER}")
+        sys.exit(
+            f"error: the committed teacher {TEACHER} is missing — restore it from the "
+            f"repository (git checkout -- {TEACHER})"
+        )
+    sys.exit(
+        f"error: --teacher {args.teacher} does not exist — give a teacher checkpoint "
+        f"(relative to {REPO}), or leave it out for the committed {TEACHER}"
+    )
 
 
 def stop_on_failure(what, returncode, output, log_path=None):
@@ -82,7 +107,11 @@ def pending_jobs(table, jobs):
     """The jobs whose results.json is not kept yet, in seed-major order: every row gets its first seed before
     any row gets its second, so a table stopped early still has every row (with fewer seeds) rather than
     some rows complete and others empty. Within a seed the given order is kept."""
-    todo = [job for job in jobs if not os.path.isfile(os.path.join(result_dir(table, job[0], job[1]), "results.json"))]
+    todo = [
+        job
+        for job in jobs
+        if not os.path.isfile(os.path.join(result_dir(table, job[0], job[1]), "results.json"))
+    ]
     seed_rank = {s: i for i, s in enumerate(dict.fromkeys(job[1] for job in jobs))}
     return sorted(todo, key=lambda job: seed_rank[job[1]])  # sorted() is stable
 
@@ -96,17 +125,24 @@ def run_jobs(table, jobs, dry_run=False, report_only=False):
     os.makedirs(RUNS, exist_ok=True)
     for i, (name, seed, argv) in enumerate(todo):
         cmd = [sys.executable] + argv + ["--seed", str(seed), "--runs-dir", RUNS]
-        print(f"[{i + 1}/{len(todo)}] {name} seed {seed}: python {' '.join(argv)} --seed {seed}", flush=True)
+        print(
+            f"[{i + 1}/{len(todo)}] {name} seed {seed}: python {' '.join(argv)} --seed {seed}",
+            flush=True,
+        )
         if dry_run:
             continue
         start = time.time()
-        log_path = os.path.join(RUNS, f"{table}-{name}-seed{seed}.log")  # the run's own progress lines, live
+        log_path = os.path.join(
+            RUNS, f"{table}-{name}-seed{seed}.log"
+        )  # the run's own progress lines, live
         print(f"    progress: tail -f {os.path.relpath(log_path, REPO)}", flush=True)
         with open(log_path, "w") as log:
             proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
         with open(log_path) as log:
             output = log.read()
-        run_folder = output.split("run folder: ")[1].split("\n")[0] if "run folder: " in output else None
+        run_folder = (
+            output.split("run folder: ")[1].split("\n")[0] if "run folder: " in output else None
+        )
         stopped = run_folder and os.path.isfile(os.path.join(REPO, run_folder, "results.json"))
         if not stopped:  # a run that stopped early by design keeps its results.json
             stop_on_failure(f"{name} seed {seed}", proc.returncode, output, log_path)
@@ -115,7 +151,9 @@ def run_jobs(table, jobs, dry_run=False, report_only=False):
         for fname in ("results.json", "metrics.jsonl", "config.json"):
             shutil.copy(os.path.join(REPO, run_folder, fname), out)
         result = load(table, name, seed)
-        acc = result["student_acc"] if "student_acc" in result else result.get("teacher_acc")  # teacher.py runs
+        acc = (
+            result["student_acc"] if "student_acc" in result else result.get("teacher_acc")
+        )  # teacher.py runs
         print(f"    test accuracy {acc:.2f}% in {(time.time() - start) / 60:.1f} min", flush=True)
 
 
@@ -189,7 +227,9 @@ def epoch_metric(table, name, seeds, epoch, key):
     for s in seeds:
         path = os.path.join(result_dir(table, name, s), "metrics.jsonl")
         records = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
-        values.append(next((r.get(key) for r in records if r.get("epoch") == epoch and key in r), None))
+        values.append(
+            next((r.get(key) for r in records if r.get("epoch") == epoch and key in r), None)
+        )
     return values
 
 

@@ -19,31 +19,62 @@ import runner
 
 TABLE = "balanced_transfer"
 N = 60_000  # the transfer set size N of Algorithm 1 for Fashion-MNIST (|D_o|)
-PAPER = {("noise-uniform", "unbalanced", "no-aug"): 33.49, ("noise-uniform", "unbalanced", "aug"): 38.37,
-         ("noise-uniform", "balanced", "no-aug"): 70.15, ("noise-uniform", "balanced", "aug"): 74.33}
+PAPER = {
+    ("noise-uniform", "unbalanced", "no-aug"): 33.49,
+    ("noise-uniform", "unbalanced", "aug"): 38.37,
+    ("noise-uniform", "balanced", "no-aug"): 70.15,
+    ("noise-uniform", "balanced", "aug"): 74.33,
+}
 ROWS = [  # (source, balance, augmentation targets or None)
-    ("noise-uniform", "unbalanced", None), ("noise-uniform", "unbalanced", "relabel"),
-    ("noise-uniform", "balanced", None), ("noise-uniform", "balanced", "relabel"),
-    ("noise-uniform", "balanced", "fixed"), ("noise-uniform", "balanced", "with-originals"),
-    ("noise-uniform-normalised", "balanced", None), ("noise-normal-normalised", "balanced", None),
-    ("synthetic:60000", "unbalanced", None), ("synthetic:60000", "balanced", None),
+    ("noise-uniform", "unbalanced", None),
+    ("noise-uniform", "unbalanced", "relabel"),
+    ("noise-uniform", "balanced", None),
+    ("noise-uniform", "balanced", "relabel"),
+    ("noise-uniform", "balanced", "fixed"),
+    ("noise-uniform", "balanced", "with-originals"),
+    ("noise-uniform-normalised", "balanced", None),
+    ("noise-normal-normalised", "balanced", None),
+    ("synthetic:60000", "unbalanced", None),
+    ("synthetic:60000", "balanced", None),
 ]
 
 
 def row_name(source, balance, targets):
-    return f"{source.replace(':', '')}-{balance}-{'no-aug' if targets is None else f'aug-{targets}'}"
+    return (
+        f"{source.replace(':', '')}-{balance}-{'no-aug' if targets is None else f'aug-{targets}'}"
+    )
 
 
 def main():
     p = runner.base_parser(__doc__, epochs=40)
-    p.add_argument("--max-draws", type=int, default=1_000_000, help="cap on noise draws of the balanced rows")
-    p.add_argument("--only", nargs="*", default=None, help="run only these rows (names without the -e<epochs> "
-                   "suffix, e.g. noise-uniform-balanced-no-aug); the table shows every row's kept runs")
+    p.add_argument(
+        "--max-draws", type=int, default=1_000_000, help="cap on noise draws of the balanced rows"
+    )
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="run only these rows (names without the -e<epochs> "
+        "suffix, e.g. noise-uniform-balanced-no-aug); the table shows every row's kept runs",
+    )
     args = p.parse_args()
     runner.check_only(args.only, [row_name(*row) for row in ROWS])
     runner.ensure_teacher(args)
-    common = ["balanced_transfer.py", "--dataset", "fashionmnist", "--teacher", args.teacher, "--data-root",
-              args.data_root, "--device", args.device, "--epochs", str(args.epochs), "--epoch-images", str(N)]
+    common = [
+        "balanced_transfer.py",
+        "--dataset",
+        "fashionmnist",
+        "--teacher",
+        args.teacher,
+        "--data-root",
+        args.data_root,
+        "--device",
+        args.device,
+        "--epochs",
+        str(args.epochs),
+        "--epoch-images",
+        str(N),
+    ]
     jobs, rows = [], []
     for source, balance, targets in ROWS:
         row = row_name(source, balance, targets)
@@ -61,23 +92,47 @@ def main():
         first = runner.load(TABLE, name, args.seeds[0]) or {}
         paper = PAPER.get((source, balance, "no-aug" if targets is None else "aug"))
         trained = first.get("trained_histogram")
-        table.append([f"`{source}`", balance, targets or "none",
-                      runner.mean_std(runner.field(TABLE, name, args.seeds, "student_acc")),
-                      "—" if paper is None or targets not in (None, "relabel") else paper,
-                      f"{first['transfer_size']:,}" if first else "—", f"{first['draws']:,}" if first else "—",
-                      sum(h > 0 for h in first["histogram"]) if first else "—",
-                      first.get("histogram", "—"),
-                      f"{100 * max(trained) / sum(trained):.0f}% ({trained.index(max(trained))})" if trained else "—",
-                      f"{first['images_seen']:,}" if "images_seen" in first else "—",
-                      runner.wall_minutes(TABLE, name, args.seeds)])
+        table.append(
+            [
+                f"`{source}`",
+                balance,
+                targets or "none",
+                runner.mean_std(runner.field(TABLE, name, args.seeds, "student_acc")),
+                "—" if paper is None or targets not in (None, "relabel") else paper,
+                f"{first['transfer_size']:,}" if first else "—",
+                f"{first['draws']:,}" if first else "—",
+                sum(h > 0 for h in first["histogram"]) if first else "—",
+                first.get("histogram", "—"),
+                f"{100 * max(trained) / sum(trained):.0f}% ({trained.index(max(trained))})"
+                if trained
+                else "—",
+                f"{first['images_seen']:,}" if "images_seen" in first else "—",
+                runner.wall_minutes(TABLE, name, args.seeds),
+            ]
+        )
     teacher = runner.field(TABLE, rows[0][0], args.seeds[:1], "teacher_acc")[0] or float("nan")
-    runner.write_table(TABLE, ["source", "transfer set", "augmentation targets", "student acc (ours)", "paper",
-                               "size", "noise draws", "classes reached", f"class histogram (seed {args.seeds[0]})",
-                               "largest class of the trained stream (class)", "images seen", "wall (min)"], table,
-                       f"Teacher LeNet-5: {teacher:.2f}% (paper 90.84%). {args.epochs} student epochs of {N:,} images "
-                       f"each (a smaller set is cycled); balanced noise rows capped at {args.max_draws:,} draws; "
-                       f"seeds {args.seeds}. The paper's numbers are its Table 1 FMNIST noise rows.",
-                       dry_run=args.dry_run)
+    runner.write_table(
+        TABLE,
+        [
+            "source",
+            "transfer set",
+            "augmentation targets",
+            "student acc (ours)",
+            "paper",
+            "size",
+            "noise draws",
+            "classes reached",
+            f"class histogram (seed {args.seeds[0]})",
+            "largest class of the trained stream (class)",
+            "images seen",
+            "wall (min)",
+        ],
+        table,
+        f"Teacher LeNet-5: {teacher:.2f}% (paper 90.84%). {args.epochs} student epochs of {N:,} images "
+        f"each (a smaller set is cycled); balanced noise rows capped at {args.max_draws:,} draws; "
+        f"seeds {args.seeds}. The paper's numbers are its Table 1 FMNIST noise rows.",
+        dry_run=args.dry_run,
+    )
 
 
 if __name__ == "__main__":

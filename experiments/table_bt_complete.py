@@ -19,31 +19,67 @@ import runner
 
 TABLE = "bt_complete"
 N = 60_000  # the transfer set size N of Algorithm 1 for Fashion-MNIST (|D_o|)
-PAPER = {("unbalanced", False): 33.49, ("unbalanced", True): 38.37, ("complete", False): 70.15,
-         ("complete", True): 74.33}
+PAPER = {
+    ("unbalanced", False): 33.49,
+    ("unbalanced", True): 38.37,
+    ("complete", False): 70.15,
+    ("complete", True): 74.33,
+}
 ROWS = [  # (row name, balance, augmentation, flags)
     ("noise-uniform-unbalanced-no-aug", "unbalanced", False, ["--unbalanced"]),
     ("noise-uniform-unbalanced-aug-relabel", "unbalanced", True, ["--unbalanced"]),
-    ("noise-uniform-balanced-capped-no-aug", "capped at 1,000,000 draws", False, ["--max-draws", "1000000"]),
+    (
+        "noise-uniform-balanced-capped-no-aug",
+        "capped at 1,000,000 draws",
+        False,
+        ["--max-draws", "1000000"],
+    ),
     ("noise-uniform-balanced-complete-no-aug", "complete", False, ["--max-draws", "full"]),
     ("noise-uniform-balanced-complete-aug-relabel", "complete", True, ["--max-draws", "full"]),
-    ("noise-uniform-balanced-complete-q600-no-aug", "complete, 600 per class", False,
-     ["--max-draws", "full", "--transfer-size", "6000"]),
-    ("noise-uniform-balanced-complete-q2000-no-aug", "complete, 2,000 per class", False,
-     ["--max-draws", "full", "--transfer-size", "20000"]),
+    (
+        "noise-uniform-balanced-complete-q600-no-aug",
+        "complete, 600 per class",
+        False,
+        ["--max-draws", "full", "--transfer-size", "6000"],
+    ),
+    (
+        "noise-uniform-balanced-complete-q2000-no-aug",
+        "complete, 2,000 per class",
+        False,
+        ["--max-draws", "full", "--transfer-size", "20000"],
+    ),
 ]
 
 
 def main():
     p = runner.base_parser(__doc__, epochs=40)
-    p.add_argument("--only", nargs="*", default=None, help="run only these rows (names without the -e<epochs> "
-                   "suffix); the table shows every row's kept runs")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="run only these rows (names without the -e<epochs> "
+        "suffix); the table shows every row's kept runs",
+    )
     args = p.parse_args()
     runner.check_only(args.only, [row[0] for row in ROWS])
     runner.ensure_teacher(args)
-    common = ["balanced_transfer.py", "--dataset", "fashionmnist", "--teacher", args.teacher, "--data-root",
-              args.data_root, "--device", args.device, "--epochs", str(args.epochs), "--epoch-images", str(N),
-              "--source", "noise-uniform"]
+    common = [
+        "balanced_transfer.py",
+        "--dataset",
+        "fashionmnist",
+        "--teacher",
+        args.teacher,
+        "--data-root",
+        args.data_root,
+        "--device",
+        args.device,
+        "--epochs",
+        str(args.epochs),
+        "--epoch-images",
+        str(N),
+        "--source",
+        "noise-uniform",
+    ]
     jobs, table = [], []
     for row, balance, augment, flags in ROWS:
         name = f"{row}-e{args.epochs}"
@@ -57,23 +93,51 @@ def main():
         kept = [r for r in (runner.load(TABLE, name, s) for s in args.seeds) if r]
         draws = "—" if not kept else " / ".join(f"{r['draws']:,}" for r in kept)
         hist = first.get("histogram")
-        table.append([balance, "relabel" if augment else "none",
-                      runner.mean_std(runner.field(TABLE, name, args.seeds, "student_acc")),
-                      PAPER.get((balance, augment), "—"),
-                      f"{first['transfer_size']:,}" if first else "—", draws,
-                      f"{min(hist):,}–{max(hist):,}" if hist else "—",
-                      runner.wall_minutes(TABLE, name, args.seeds)])
-    sha = next((r.get("teacher_sha256") for r in (runner.load(TABLE, f"{row[0]}-e{args.epochs}", s)
-                                                  for row in ROWS for s in args.seeds) if r), None)
+        table.append(
+            [
+                balance,
+                "relabel" if augment else "none",
+                runner.mean_std(runner.field(TABLE, name, args.seeds, "student_acc")),
+                PAPER.get((balance, augment), "—"),
+                f"{first['transfer_size']:,}" if first else "—",
+                draws,
+                f"{min(hist):,}–{max(hist):,}" if hist else "—",
+                runner.wall_minutes(TABLE, name, args.seeds),
+            ]
+        )
+    sha = next(
+        (
+            r.get("teacher_sha256")
+            for r in (
+                runner.load(TABLE, f"{row[0]}-e{args.epochs}", s)
+                for row in ROWS
+                for s in args.seeds
+            )
+            if r
+        ),
+        None,
+    )
     teacher = runner.field(TABLE, f"{ROWS[0][0]}-e{args.epochs}", args.seeds[:1], "teacher_acc")[0]
     runner.write_table(
-        TABLE, ["transfer set (uniform noise)", "augmentation targets", "student acc (ours)", "paper", "size",
-                "noise draws (per seed)", f"images per class (seed {args.seeds[0]})", "wall (min)"], table,
+        TABLE,
+        [
+            "transfer set (uniform noise)",
+            "augmentation targets",
+            "student acc (ours)",
+            "paper",
+            "size",
+            "noise draws (per seed)",
+            f"images per class (seed {args.seeds[0]})",
+            "wall (min)",
+        ],
+        table,
         f"Teacher {args.teacher} ({'—' if teacher is None else f'{teacher:.2f}%'}, sha256 "
         f"`{(sha or '—')[:16]}`; paper 90.84%). {args.epochs} student epochs of {N:,} images each (a smaller set is "
         f"cycled); seeds {args.seeds}, each with its own noise stream. The paper's numbers are its Table 1 FMNIST "
         f"noise rows. Wall times include each seed's first composition (later rows of that seed read it from the "
-        f"composition cache).", dry_run=args.dry_run)
+        f"composition cache).",
+        dry_run=args.dry_run,
+    )
 
 
 if __name__ == "__main__":

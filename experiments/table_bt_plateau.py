@@ -19,14 +19,21 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import runner  # noqa: E402
+
 import balanced_transfer as bt  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 import runtime  # noqa: E402
-import runner  # noqa: E402
 
-VARIANTS = [("the defaults: T 20, lr 1e-3, PyTorch init", {}), ("T 4", {"T": 4.0}), ("T 1", {"T": 1.0}),
-            ("lr 3e-3", {"lr": 3e-3}), ("lr 3e-4", {"lr": 3e-4}), ("He initialisation", {"init": "he"})]
+VARIANTS = [
+    ("the defaults: T 20, lr 1e-3, PyTorch init", {}),
+    ("T 4", {"T": 4.0}),
+    ("T 1", {"T": 1.0}),
+    ("lr 3e-3", {"lr": 3e-3}),
+    ("lr 3e-4", {"lr": 3e-4}),
+    ("He initialisation", {"init": "he"}),
+]
 
 
 def distil(x, logits, test, meta, T=20.0, lr=1e-3, init="default", epochs=6):
@@ -58,22 +65,31 @@ def main():
     args = p.parse_args()
     teacher_path = os.path.join(runner.REPO, args.teacher)
     if not os.path.isfile(teacher_path):
-        sys.exit(f"error: no teacher at {args.teacher} — give a teacher checkpoint, or leave "
-                 f"--teacher out for the committed {runner.TEACHER}")
+        sys.exit(
+            f"error: no teacher at {args.teacher} — give a teacher checkpoint, or leave "
+            f"--teacher out for the committed {runner.TEACHER}"
+        )
     torch.set_num_threads(1)
     teacher, _ = models.load_checkpoint(teacher_path)
     teacher.eval().requires_grad_(False)
     meta = data.DATASETS["fashionmnist"]
     test = data.load_dataset("fashionmnist", "test", args.data_root)
-    settings = bt.resolve_settings(bt.build_parser().parse_args(["--max-draws", "300000", "--no-augment"]))
+    settings = bt.resolve_settings(
+        bt.build_parser().parse_args(["--max-draws", "300000", "--no-augment"])
+    )
     x, _, report = bt.compose_transfer_set(teacher, settings, torch.device("cpu"))
     logits = runtime.predict(teacher, x, meta["mean"], meta["std"])
-    lines = ["| student | " + " | ".join(f"epoch {e}" for e in range(1, 7)) + " |", "|---|" + "---|" * 6]
+    lines = [
+        "| student | " + " | ".join(f"epoch {e}" for e in range(1, 7)) + " |",
+        "|---|" + "---|" * 6,
+    ]
     for name, kw in VARIANTS:
         lines.append(f"| {name} | " + " | ".join(distil(x, logits, test, meta, **kw)) + " |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + (f"\n\nTransfer set: {len(x):,} images of uniform noise, teacher histogram "
-                               f"{report['histogram']}; seed 0.\n")
+    text = "\n".join(lines) + (
+        f"\n\nTransfer set: {len(x):,} images of uniform noise, teacher histogram "
+        f"{report['histogram']}; seed 0.\n"
+    )
     with open(os.path.join(HERE, "results", "bt_plateau.md"), "w") as f:
         f.write(text)
     print(text)

@@ -27,23 +27,64 @@ def teacher_file(seed):
 
 def main():
     p = runner.base_parser(__doc__, epochs=40)
-    p.add_argument("--teacher-seeds", type=int, nargs="+", default=[0, 1, 2], help="recipe teacher seeds")
+    p.add_argument(
+        "--teacher-seeds", type=int, nargs="+", default=[0, 1, 2], help="recipe teacher seeds"
+    )
     args = p.parse_args()
     jobs = []
     for t in args.teacher_seeds:
         path = teacher_file(t)
-        if not os.path.isfile(os.path.join(runner.REPO, path)) and not (args.dry_run or args.report_only):
+        if not os.path.isfile(os.path.join(runner.REPO, path)) and not (
+            args.dry_run or args.report_only
+        ):
             print(f"training the recipe teacher with seed {t}", flush=True)
-            proc = subprocess.run([sys.executable, "teacher.py", "--seed", str(t), "--data-root", args.data_root,
-                                   "--device", args.device], cwd=runner.REPO, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "teacher.py",
+                    "--seed",
+                    str(t),
+                    "--data-root",
+                    args.data_root,
+                    "--device",
+                    args.device,
+                ],
+                cwd=runner.REPO,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             runner.stop_on_failure("teacher.py", proc.returncode, proc.stderr)
-        kept = os.path.join(compose_speed.OUT, os.path.splitext(os.path.basename(path))[0] + ".json")
+        kept = os.path.join(
+            compose_speed.OUT, os.path.splitext(os.path.basename(path))[0] + ".json"
+        )
         if not os.path.isfile(kept) and not (args.dry_run or args.report_only):
             compose_speed.main(["--teacher", os.path.join(runner.REPO, path), "--skip-speed"])
-        jobs += [(f"teacher{t}-unbalanced-no-aug-e{args.epochs}", s,
-                  ["balanced_transfer.py", "--dataset", "fashionmnist", "--teacher", path, "--data-root",
-                   args.data_root, "--device", args.device, "--epochs", str(args.epochs), "--epoch-images", "60000",
-                   "--source", "noise-uniform", "--unbalanced", "--no-augment"]) for s in args.seeds]
+        jobs += [
+            (
+                f"teacher{t}-unbalanced-no-aug-e{args.epochs}",
+                s,
+                [
+                    "balanced_transfer.py",
+                    "--dataset",
+                    "fashionmnist",
+                    "--teacher",
+                    path,
+                    "--data-root",
+                    args.data_root,
+                    "--device",
+                    args.device,
+                    "--epochs",
+                    str(args.epochs),
+                    "--epoch-images",
+                    "60000",
+                    "--source",
+                    "noise-uniform",
+                    "--unbalanced",
+                    "--no-augment",
+                ],
+            )
+            for s in args.seeds
+        ]
     runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     rows = []
     for t in args.teacher_seeds:
@@ -53,19 +94,43 @@ def main():
         hist = a["histogram"] if a else None
         need = [n for n in a["draws_for_quota"] if n] if a else []
         unseen = sum(h == 0 for h in hist) if hist else None
-        rows.append([t, f"`{r['teacher_sha256'][:12]}`" if r else "—", f"{r['teacher_acc']:.2f}" if r else "—",
-                     f"{100 * max(hist) / sum(hist):.1f}% (class {hist.index(max(hist))})" if hist else "—",
-                     " / ".join(str(h) for h in hist) if hist else "—",
-                     ("never seen" if unseen else f"{max(need):,}") if a else "—",
-                     runner.mean_std(runner.field(TABLE, f"teacher{t}-unbalanced-no-aug-e{args.epochs}",
-                                                  args.seeds, "student_acc"))])
-    runner.write_table(TABLE, ["teacher seed", "sha256", "test acc", "largest class of 10^6 uniform draws",
-                               "histogram of the draws (classes 0-9)", "draws to fill every quota of 6,000",
-                               f"unbalanced noise row, student seeds {args.seeds}"], rows,
-                       f"LeNet-5 recipe teachers (Adam 1e-3, 40 epochs); the paper's teacher: 90.84%, its "
-                       f"unbalanced noise row {PAPER_UNBALANCED}. Histograms: fp32 argmax of the first 10^6 uniform "
-                       f"draws of seed 0. Student runs: {args.epochs} epochs of 60,000 draws, no augmentation.",
-                       dry_run=args.dry_run)
+        rows.append(
+            [
+                t,
+                f"`{r['teacher_sha256'][:12]}`" if r else "—",
+                f"{r['teacher_acc']:.2f}" if r else "—",
+                f"{100 * max(hist) / sum(hist):.1f}% (class {hist.index(max(hist))})"
+                if hist
+                else "—",
+                " / ".join(str(h) for h in hist) if hist else "—",
+                ("never seen" if unseen else f"{max(need):,}") if a else "—",
+                runner.mean_std(
+                    runner.field(
+                        TABLE,
+                        f"teacher{t}-unbalanced-no-aug-e{args.epochs}",
+                        args.seeds,
+                        "student_acc",
+                    )
+                ),
+            ]
+        )
+    runner.write_table(
+        TABLE,
+        [
+            "teacher seed",
+            "sha256",
+            "test acc",
+            "largest class of 10^6 uniform draws",
+            "histogram of the draws (classes 0-9)",
+            "draws to fill every quota of 6,000",
+            f"unbalanced noise row, student seeds {args.seeds}",
+        ],
+        rows,
+        f"LeNet-5 recipe teachers (Adam 1e-3, 40 epochs); the paper's teacher: 90.84%, its "
+        f"unbalanced noise row {PAPER_UNBALANCED}. Histograms: fp32 argmax of the first 10^6 uniform "
+        f"draws of seed 0. Student runs: {args.epochs} epochs of 60,000 draws, no augmentation.",
+        dry_run=args.dry_run,
+    )
 
 
 if __name__ == "__main__":

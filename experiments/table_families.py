@@ -31,39 +31,108 @@ WEB = "fashionmnist-web"
 def rows(args):
     """(name, label, argv): argv is this table's command for the row, or (table, run name) of the other table's
     runs that the row reuses."""
-    kd = ["--dataset", "fashionmnist", "--teacher", args.teacher, "--data-root", args.data_root, "--device",
-          args.device, "--epochs", str(args.epochs)]
+    kd = [
+        "--dataset",
+        "fashionmnist",
+        "--teacher",
+        args.teacher,
+        "--data-root",
+        args.data_root,
+        "--device",
+        args.device,
+        "--epochs",
+        str(args.epochs),
+    ]
     return [
-        ("plain-kd", "plain KD (T = 4, every web image)",
-         ["balanced_transfer.py"] + kd + ["--source", WEB, "--unbalanced", "--no-augment", "--transfer-size", "50000",
-                                          "--temperature", "4"]),
+        (
+            "plain-kd",
+            "plain KD (T = 4, every web image)",
+            ["balanced_transfer.py"]
+            + kd
+            + [
+                "--source",
+                WEB,
+                "--unbalanced",
+                "--no-augment",
+                "--transfer-size",
+                "50000",
+                "--temperature",
+                "4",
+            ],
+        ),
         ("kd3", "KD3 (selection + shared classifier)", ("kd3_ablations", f"kd3-e{args.epochs}")),
-        ("hidfd", f"HiDFD, rho = 0.1 of `{COLLECTION}` (`{' '.join(CONDITIONED)}`, 4,200 GAN iterations)",
-         ("hidfd_rho", f"rho0.1-hidfd-it4200-e{args.epochs}")),
-        ("bt-web", "balanced transfer from the web set",
-         ["balanced_transfer.py"] + kd + ["--source", WEB, "--transfer-size", "50000", "--no-augment"]),
-        ("bt-noise", "balanced transfer from uniform noise",
-         ["balanced_transfer.py"] + kd + ["--source", "noise-uniform", "--no-augment", "--epoch-images", "60000"]),
-        ("supervised", "supervised with labels (upper bound)",
-         ["teacher.py", "--dataset", "fashionmnist", "--arch", "lenet5_half", "--epochs", str(args.epochs),
-          "--data-root", args.data_root, "--device", args.device, "--checkpoint-dir", "checkpoints/supervised"]),
+        (
+            "hidfd",
+            f"HiDFD, rho = 0.1 of `{COLLECTION}` (`{' '.join(CONDITIONED)}`, 4,200 GAN iterations)",
+            ("hidfd_rho", f"rho0.1-hidfd-it4200-e{args.epochs}"),
+        ),
+        (
+            "bt-web",
+            "balanced transfer from the web set",
+            ["balanced_transfer.py"]
+            + kd
+            + ["--source", WEB, "--transfer-size", "50000", "--no-augment"],
+        ),
+        (
+            "bt-noise",
+            "balanced transfer from uniform noise",
+            ["balanced_transfer.py"]
+            + kd
+            + ["--source", "noise-uniform", "--no-augment", "--epoch-images", "60000"],
+        ),
+        (
+            "supervised",
+            "supervised with labels (upper bound)",
+            [
+                "teacher.py",
+                "--dataset",
+                "fashionmnist",
+                "--arch",
+                "lenet5_half",
+                "--epochs",
+                str(args.epochs),
+                "--data-root",
+                args.data_root,
+                "--device",
+                args.device,
+                "--checkpoint-dir",
+                "checkpoints/supervised",
+            ],
+        ),
     ]
 
 
 def chance_accuracy(args):
     """Test accuracy of the untrained LeNet-5-half student per seed (the models' own initialisation)."""
-    code = ("import sys, torch, data, models, runtime; seed = int(sys.argv[1]); torch.manual_seed(seed); "
-            "s = models.build_model('lenet5_half', 10, 1); x, y = data.load_dataset('fashionmnist', 'test', "
-            f"{args.data_root!r}); m = data.DATASETS['fashionmnist']; "
-            "print(runtime.evaluate(s, x, y, m['mean'], m['std']))")
-    return [float(subprocess.run([sys.executable, "-c", code, str(s)], cwd=runner.REPO, capture_output=True,
-                                 text=True, check=True).stdout.split()[-1]) for s in args.seeds]
+    code = (
+        "import sys, torch, data, models, runtime; seed = int(sys.argv[1]); torch.manual_seed(seed); "
+        "s = models.build_model('lenet5_half', 10, 1); x, y = data.load_dataset('fashionmnist', 'test', "
+        f"{args.data_root!r}); m = data.DATASETS['fashionmnist']; "
+        "print(runtime.evaluate(s, x, y, m['mean'], m['std']))"
+    )
+    return [
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code, str(s)],
+                cwd=runner.REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()[-1]
+        )
+        for s in args.seeds
+    ]
 
 
 def main():
     p = runner.base_parser(__doc__, epochs=20)
-    p.add_argument("--only", nargs="*", default=None, help="run only these rows (plain-kd, bt-web, bt-noise, "
-                   "supervised); the table shows every row's kept runs")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="run only these rows (plain-kd, bt-web, bt-noise, "
+        "supervised); the table shows every row's kept runs",
+    )
     args = p.parse_args()
     runner.check_only(args.only, [name for name, _, argv in rows(args) if isinstance(argv, list)])
     runner.ensure_teacher(args)
@@ -77,14 +146,27 @@ def main():
     table = [["student at initialisation (chance)", runner.mean_std(chance), "0", "—"]]
     for name, label, argv in rows(args):
         source, key = argv if isinstance(argv, tuple) else (TABLE, f"{name}-e{args.epochs}")
-        accs = runner.field(source, key, args.seeds, "student_acc" if name != "supervised" else "teacher_acc")
+        accs = runner.field(
+            source, key, args.seeds, "student_acc" if name != "supervised" else "teacher_acc"
+        )
         images = _images_seen(source, key, args.seeds[0])
-        table.append([label, runner.mean_std(accs), f"{images:,}" if images else "—",
-                      runner.wall_minutes(source, key, args.seeds)])
-    runner.write_table(TABLE, ["family / method", "student acc (%)", "images seen (seed 0)", "wall (min)"], table,
-                       f"Fashion-MNIST, LeNet-5 teacher ({args.teacher}) -> LeNet-5-half, {args.epochs} student "
-                       f"epochs, web set `{WEB}`, seeds {args.seeds}. Images seen: training images over all epochs "
-                       "(HiDFD: its GAN's real and generated images are not counted).", dry_run=args.dry_run)
+        table.append(
+            [
+                label,
+                runner.mean_std(accs),
+                f"{images:,}" if images else "—",
+                runner.wall_minutes(source, key, args.seeds),
+            ]
+        )
+    runner.write_table(
+        TABLE,
+        ["family / method", "student acc (%)", "images seen (seed 0)", "wall (min)"],
+        table,
+        f"Fashion-MNIST, LeNet-5 teacher ({args.teacher}) -> LeNet-5-half, {args.epochs} student "
+        f"epochs, web set `{WEB}`, seeds {args.seeds}. Images seen: training images over all epochs "
+        "(HiDFD: its GAN's real and generated images are not counted).",
+        dry_run=args.dry_run,
+    )
 
 
 def _images_seen(table, name, seed):

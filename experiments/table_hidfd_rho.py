@@ -32,13 +32,30 @@ CONDITIONED = ["--g-lr", "1e-3", "--d-lr", "1e-3", "--gan-width", "16"]
 def main():
     p = runner.base_parser(__doc__, epochs=20)
     p.add_argument("--rhos", type=float, nargs="+", default=[0.1, 1.0])
-    p.add_argument("--gan-iterations", type=int, default=4200, help="GAN iterations at every rho (epochs = "
-                   "ceil(iterations / (rho * 60,000 / 100)))")
+    p.add_argument(
+        "--gan-iterations",
+        type=int,
+        default=4200,
+        help="GAN iterations at every rho (epochs = ceil(iterations / (rho * 60,000 / 100)))",
+    )
     p.add_argument("--collected", default=COLLECTION)
     args = p.parse_args()
     runner.ensure_teacher(args)
-    common = ["hidfd.py", "--dataset", "fashionmnist", "--teacher", args.teacher, "--collected", args.collected,
-              "--data-root", args.data_root, "--device", args.device, "--epochs", str(args.epochs)]
+    common = [
+        "hidfd.py",
+        "--dataset",
+        "fashionmnist",
+        "--teacher",
+        args.teacher,
+        "--collected",
+        args.collected,
+        "--data-root",
+        args.data_root,
+        "--device",
+        args.device,
+        "--epochs",
+        str(args.epochs),
+    ]
     jobs, rows = [], []
     for rho in args.rhos:
         iterations_per_epoch = math.ceil(rho * TRAIN_SIZE / GAN_BATCH)
@@ -48,8 +65,24 @@ def main():
         for s in args.seeds:
             generator = f"checkpoints/hidfd-generator-fashionmnist-rho{rho}-it{args.gan_iterations}-seed{s}.pt"
             jobs.append((only, s, common + ["--rho", str(rho), "--no-synthetic"]))
-            jobs.append((gan, s, common + ["--rho", str(rho), "--gan-epochs", str(gan_epochs), "--generator",
-                                           generator, "--sample-every", str(max(1, gan_epochs // 4))] + CONDITIONED))
+            jobs.append(
+                (
+                    gan,
+                    s,
+                    common
+                    + [
+                        "--rho",
+                        str(rho),
+                        "--gan-epochs",
+                        str(gan_epochs),
+                        "--generator",
+                        generator,
+                        "--sample-every",
+                        str(max(1, gan_epochs // 4)),
+                    ]
+                    + CONDITIONED,
+                )
+            )
         rows.append((rho, only, gan, gan_epochs, gan_epochs * iterations_per_epoch))
     runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     table = []
@@ -58,20 +91,47 @@ def main():
         b = runner.field(TABLE, gan, args.seeds, "student_acc")
         gains = [y - x for x, y in zip(a, b) if x is not None and y is not None]
         first = runner.load(TABLE, gan, args.seeds[0]) or {}
-        table.append([rho, f"{gan_epochs} ({iterations:,})", runner.mean_std(a), runner.mean_std(b),
-                      runner.mean_std(gains, signed=True),
-                      runner.mean_std(runner.field(TABLE, gan, args.seeds, "synthetic_teacher_agree")),
-                      " / ".join(f"{v:.1f}" for v in runner.field(TABLE, gan, args.seeds, "synthetic_teacher_agree")
-                                 if v is not None) or "—",
-                      first.get("synthetic_teacher_hist", "—"), first.get("collected_teacher_hist", "—"),
-                      runner.wall_minutes(TABLE, only, args.seeds), runner.wall_minutes(TABLE, gan, args.seeds)])
-    runner.write_table(TABLE, ["rho", "GAN epochs (iterations)", "collection only", "HiDFD", "gain (points)",
-                               "teacher agrees with G's label (%)", "per seed", f"D_s teacher histogram (seed "
-                               f"{args.seeds[0]})", f"D_c teacher histogram (seed {args.seeds[0]})",
-                               "wall, collection only (min)", "wall, HiDFD (min)"], table,
-                       f"Collection `{args.collected}`; GAN `{' '.join(CONDITIONED)}`, batch {GAN_BATCH}; student "
-                       f"{args.epochs} epochs; seeds {args.seeds}. Agreement: the teacher's argmax on the 50,000 "
-                       "generated images of D_s against the label G was asked for.", dry_run=args.dry_run)
+        table.append(
+            [
+                rho,
+                f"{gan_epochs} ({iterations:,})",
+                runner.mean_std(a),
+                runner.mean_std(b),
+                runner.mean_std(gains, signed=True),
+                runner.mean_std(runner.field(TABLE, gan, args.seeds, "synthetic_teacher_agree")),
+                " / ".join(
+                    f"{v:.1f}"
+                    for v in runner.field(TABLE, gan, args.seeds, "synthetic_teacher_agree")
+                    if v is not None
+                )
+                or "—",
+                first.get("synthetic_teacher_hist", "—"),
+                first.get("collected_teacher_hist", "—"),
+                runner.wall_minutes(TABLE, only, args.seeds),
+                runner.wall_minutes(TABLE, gan, args.seeds),
+            ]
+        )
+    runner.write_table(
+        TABLE,
+        [
+            "rho",
+            "GAN epochs (iterations)",
+            "collection only",
+            "HiDFD",
+            "gain (points)",
+            "teacher agrees with G's label (%)",
+            "per seed",
+            f"D_s teacher histogram (seed {args.seeds[0]})",
+            f"D_c teacher histogram (seed {args.seeds[0]})",
+            "wall, collection only (min)",
+            "wall, HiDFD (min)",
+        ],
+        table,
+        f"Collection `{args.collected}`; GAN `{' '.join(CONDITIONED)}`, batch {GAN_BATCH}; student "
+        f"{args.epochs} epochs; seeds {args.seeds}. Agreement: the teacher's argmax on the 50,000 "
+        "generated images of D_s against the label G was asked for.",
+        dry_run=args.dry_run,
+    )
 
 
 if __name__ == "__main__":

@@ -20,15 +20,28 @@ VARIANTS = [  # (name, flags, Table 2 row, Table 2 CIFAR-10 accuracy of ResNet34
     ("student", ["--selection", "student"], "instance selection: student only", 91.99),
     ("teacher", ["--selection", "teacher"], "instance selection: teacher only", 94.01),
     ("no-cls-share-onehot", ["--no-cls-share", "onehot"], "no classifier sharing (one-hot)", 93.42),
-    ("no-cls-share-onehot-shared-predictions", ["--no-cls-share", "onehot", "--no-cls-share-predictions", "shared"],
-     "no classifier sharing (one-hot), selection and w_i from g_T", None),
+    (
+        "no-cls-share-onehot-shared-predictions",
+        ["--no-cls-share", "onehot", "--no-cls-share-predictions", "shared"],
+        "no classifier sharing (one-hot), selection and w_i from g_T",
+        None,
+    ),
     ("no-cls-share-soft", ["--no-cls-share", "soft"], "no classifier sharing (soft)", 93.98),
     ("no-mdcl", ["--no-mdcl"], "no L_mdcl", 94.48),
     ("no-md", ["--no-md"], "no MD (crop + flip views)", 94.61),
     # the student's features as wide as the teacher's (84), as in the paper's ResNet34 -> ResNet18 (512 -> 512)
-    ("kd3-f84", ["--student-arch", "lenet5_half_f84"], "full KD3, student features 84 wide (= teacher)", None),
-    ("no-cls-share-onehot-f84", ["--student-arch", "lenet5_half_f84", "--no-cls-share", "onehot"],
-     "no classifier sharing (one-hot), student features 84 wide", None),
+    (
+        "kd3-f84",
+        ["--student-arch", "lenet5_half_f84"],
+        "full KD3, student features 84 wide (= teacher)",
+        None,
+    ),
+    (
+        "no-cls-share-onehot-f84",
+        ["--student-arch", "lenet5_half_f84", "--no-cls-share", "onehot"],
+        "no classifier sharing (one-hot), student features 84 wide",
+        None,
+    ),
 ]
 PAPER_FULL = VARIANTS[0][3]
 SOURCES = ("shifted", "shapes", "noise")  # the three parts of fashionmnist-web, in order
@@ -37,14 +50,33 @@ SOURCES = ("shifted", "shapes", "noise")  # the three parts of fashionmnist-web,
 def main():
     p = runner.base_parser(__doc__, epochs=20)
     p.add_argument("--web", default="fashionmnist-web", help="web data (a data.py source list)")
-    p.add_argument("--only", nargs="*", default=None, help="run only these variants (names in VARIANTS)")
+    p.add_argument(
+        "--only", nargs="*", default=None, help="run only these variants (names in VARIANTS)"
+    )
     args = p.parse_args()
     runner.check_only(args.only, [v[0] for v in VARIANTS])
     runner.ensure_teacher(args)
-    common = ["kd3.py", "--dataset", "fashionmnist", "--teacher", args.teacher, "--web", args.web,
-              "--data-root", args.data_root, "--device", args.device, "--epochs", str(args.epochs)]
+    common = [
+        "kd3.py",
+        "--dataset",
+        "fashionmnist",
+        "--teacher",
+        args.teacher,
+        "--web",
+        args.web,
+        "--data-root",
+        args.data_root,
+        "--device",
+        args.device,
+        "--epochs",
+        str(args.epochs),
+    ]
     variants = [v for v in VARIANTS if args.only is None or v[0] in args.only]
-    jobs = [(f"{name}-e{args.epochs}", s, common + flags) for name, flags, _, _ in variants for s in args.seeds]
+    jobs = [
+        (f"{name}-e{args.epochs}", s, common + flags)
+        for name, flags, _, _ in variants
+        for s in args.seeds
+    ]
     runner.run_jobs(TABLE, jobs, args.dry_run, args.report_only)
     full = runner.field(TABLE, f"kd3-e{args.epochs}", args.seeds, "student_acc")
     rows = []
@@ -52,28 +84,67 @@ def main():
         key = f"{name}-e{args.epochs}"
         accs = runner.field(TABLE, key, args.seeds, "student_acc")
         results = [r for r in (runner.load(TABLE, key, s) for s in args.seeds) if r]
-        diffs = [a - f for a, f in zip(accs, full) if a is not None and f is not None]  # same seed, same web set
-        kept = [runner.mean_std([r["kept_frac_per_source"][i] * 100 for r in results]) for i in range(len(SOURCES))]
+        diffs = [
+            a - f for a, f in zip(accs, full) if a is not None and f is not None
+        ]  # same seed, same web set
+        kept = [
+            runner.mean_std([r["kept_frac_per_source"][i] * 100 for r in results])
+            for i in range(len(SOURCES))
+        ]
         stopped = [r["epochs_trained"] for r in results if r.get("stopped_early")]
-        rows.append([label, f"`{' '.join(flags) or '(defaults)'}`", runner.mean_std(accs),
-                     runner.mean_std(diffs, signed=True) if name != "kd3" else "—",
-                     "—" if paper is None else f"{paper:.2f}" + (f" ({paper - PAPER_FULL:+.2f})" if name != "kd3" else ""),
-                     runner.mean_std([r["selected_frac"] * 100 for r in results]), *kept,
-                     runner.mean_std([r["teacher_acc_kept_in_distribution"] for r in results]),
-                     runner.mean_std(runner.epoch_metric(TABLE, key, args.seeds, 1, "test_acc")),
-                     f"stopped at epoch {', '.join(map(str, stopped))}" if stopped else "—",
-                     runner.wall_minutes(TABLE, key, args.seeds)])
-    first = next((runner.load(TABLE, f"{v[0]}-e{args.epochs}", s) for v in variants for s in args.seeds
-                  if runner.load(TABLE, f"{v[0]}-e{args.epochs}", s)), {})
-    notes = (f"Web `{args.web}`, {args.epochs} epochs, seeds {args.seeds}; teacher {args.teacher} "
-             f"(its accuracy on all shifted Fashion-MNIST web images: {first.get('teacher_acc_in_distribution', '—')}%). "
-             "Kept fractions and the teacher's accuracy on the kept shifted images are at the last epoch. The paper's "
-             "Table 2 has no Fashion-MNIST or LeNet rows; its CIFAR-10 column is given for the direction of each effect.")
-    runner.write_table(TABLE if args.epochs == 20 else f"{TABLE}-e{args.epochs}",
-                       ["variant", "flags", "student acc (ours)", "vs full KD3, same seed (points)",
-                        "paper, CIFAR-10 ResNet34→18 (vs full)", "selected (%)", "kept: shifted FMNIST (%)",
-                        "kept: shapes (%)", "kept: noise (%)", "teacher acc on kept shifted (%)",
-                        "epoch-1 acc", "stopped", "wall (min)"], rows, notes, dry_run=args.dry_run)
+        rows.append(
+            [
+                label,
+                f"`{' '.join(flags) or '(defaults)'}`",
+                runner.mean_std(accs),
+                runner.mean_std(diffs, signed=True) if name != "kd3" else "—",
+                "—"
+                if paper is None
+                else f"{paper:.2f}" + (f" ({paper - PAPER_FULL:+.2f})" if name != "kd3" else ""),
+                runner.mean_std([r["selected_frac"] * 100 for r in results]),
+                *kept,
+                runner.mean_std([r["teacher_acc_kept_in_distribution"] for r in results]),
+                runner.mean_std(runner.epoch_metric(TABLE, key, args.seeds, 1, "test_acc")),
+                f"stopped at epoch {', '.join(map(str, stopped))}" if stopped else "—",
+                runner.wall_minutes(TABLE, key, args.seeds),
+            ]
+        )
+    first = next(
+        (
+            runner.load(TABLE, f"{v[0]}-e{args.epochs}", s)
+            for v in variants
+            for s in args.seeds
+            if runner.load(TABLE, f"{v[0]}-e{args.epochs}", s)
+        ),
+        {},
+    )
+    notes = (
+        f"Web `{args.web}`, {args.epochs} epochs, seeds {args.seeds}; teacher {args.teacher} "
+        f"(its accuracy on all shifted Fashion-MNIST web images: {first.get('teacher_acc_in_distribution', '—')}%). "
+        "Kept fractions and the teacher's accuracy on the kept shifted images are at the last epoch. The paper's "
+        "Table 2 has no Fashion-MNIST or LeNet rows; its CIFAR-10 column is given for the direction of each effect."
+    )
+    runner.write_table(
+        TABLE if args.epochs == 20 else f"{TABLE}-e{args.epochs}",
+        [
+            "variant",
+            "flags",
+            "student acc (ours)",
+            "vs full KD3, same seed (points)",
+            "paper, CIFAR-10 ResNet34→18 (vs full)",
+            "selected (%)",
+            "kept: shifted FMNIST (%)",
+            "kept: shapes (%)",
+            "kept: noise (%)",
+            "teacher acc on kept shifted (%)",
+            "epoch-1 acc",
+            "stopped",
+            "wall (min)",
+        ],
+        rows,
+        notes,
+        dry_run=args.dry_run,
+    )
 
 
 if __name__ == "__main__":
