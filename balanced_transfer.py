@@ -906,8 +906,9 @@ def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha)
     progress = Progress(spec, cap, quota, balanced=True)
     saved, deadline = [time.time()], time.time() + 60 * (args.max_minutes or float("inf"))
 
-    def save():
-        models.atomic_save(stream.state_dict(), path)
+    def save():  # every process draws the same stream; one writes it
+        if runtime.is_main():
+            models.atomic_save(stream.state_dict(), path)
         saved[0] = time.time()
 
     def on_batch(stream):
@@ -927,15 +928,14 @@ def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha)
             on_batch=on_batch,
         )
     except KeyboardInterrupt:
-        if runtime.is_main():
-            save()
-            print(
-                f"\ncomposition saved at {stream.made:,} draws in {path}: the same command continues it",
-                flush=True,
-            )
-        raise
-    if runtime.is_main():
         save()
+        print(
+            f"\nthe composition so far ({stream.made:,} draws) is saved in {path}: the same command "
+            f"continues it",
+            flush=True,
+        )
+        raise
+    save()
     state = stream.state_dict()
     return (
         state["images"].to(device),

@@ -720,7 +720,8 @@ def cli(run, parser, script, argv=None):
         if log is None or log.saved_label is None:
             _drop_empty_run_folder()
             print(
-                "\ninterrupted before the first epoch finished: nothing was saved, nothing to resume",
+                "\ninterrupted before the first epoch finished: no run state was saved, nothing to "
+                "--resume",
                 flush=True,
             )
         else:

@@ -3090,7 +3090,7 @@ def test_ctrl_c_before_the_first_epoch_ends_in_one_line(
         )
     assert stop.value.code == 130
     assert capsys.readouterr().out.endswith(
-        "\ninterrupted before the first epoch finished: nothing was saved, nothing to resume\n"
+        "\ninterrupted before the first epoch finished: no run state was saved, nothing to --resume\n"
     )
     assert os.listdir(tmp_path / "runs") == []  # the run folder held no epoch: removed
 
@@ -3119,7 +3119,7 @@ def test_ctrl_c_as_the_first_epoch_is_saved_leaves_no_folder(
     with pytest.raises(SystemExit) as stop:
         kd3.main(SMALL_KD3 + ["--teacher", synthetic_teacher, "--runs-dir", str(tmp_path / "runs")])
     assert stop.value.code == 130
-    assert capsys.readouterr().out.endswith("nothing was saved, nothing to resume\n")
+    assert capsys.readouterr().out.endswith("no run state was saved, nothing to --resume\n")
     assert (
         os.listdir(tmp_path / "runs") == []
     )  # what the message says: no config.json, PNGs or metrics left
