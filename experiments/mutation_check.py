@@ -118,9 +118,32 @@ SWAPS = {
 
 # Semantic mutants of the wiring between those functions: one-line changes a careful developer could make while
 # moving code, each changing what a run computes (file, what it breaks, the line as written, the mutant). Run by
-# --wiring against the wiring tests (WIRING_TESTS); the streaming composer of balanced_transfer.py has tests of
-# its own and no mutant here.
+# --wiring against the wiring tests (WIRING_TESTS), the streaming composer's among them.
 WIRING = [
+    (
+        "balanced_transfer.py",
+        "the composer stops as soon as any class is full",
+        "stream.complete = balanced and bool((stream.counts >= quota).all())",
+        "stream.complete = balanced and bool((stream.counts >= quota).any())",
+    ),
+    (
+        "balanced_transfer.py",
+        "the screen passes draws of full classes instead of open ones",
+        "passed_screen = screen_candidates(screened, stream.counts < quota, SCREEN_MARGIN)",
+        "passed_screen = screen_candidates(screened, stream.counts >= quota, SCREEN_MARGIN)",
+    ),
+    (
+        "balanced_transfer.py",
+        "the candidates keep the screen's label instead of the fp32 teacher's",
+        "labels[passed] = labeller.exact(x[passed])",
+        "labels[passed] = screened.argmax(1)[passed]",
+    ),
+    (
+        "balanced_transfer.py",
+        "a continued stream starts its generator afresh",
+        'self.generator.set_state(state["generator"])',
+        "self.generator.manual_seed(0)",
+    ),
     (
         "kd3.py",
         "N_T(x) from the perturbed half of [x, x^]",
@@ -142,8 +165,8 @@ WIRING = [
     (
         "kd3.py",
         "L^T_mdcl contrasts the teacher's head with the student's",
-        'terms["mdcl_t"] = mdcl_loss(z_t[:b].float(), z_t[b:].float(), **kw)',
-        'terms["mdcl_t"] = mdcl_loss(z_t[:b].float(), z_s[b:].float(), **kw)',
+        "z_t[:b].float(), z_t[b:].float(), **kw",
+        "z_t[:b].float(), z_s[b:].float(), **kw",
     ),
     (
         "kd3.py",
@@ -154,14 +177,14 @@ WIRING = [
     (
         "kd3.py",
         "--contrastive reads the other way round",
-        'positive_in_denominator=contrastive == "ntxent")',
-        'positive_in_denominator=contrastive == "paper")',
+        'positive_in_denominator=contrastive == "ntxent"',
+        'positive_in_denominator=contrastive == "paper"',
     ),
     (
         "kd3.py",
         "soft labels: the teacher's outputs not softened",
-        'terms["cls"] = F.kl_div(F.log_softmax(s_logits / T, dim=1), F.softmax(t_logits / T, dim=1),',
-        'terms["cls"] = F.kl_div(F.log_softmax(s_logits / T, dim=1), F.softmax(t_logits, dim=1),',
+        "F.softmax(t_logits / T, dim=1),",
+        "F.softmax(t_logits, dim=1),",
     ),
     (
         "kd3.py",
@@ -221,8 +244,8 @@ WIRING = [
     (
         "hidfd.py",
         "the discriminator step gets G's optimiser",
-        "terms = discriminator_step(D_trained, G, gan_teacher, x_real, y_real, t_real, opt_d,",
-        "terms = discriminator_step(D_trained, G, gan_teacher, x_real, y_real, t_real, opt_g,",
+        "D_trained, G, gan_teacher, x_real, y_real, t_real, opt_d, noise, **d_step",
+        "D_trained, G, gan_teacher, x_real, y_real, t_real, opt_g, noise, **d_step",
     ),
     (
         "hidfd.py",
@@ -245,8 +268,8 @@ WIRING = [
     (
         "hidfd.py",
         "Eq. (8) with real and fake teacher features swapped",
-        "blend, trans = blend_loss(t_real, t_fake, d_real, d_fake), trans_loss(t_real, t_fake, d_real, d_fake)",
-        "blend, trans = blend_loss(t_fake, t_real, d_real, d_fake), trans_loss(t_real, t_fake, d_real, d_fake)",
+        "blend_loss(t_real, t_fake, d_real, d_fake),",
+        "blend_loss(t_fake, t_real, d_real, d_fake),",
     ),
     (
         "hidfd.py",
@@ -288,8 +311,8 @@ WIRING = [
     (
         "hidfd.py",
         "D_c is not inflated N times",
-        "indices = torch.cat([torch.arange(n_c).repeat(N), n_c + torch.arange(n_s)])",
-        "indices = torch.cat([torch.arange(n_c), n_c + torch.arange(n_s)])",
+        "[torch.arange(n_c).repeat(N), n_c + torch.arange(n_s)]",
+        "[torch.arange(n_c), n_c + torch.arange(n_s)]",
     ),
     (
         "hidfd.py",
@@ -372,8 +395,8 @@ WIRING = [
     (
         "data.py",
         "every source of a mix drawn with one seed",
-        "images, labels = load_images(name, split, root, n=count, shape=(channels, size, size), seed=seed + i)",
-        "images, labels = load_images(name, split, root, n=count, shape=(channels, size, size), seed=seed)",
+        "name, split, root, n=count, shape=(channels, size, size), seed=seed + i",
+        "name, split, root, n=count, shape=(channels, size, size), seed=seed",
     ),
     (
         "data.py",
@@ -388,7 +411,8 @@ WIRING_TESTS = (
     "matches_its_reference or sends_gradient_where or reads_the_student_before or milestones_act or "
     "non_finite_stop_catches or mean_and_std_are or reshuffles_and_redraws or drawn_independently or "
     "eval_mode_and_restores or gan_loop_trains or kd3_loop_applies or student_loops_of or "
-    "golden_trajectory or resumed_run_continues"
+    "golden_trajectory or resumed_run_continues or the_screen_changes or composer_stops_only or "
+    "continued_stream_equals"
 )
 
 
