@@ -106,10 +106,15 @@ def predict(model, images, mean, std, batch_size=1024, features=False):
     `model` has the models.py interface (features, classifier, feat_dim).
 
     Under torchrun each rank predicts its slice of `images` with rank 0's BatchNorm statistics and every rank
-    gets the full result, so decisions taken from it (selection, accuracy) are the same on every rank."""
+    gets the full result, so decisions taken from it (selection, accuracy) are the same on every rank. The
+    slices are whole batches of one process's run, so every image is predicted in the same batch, and
+    rounded the same way, as in a single process."""
     device = next(model.parameters()).device
     broadcast_buffers(model)
-    lo, hi = len(images) * rank() // world_size(), len(images) * (rank() + 1) // world_size()
+    batches = -(-len(images) // batch_size)
+    lo, hi = (
+        min(len(images), batches * r // world_size() * batch_size) for r in (rank(), rank() + 1)
+    )
     was_training = model.training
     model.eval()
     logits = [torch.zeros(0, model.classifier.out_features, device=device)]
@@ -711,7 +716,9 @@ def cli(run, parser, script, argv=None):
     args = parser.parse_args(argv)
     RunLog.current = None
     try:
-        return run(args)
+        result = run(args)
+        barrier()  # every process done before the group is torn down (gloo aborts a process otherwise)
+        return result
     except (data.DatasetNotFoundError, ValueError, NonFiniteLossError) as e:
         _drop_empty_run_folder()
         sys.exit(f"error: {e}")

@@ -1826,7 +1826,8 @@ def test_the_composer_stops_only_when_every_quota_is_full_or_the_draws_end():
 def test_a_continued_stream_equals_an_uninterrupted_one_and_prefixes_give_smaller_quotas():
     teacher = noise_teacher()
     whole = compose_stream(teacher, quota=40, max_draws=512 * 30).state_dict()
-    part = compose_stream(teacher, quota=40, max_draws=512 * 12)
+    part = compose_stream(teacher, quota=40, max_draws=512 * 2)
+    assert part.made == 1024 and not part.complete  # batches are left for the continuation below
     gen = torch.Generator()
     resumed = bt.NoiseStream(gen, 10)
     resumed.load_state_dict(part.state_dict())  # as read back from the cache
