@@ -50,6 +50,19 @@ ROWS = [  # (row name, balance, augmentation, flags)
         False,
         ["--max-draws", "full", "--transfer-size", "20000"],
     ),
+    # what moves the complete row: the temperature of Eq. (2) (not given in the paper; 20 by default)
+    (
+        "noise-uniform-balanced-complete-t4-no-aug",
+        "complete, τ = 4",
+        False,
+        ["--max-draws", "full", "--temperature", "4"],
+    ),
+    (
+        "noise-uniform-balanced-complete-t1-no-aug",
+        "complete, τ = 1",
+        False,
+        ["--max-draws", "full", "--temperature", "1"],
+    ),
 ]
 
 
