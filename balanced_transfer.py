@@ -574,8 +574,9 @@ class PairwiseMaxPool(torch.nn.Module):
 
 def screen_network(teacher, mean, std):
     """A bf16, channels_last copy of the frozen teacher that reads uint8 pixel values: the input normalisation
-    (x / 255 - mean) / std folded into its first convolution when that has no padding (else None is returned for
-    `folded` and the caller normalises), its 2x2 max-pools as PairwiseMaxPool. Returns (network, folded)."""
+    (x / 255 - mean) / std folded into its first convolution when that has no padding (else `folded` is False
+    and the caller normalises), its 2x2 max-pools as PairwiseMaxPool, taken before the ReLU that precedes them
+    (max and ReLU commute: the same values, a quarter of the ReLUs). Returns (network, folded)."""
     net = copy.deepcopy(teacher).eval()
     first = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
     folded = first is not None and first.padding in (0, (0, 0)) and first.bias is not None
@@ -596,6 +597,13 @@ def screen_network(teacher, mean, std):
                 and not child.ceil_mode
             ):
                 setattr(module, name, PairwiseMaxPool())
+    for seq in [m for m in net.modules() if isinstance(m, torch.nn.Sequential)]:
+        layers = list(seq)
+        for i in range(len(layers) - 1):
+            if isinstance(layers[i], torch.nn.ReLU) and isinstance(layers[i + 1], PairwiseMaxPool):
+                layers[i], layers[i + 1] = layers[i + 1], layers[i]
+        for i, layer in enumerate(layers):
+            seq[i] = layer
     return net.to(torch.bfloat16).to(memory_format=torch.channels_last), folded
 
 
