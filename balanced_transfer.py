@@ -6,7 +6,7 @@ Algorithm 1 composes a "target-class balanced" set: go through sources D_1..D_M 
 only while its teacher-predicted class holds fewer than N/C samples. The student then learns from the
 teacher's temperature-softened outputs alone, Eq. (2), optionally on augmented images (Sec. 4.2).
 
-    python balanced_transfer.py --epochs 20 --no-augment --source noise-uniform-normalised  # quick start
+    python balanced_transfer.py --epochs 40 --no-augment --source noise-uniform-normalised  # quick start
     python balanced_transfer.py --no-augment --max-draws full --epoch-images 60000  # Table 1, balanced
     python balanced_transfer.py --unbalanced --no-augment  # Table 1's first row
     python balanced_transfer.py --dataset cifar10 --source svhn,tinyimagenet  # AlexNet -> AlexNet-half
