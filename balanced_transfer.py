@@ -915,10 +915,12 @@ def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha)
     progress = Progress(spec, cap, quota, balanced=True)
     saved, deadline = [time.time()], time.time() + 60 * (args.max_minutes or float("inf"))
 
-    def save():  # every process draws the same stream; one writes it
+    def save():  # every process draws the same stream; one writes it. Returns what was saved.
+        state = stream.state_dict()
         if runtime.is_main():
-            models.atomic_save(stream.state_dict(), path)
+            models.atomic_save(state, path)
         saved[0] = time.time()
+        return state
 
     def on_batch(stream):
         progress(stream)
@@ -944,8 +946,7 @@ def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha)
             flush=True,
         )
         raise
-    save()
-    state = stream.state_dict()
+    state = save()  # the finished (or capped) stream, gathered once for the file and for the run
     return (
         state["images"].to(device),
         state["labels"].to(device),
