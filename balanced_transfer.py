@@ -118,60 +118,26 @@ def draws_flag(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="KD on a class-balanced arbitrary transfer set (WACV 2021).",
-        formatter_class=runtime.HelpFormatter,
+    parser = runtime.method_parser(
+        "KD on a class-balanced arbitrary transfer set (WACV 2021).",
+        SETTINGS,
+        seed="the draws, the student and the augmentation",
+        notes={
+            "teacher_arch": "Sec. 4 (resnet34 for Table 2-right)",
+            "student_arch": "Sec. 4 (resnet18 for resnet34)",
+            "epochs": "not given in the paper",
+            "checkpoint_dir": "the composition cache (--compose-cache)",
+            "resume": "and its transfer_set.pt",
+        },
     )
-    p.add_argument(
-        "--dataset",
-        default="fashionmnist",
-        choices=sorted(data.DATASETS),
-        help="the teacher's task",
-    )
+    p = parser.add_argument_group("balanced transfer (Algorithm 1, Eq. 2, Sec. 4)")
     p.add_argument(
         "--source",
         default=None,
-        help="arbitrary sources D_1..D_M in order: any data.py source list, or "
-        f"generated noise ({', '.join(NOISE_SOURCES)}) (Sec. 4.1: noise, Clevr+Mid-Air, SVHN+TinyImageNet); "
+        help="arbitrary sources D_1..D_M in order: any data.py source list, or generated noise "
+        f"({', '.join(NOISE_SOURCES)}) (Sec. 4.1: noise, Clevr+Mid-Air, SVHN+TinyImageNet); "
         + runtime.family_default(SETTINGS, "source"),
     )
-    p.add_argument(
-        "--teacher",
-        default=None,
-        help="teacher checkpoint (default: the cache of teacher.py, trained "
-        "with its recipe when missing)",
-    )
-    p.add_argument(
-        "--teacher-arch",
-        default=None,
-        help="Sec. 4 (resnet34 for Table 2-right); "
-        + runtime.family_default(SETTINGS, "teacher_arch"),
-    )
-    p.add_argument(
-        "--student-arch",
-        default=None,
-        help="Sec. 4 (resnet18 for resnet34); " + runtime.family_default(SETTINGS, "student_arch"),
-    )
-    p.add_argument(
-        "--data-root", default="data", help="where the datasets' files are (docs/data.md)"
-    )
-    p.add_argument(
-        "--download", action="store_true", help="fetch the teacher's dataset with torchvision first"
-    )
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train"
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the draws, the student and the augmentation"
-    )
-    p.add_argument(
-        "--teacher-seed",
-        type=int,
-        default=0,
-        help="the recipe teacher's seed (one teacher for every --seed, as the tables)",
-    )
-    p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
-    p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
     # Transfer set (Algorithm 1, Sec. 4.1)
     balance = p.add_mutually_exclusive_group()
     balance.add_argument(
@@ -277,121 +243,89 @@ def build_parser():
         default=20.0,
         help="tau of Eq. (2); not given in the paper: 20 as in the same group's ZSKD and DeGAN",
     )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="student epochs (not in the paper); " + runtime.family_default(SETTINGS, "epochs"),
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="student batch size; " + runtime.family_default(SETTINGS, "batch_size"),
-    )
-    p.add_argument(
-        "--optimizer",
-        default=None,
-        choices=["sgd", "adam"],
-        help="student optimiser; " + runtime.family_default(SETTINGS, "optimizer"),
-    )
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="student lr; " + runtime.family_default(SETTINGS, "lr"),
-    )
-    p.add_argument(
-        "--momentum",
-        type=float,
-        default=None,
-        help="SGD momentum; " + runtime.family_default(SETTINGS, "momentum"),
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help=runtime.family_default(SETTINGS, "weight_decay"),
-    )
-    p.add_argument(
-        "--milestones",
-        type=int,
-        nargs="*",
-        default=None,
-        help="lr / 10 at these epochs; " + runtime.family_default(SETTINGS, "milestones"),
-    )
-    p.add_argument(
-        "--resume",
-        default=None,
-        metavar="RUN_DIR",
-        help="continue an interrupted run from "
-        "RUN_DIR/state.pt and transfer_set.pt with its saved config.json (flags given now must match it)",
-    )
-    return p
+    return parser
 
 
 def resolve_settings(args):
-    """Fill every None flag from SETTINGS[family] (visible above); N defaults to |D_o|, the teacher's
-    training-set size (Sec. 4.1), so the original data is never read."""
-    for key, value in SETTINGS[data.DATASETS[args.dataset]["family"]].items():
-        if getattr(args, key) is None and not (
-            key == "teacher_arch" and args.teacher
-        ):  # --teacher: its own arch
-            setattr(args, key, value)
-    if args.transfer_size is None:
-        args.transfer_size = data.DATASETS[args.dataset]["train_size"]
-    if args.transfer_size < data.DATASETS[args.dataset]["num_classes"]:
-        raise ValueError(
-            "--transfer-size must be at least the number of classes — the quota N // C must be >= 1"
-        )
+    """The run's settings: every flag left out takes its value from SETTINGS (above), N its default
+    |D_o|, the teacher's training-set size (Sec. 4.1; the original data is never read), or all of them
+    from the saved config.json under --resume; then `check_settings`."""
+    train_sizes = {name: meta["train_size"] for name, meta in data.DATASETS.items()}
+    per_dataset = {"transfer_size": train_sizes}
+    args = runtime.complete_args(
+        args, build_parser(), "balanced_transfer.py", SETTINGS, per_dataset
+    )
+    return check_settings(args)
+
+
+def check_settings(args):
+    """Refuse a bad value in one line, before anything is composed."""
     runtime.check_training_flags(
         args, SETTINGS, source="the defaults are", checkpoints=args.teacher is None
     )
-    runtime.check_range(
+    check, default = runtime.check_range, build_parser().get_default
+    check(
+        "--transfer-size",
+        args.transfer_size,
+        data.DATASETS[args.dataset]["num_classes"],
+        fix="the quota N // C must be >= 1",
+    )
+    check(
         "--temperature",
         args.temperature,
         0,
         open_low=True,
-        fix="the default is 20, as in ZSKD and DeGAN (the paper gives none)",
+        fix=f"the default is {default('temperature')}, as in ZSKD and DeGAN (the paper gives none)",
+    )
+    check("--draw-batch", args.draw_batch, 1, fix=runtime.family_default(SETTINGS, "draw_batch"))
+    check(
+        "--save-minutes",
+        args.save_minutes,
+        0,
+        open_low=True,
+        fix=f"the default is {default('save_minutes')}",
     )
     if args.max_minutes is not None:
-        runtime.check_range(
+        check(
             "--max-minutes", args.max_minutes, 0, open_low=True, fix="leave it out for no time cap"
         )
-    if args.compose_cache is None:
-        args.compose_cache = os.path.join(args.checkpoint_dir, "transfer_sets")
-    if not args.save_minutes > 0:
-        raise ValueError(
-            f"--save-minutes must be > 0, got {args.save_minutes} — the default saves every 5 minutes"
-        )
-    if min(args.epochs, args.batch_size, args.draw_batch) < 1 or args.temperature <= 0:
-        raise ValueError(
-            "--epochs, --batch-size and --draw-batch must be >= 1 and --temperature > 0 — give "
-            "positive values"
-        )
-    if args.epoch_images is not None and args.epoch_images < 1:
-        raise ValueError(
-            f"--epoch-images must be >= 1, got {args.epoch_images} — leave it out for one pass per epoch"
-        )
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise ValueError(
-            f"--max-minutes must be > 0, got {args.max_minutes} — leave it out for no time cap"
-        )
-    if args.strict is not None and not 0 <= args.strict <= 1:
-        raise ValueError(
-            f"--strict FRACTION must be in [0, 1], got {args.strict} — e.g. --strict 0.5 refuses classes "
-            f"below half their quota"
+    if args.epoch_images is not None:
+        check("--epoch-images", args.epoch_images, 1, fix="leave it out for one pass per epoch")
+    if args.strict is not None:
+        check(
+            "--strict FRACTION",
+            args.strict,
+            0,
+            1,
+            fix="e.g. --strict 0.5 refuses classes below half their quota",
         )
     for spec in args.source.split(","):
         data.parse_source(spec.strip())  # a source that asks for 0 images is an error now
     if args.resume:
-        runtime.check_run_file(
+        check_run_file(
             args.resume,
             "transfer_set.pt",
             "the composed set it trains on",
             "start a new run (it composes the set again)",
         )
     return args
+
+
+def composition_cache(args):
+    """--compose-cache, or its default <checkpoint-dir>/transfer_sets."""
+    return args.compose_cache or os.path.join(args.checkpoint_dir, "transfer_sets")
+
+
+def check_run_file(run_dir, filename, what, fix):
+    """--resume RUN_DIR needs RUN_DIR/filename (`what` it holds), a file that is not empty: else one
+    line that ends with `fix`."""
+    path = os.path.join(run_dir, filename)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        found = "an empty file" if os.path.isfile(path) else "none"
+        raise ValueError(
+            f"--resume {run_dir}: expected {filename} ({what}) in that folder, found "
+            f"{found} — {fix}"
+        )
 
 
 #### Losses and selection ####
@@ -884,7 +818,7 @@ def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha)
     """One balanced generated source through the composition cache (--compose-cache): continue its stream
     (saved every --save-minutes and at Ctrl-C), or reuse a finished one; a finished set is never redrawn.
     Returns (images, labels, draws, histogram of the draws, the cached state's screen counts, seconds)."""
-    folder = args.compose_cache
+    folder = composition_cache(args)
     path, state = find_in_cache(folder, cache_name(args, spec, teacher_sha, quota, device), quota)
     own = path.endswith(f"-quota{quota}.pt")
     # a cached stream is drawn in whole batches, so that a later run continues it exactly
@@ -1230,14 +1164,20 @@ def check_composition(report, args, class_names):
         )
 
 
-def save_composition_pictures(images, labels, report, meta, log):
-    """A grid of the composed set (a labelled row per teacher class) and, with matplotlib, its histogram."""
-    rows, row_labels = pictures.per_class_examples(
-        images, labels, meta["num_classes"], per_class=10
-    )
+def save_composition_pictures(images, labels, report, meta, log, per_class=10):
+    """A grid of the composed set (a labelled row per teacher class: up to `per_class` random images,
+    padded with white cells) and, with matplotlib, its histogram."""
+    g = torch.Generator().manual_seed(0)
+    labels = labels.cpu()
+    blank = torch.full(tuple(images.shape[1:]), 255, dtype=torch.uint8)
+    rows = []
+    for c in range(meta["num_classes"]):
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
+        rows += [images[i].cpu() for i in idx.tolist()] + [blank] * (per_class - len(idx))
     pictures.class_rows(
-        rows,
-        row_labels,
+        torch.stack(rows),
+        list(range(meta["num_classes"])),
         meta["classes"],
         log.path("transfer_set.png"),
         title="transfer set: row = the teacher's class (blank: no image)",
@@ -1251,7 +1191,7 @@ def save_composition_pictures(images, labels, report, meta, log):
 
 
 def run(args):
-    args = resolve_settings(runtime.resume_config(args, build_parser(), "balanced_transfer.py"))
+    args = resolve_settings(args)
     device = runtime.get_device(args.device)
     runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]

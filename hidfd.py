@@ -18,7 +18,6 @@ with its own dataset's mean/std, exactly like stored uint8 images. The first com
 budget; measured runs: docs/hidfd.md.
 """
 
-import argparse
 import copy
 import math
 import os
@@ -108,17 +107,20 @@ COLLECTED = {
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="HiDFD (AAAI 2025): teacher-guided ADCGAN on a small collection, then "
-        "hybrid distillation.",
-        formatter_class=runtime.HelpFormatter,
+    parser = runtime.method_parser(
+        "HiDFD (AAAI 2025): teacher-guided ADCGAN on a small collection, then hybrid distillation.",
+        SETTINGS,
+        seed="D_c's draw, the GAN, D_s and the student",
+        notes={
+            "teacher_arch": "Table 1",
+            "student_arch": "Table 1",
+            "epochs": "student (Sec. 'Implementation Details')",
+            "batch_size": "student",
+            "checkpoint_dir": "the default generator path",
+            "resume": "the GAN stage or the distill stage",
+        },
     )
-    p.add_argument(
-        "--dataset",
-        default="fashionmnist",
-        choices=sorted(data.DATASETS),
-        help="the teacher's task",
-    )
+    p = parser.add_argument_group("HiDFD (Sec. 'Implementation Details', Eqs. 1 and 8-14)")
     p.add_argument(
         "--collected",
         default=None,
@@ -130,46 +132,6 @@ def build_parser():
         type=float,
         default=0.1,
         help="|D_c| = rho * |D_o| (Sec. Collected Datasets: 0.1, 1.0)",
-    )
-    p.add_argument(
-        "--teacher",
-        default=None,
-        help="teacher checkpoint (default: the cache of teacher.py, trained "
-        "with its recipe when missing)",
-    )
-    p.add_argument(
-        "--teacher-arch",
-        default=None,
-        help="Table 1; " + runtime.family_default(SETTINGS, "teacher_arch"),
-    )
-    p.add_argument(
-        "--student-arch",
-        default=None,
-        help="Table 1; " + runtime.family_default(SETTINGS, "student_arch"),
-    )
-    p.add_argument(
-        "--data-root", default="data", help="where the datasets' files are (docs/data.md)"
-    )
-    p.add_argument(
-        "--download", action="store_true", help="fetch the teacher's dataset with torchvision first"
-    )
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train"
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of D_c's draw, the GAN, D_s and the student"
-    )
-    p.add_argument(
-        "--teacher-seed",
-        type=int,
-        default=0,
-        help="the recipe teacher's seed (one teacher for every --seed, as the tables)",
-    )
-    p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
-    p.add_argument(
-        "--checkpoint-dir",
-        default="checkpoints",
-        help="the teacher cache and the default generator path",
     )
     p.add_argument(
         "--stage",
@@ -277,57 +239,7 @@ def build_parser():
         help="distil on the inflated D_c alone (collection-only "
         "comparison); N is still floor(n_synthetic / |D_c|)",
     )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="student epochs; " + runtime.family_default(SETTINGS, "epochs"),
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="student batch size; " + runtime.family_default(SETTINGS, "batch_size"),
-    )
-    p.add_argument(
-        "--optimizer",
-        default=None,
-        choices=["sgd", "adam"],
-        help="student optimiser; " + runtime.family_default(SETTINGS, "optimizer"),
-    )
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="student lr; " + runtime.family_default(SETTINGS, "lr"),
-    )
-    p.add_argument(
-        "--momentum",
-        type=float,
-        default=None,
-        help="SGD momentum; " + runtime.family_default(SETTINGS, "momentum"),
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help=runtime.family_default(SETTINGS, "weight_decay"),
-    )
-    p.add_argument(
-        "--milestones",
-        type=int,
-        nargs="*",
-        default=None,
-        help="lr / 10 at these epochs; " + runtime.family_default(SETTINGS, "milestones"),
-    )
-    p.add_argument(
-        "--resume",
-        default=None,
-        metavar="RUN_DIR",
-        help="continue an interrupted run (GAN or distill "
-        "stage) from RUN_DIR/state.pt with its saved config.json (flags given now must match it)",
-    )
-    return p
+    return parser
 
 
 def generator_path(args):
@@ -339,14 +251,15 @@ def generator_path(args):
 
 
 def resolve_settings(args):
-    """Fill every None flag from SETTINGS[family] and COLLECTED (visible above) and validate."""
-    for key, value in SETTINGS[data.DATASETS[args.dataset]["family"]].items():
-        if getattr(args, key) is None and not (
-            key == "teacher_arch" and args.teacher
-        ):  # --teacher: its own arch
-            setattr(args, key, value)
-    if args.collected is None:
-        args.collected = COLLECTED[args.dataset]
+    """The run's settings: every flag left out takes its value from SETTINGS and COLLECTED (above),
+    or from the saved config.json under --resume; then `check_settings`."""
+    per_dataset = {"collected": COLLECTED}
+    args = runtime.complete_args(args, build_parser(), "hidfd.py", SETTINGS, per_dataset)
+    return check_settings(args)
+
+
+def check_settings(args):
+    """Refuse a bad value in one line, before any GAN epoch."""
     runtime.check_training_flags(args, SETTINGS, checkpoints=args.teacher is None)
     if args.stage != "distill" and not args.no_synthetic:  # the GAN stage writes the generator file
         runtime.check_writable_folder(
@@ -1215,7 +1128,7 @@ def synthetic_set(args, G, teacher, meta, device):
 
 
 def run(args):
-    args = resolve_settings(runtime.resume_config(args, build_parser(), "hidfd.py"))
+    args = resolve_settings(args)
     device = runtime.get_device(args.device)
     runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]

@@ -14,7 +14,6 @@ Ablations of Table 2: --no-cls-share {onehot,soft}, --selection {random,student,
 On Fashion-MNIST (teacher 90.26%) the 20-epoch student reaches ~76%, the 5-epoch one ~75% (docs/kd3.md).
 """
 
-import argparse
 import copy
 import math
 
@@ -84,124 +83,46 @@ WEB = {
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="KD3 (ICCV 2023): distillation with webly collected images under "
-        "distribution shift.",
-        formatter_class=runtime.HelpFormatter,
+    parser = runtime.method_parser(
+        "KD3 (ICCV 2023): distillation with webly collected images under distribution shift.",
+        SETTINGS,
+        seed="the student, the selection and the augmentation",
+        notes={
+            "teacher_arch": "Table 1",
+            "student_arch": "Table 1",
+            "epochs": "I of Eq. (4)",
+            "batch_size": "not given in the paper (authors' code: 1024)",
+        },
     )
-    p.add_argument(
-        "--dataset",
-        default="fashionmnist",
-        choices=sorted(data.DATASETS),
-        help="the teacher's task",
-    )
+    p = parser.add_argument_group("KD3 (Sec. 4 'Implementation Details', Fig. 4, Table 2)")
     p.add_argument(
         "--web",
         default=None,
         help="webly collected data D-bar, any data.py source list; default per "
         "dataset: " + ", ".join(f"{k} {v}" for k, v in WEB.items()),
     )
-    p.add_argument(
-        "--teacher",
-        default=None,
-        help="teacher checkpoint (default: the cache of teacher.py, trained "
-        "with its recipe when missing)",
-    )
-    p.add_argument(
-        "--teacher-arch",
-        default=None,
-        help="Table 1; " + runtime.family_default(SETTINGS, "teacher_arch"),
-    )
-    p.add_argument(
-        "--student-arch",
-        default=None,
-        help="Table 1; " + runtime.family_default(SETTINGS, "student_arch"),
-    )
-    p.add_argument(
-        "--data-root", default="data", help="where the datasets' files are (docs/data.md)"
-    )
-    p.add_argument(
-        "--download", action="store_true", help="fetch the teacher's dataset with torchvision first"
-    )
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train"
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the student, the selection and the augmentation",
-    )
-    p.add_argument(
-        "--teacher-seed",
-        type=int,
-        default=0,
-        help="the recipe teacher's seed (one teacher for every --seed, as the tables)",
-    )
-    p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
-    p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
-    # Optimisation (Sec. 4 "Implementation Details")
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="I of Eq. (4); " + runtime.family_default(SETTINGS, "epochs"),
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="not given in the paper (authors' code: 1024); "
-        + runtime.family_default(SETTINGS, "batch_size"),
-    )
-    p.add_argument(
-        "--optimizer",
-        default=None,
-        choices=["sgd", "adam"],
-        help=runtime.family_default(SETTINGS, "optimizer"),
-    )
-    p.add_argument("--lr", type=float, default=None, help=runtime.family_default(SETTINGS, "lr"))
-    p.add_argument(
-        "--momentum",
-        type=float,
-        default=None,
-        help="SGD momentum; " + runtime.family_default(SETTINGS, "momentum"),
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help=runtime.family_default(SETTINGS, "weight_decay"),
-    )
-    p.add_argument(
-        "--milestones",
-        type=int,
-        nargs="*",
-        default=None,
-        help="lr / 10 at these epochs; " + runtime.family_default(SETTINGS, "milestones"),
-    )
     # KD3 hyper-parameters (Sec. 4 "Implementation Details", Fig. 4)
-    p.add_argument("--v-th", type=float, default=0.95, help="V_th of Eq. (6) (paper: 0.95)")
+    p.add_argument("--v-th", type=float, default=0.95, help="V_th of Eq. (6), the paper's value")
     p.add_argument(
-        "--tau", type=float, default=0.3, help="temperature of Eqs. (15)-(16) (paper: 0.3)"
+        "--tau", type=float, default=0.3, help="temperature of Eqs. (15)-(16), the paper's value"
     )
     p.add_argument(
         "--alpha",
         type=float,
         default=0.01,
-        help="weight of L_mdcl in Eq. (18) (paper: 0.01; code 0.001)",
+        help="weight of L_mdcl in Eq. (18), the paper's value (authors' code: 0.001)",
     )
     p.add_argument(
         "--mix-delta",
         type=float,
         default=0.1,
-        help="lambda ~ Beta(delta, delta) of Eq. (11) (not given in the paper; authors' code 0.1)",
+        help="lambda ~ Beta(delta, delta) of Eq. (11); not given in the paper, the authors' code's value",
     )
     p.add_argument(
         "--proj-dim",
         type=int,
         default=128,
-        help="projection head output, Eqs. (13)-(14) (code: 128)",
+        help="projection head output, Eqs. (13)-(14); the authors' code's value",
     )
     p.add_argument(
         "--mdcl-reduction",
@@ -227,7 +148,10 @@ def build_parser():
         "labels (default: off, the classifier is shared)",
     )
     p.add_argument(
-        "--kd-t", type=float, default=4.0, help="KL temperature of --no-cls-share soft (not given)"
+        "--kd-t",
+        type=float,
+        default=4.0,
+        help="KL temperature of --no-cls-share soft (not given in the paper)",
     )
     p.add_argument(
         "--no-cls-share-predictions",
@@ -264,34 +188,27 @@ def build_parser():
     p.add_argument(
         "--grid-size", type=int, default=64, help="images per selected/rejected PNG grid"
     )
-    p.add_argument(
-        "--resume",
-        default=None,
-        metavar="RUN_DIR",
-        help="continue an interrupted run from "
-        "RUN_DIR/state.pt with its saved config.json (flags given now must match it)",
-    )
-    return p
+    return parser
 
 
 def resolve_settings(args):
-    """Fill every None flag from SETTINGS[family] and WEB (visible above) and validate."""
-    for key, value in SETTINGS[data.DATASETS[args.dataset]["family"]].items():
-        if getattr(args, key) is None and not (
-            key == "teacher_arch" and args.teacher
-        ):  # --teacher: its own arch
-            setattr(args, key, value)
-    if args.web is None:
-        args.web = WEB[args.dataset]
+    """The run's settings: every flag left out takes its value from SETTINGS and WEB (above), or from
+    the saved config.json under --resume; then `check_settings`."""
+    args = runtime.complete_args(args, build_parser(), "kd3.py", SETTINGS, per_dataset={"web": WEB})
+    return check_settings(args)
+
+
+def check_settings(args):
+    """Refuse a bad value in one line, before any work."""
     runtime.check_training_flags(args, SETTINGS, checkpoints=args.teacher is None)
-    check = runtime.check_range  # the values of Sec. 4 "Implementation Details", before any work
+    check, default = runtime.check_range, build_parser().get_default
     check("--v-th", args.v_th, 0, 1, open_low=True, paper="0.95")
     check("--tau", args.tau, 0, open_low=True, paper="0.3")
     check("--alpha", args.alpha, 0, paper="0.01 (the authors' code 0.001)")
     check("--mix-delta", args.mix_delta, 0, open_low=True, fix="the authors' code uses 0.1")
     check("--proj-dim", args.proj_dim, 1, fix="the authors' code uses 128")
-    check("--kd-t", args.kd_t, 0, open_low=True, fix="the default is 4 (not given in the paper)")
-    check("--grid-size", args.grid_size, 1, fix="the default is 64 images per picture grid")
+    check("--kd-t", args.kd_t, 0, open_low=True, fix=f"the default is {default('kd_t')}")
+    check("--grid-size", args.grid_size, 1, fix=f"the default is {default('grid_size')}")
     return args
 
 
@@ -738,22 +655,24 @@ class WebSet:
         )
 
     def save_pictures(self, epoch, selected, pred, log):
-        """epoch<k>-selected.png and epoch<k>-rejected.png: kept and dropped images, captioned."""
-        if runtime.is_main():
-            short = [
-                data.parse_source(s)[0].replace("shifted:", "s-") for s in self.sources
-            ]  # caption width
-            pictures.selection_grids(
-                self.x,
-                selected,
-                pred,
-                self.source,
-                short,
-                self.meta["classes"],
-                log.path(f"epoch{epoch + 1}"),
-                self.args.grid_size,
-                seed=self.args.seed,
-            )
+        """epoch<k>-selected.png and epoch<k>-rejected.png: up to --grid-size random kept / dropped
+        images, each captioned with its predicted class and the source it came from."""
+        if not runtime.is_main():
+            return
+        short = [data.parse_source(s)[0].replace("shifted:", "s-") for s in self.sources]  # width
+        kept = torch.zeros(len(self.x), dtype=torch.bool)
+        kept[selected.cpu()] = True
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.args.seed))
+        pred, source = pred.cpu(), self.source.cpu()
+        names = self.meta["classes"] or [str(c) for c in range(self.meta["num_classes"])]
+        for name, mask in (("selected", kept[order]), ("rejected", ~kept[order])):
+            chosen = order[mask][: self.args.grid_size]
+            if len(chosen):
+                captions = [
+                    f"{names[int(pred[i])]}\n{short[int(source[i])]}" for i in chosen.tolist()
+                ]
+                path = log.path(f"epoch{epoch + 1}-{name}.png")
+                pictures.captioned_grid(self.x[chosen.to(self.x.device)], captions, path)
 
     def report(self, selected, pred):
         """What the selection kept: its size, per predicted class, per source (and the kept fraction
@@ -813,7 +732,7 @@ def build_student(args, teacher, meta):
 
 
 def run(args):
-    args = resolve_settings(runtime.resume_config(args, build_parser(), "kd3.py"))
+    args = resolve_settings(args)
     device = runtime.get_device(args.device)
     runtime.seed_everything(args.seed)
     meta = data.DATASETS[args.dataset]

@@ -5,9 +5,9 @@ Every network here has
     features(x) -> penultimate features (B, feat_dim), pooled
     classifier  -> the final nn.Linear, so forward(x) == classifier(features(x)) exactly
     feat_dim    -> int
-and takes `in_channels` (1 or 3) and `num_classes` in its constructor. `build_model(name, ...)` is the
-only way the rest of the code makes a network; `save_checkpoint` / `load_checkpoint` store it as a
-plain dict {"arch", "num_classes", "in_channels", "state_dict", "args", "acc", ...}.
+and takes `in_channels` (1 or 3) and `num_classes` in its constructor. `build_model(name, ...)` is
+the only way the rest of the code makes a network; `save_checkpoint` / `load_checkpoint` store it as
+a plain dict {"arch", "num_classes", "in_channels", "state_dict", "args", "acc", ...}.
 
 Nothing here knows about distillation.
 """
@@ -28,8 +28,8 @@ class Network(nn.Module):
 
 
 #### LeNet-5 (MNIST family; 32x32 input) ####
-# The LeNet-5 / LeNet-5-half pair of DAFL, ZSKD and the balanced-transfer paper: three 5x5 convolutions
-# (6, 16, 120 channels; half: 3, 8, 60), then fc 84 (half: 42) and the classifier.
+# The LeNet-5 / LeNet-5-half pair of DAFL, ZSKD and the balanced-transfer paper: three 5x5
+# convolutions (6, 16, 120 channels; half: 3, 8, 60), then fc 84 (half: 42) and the classifier.
 
 
 class LeNet5(Network):
@@ -67,8 +67,8 @@ def lenet5_half(num_classes=10, in_channels=1):
 
 
 def lenet5_half_f84(num_classes=10, in_channels=1):
-    """LeNet-5-half with LeNet-5's 84 features: a student whose features are as wide as the teacher's, as in
-    the papers' ResNet34 -> ResNet18 pairs (512 -> 512)."""
+    """LeNet-5-half with LeNet-5's 84 features: a student whose features are as wide as the
+    teacher's, as in the papers' ResNet34 -> ResNet18 pairs (512 -> 512)."""
     return LeNet5(num_classes, in_channels, width=0.5, feat_dim=84)
 
 
@@ -185,9 +185,9 @@ def vgg16(num_classes=10, in_channels=3):
 
 
 #### AlexNet for 32x32 inputs (the ZSKD / DeGAN / balanced-transfer CIFAR-10 pair) ####
-# Five convolutions (48, 128, 192, 192, 128 channels) with BatchNorm and three max-pools, then two hidden
-# fully connected layers (512, 256); AlexNet-half halves every width. These are the widths of the
-# CIFAR AlexNet in the zero-shot KD line of work that the balanced-transfer paper compares to.
+# Five convolutions (48, 128, 192, 192, 128 channels) with BatchNorm and three max-pools, then two
+# hidden fully connected layers (512, 256); AlexNet-half halves every width. These are the widths of
+# the CIFAR AlexNet in the zero-shot KD line of work that the balanced-transfer paper compares to.
 
 
 class AlexNet(Network):
@@ -294,10 +294,11 @@ def wrn16_2(num_classes=10, in_channels=3):
 
 #### CIFAR ResNet of the CRD benchmark (depth 6n+2, three stages) ####
 # The teacher/student ResNets of the contrastive-representation-distillation (CRD, Tian et al. 2020)
-# benchmark that KD3 Table 3 and HiDFD Table 3 reuse: a 3x3 stem with widths[0] channels, then three stages
-# of n = (depth - 2) / 6 basic blocks with widths[1:] channels (strides 1, 2, 2). resnet110/116 use
-# (16, 16, 32, 64); "x2" doubles every width; "x4" is CRD's (32, 64, 128, 256), i.e. a 2x wider stem and 4x
-# wider stages. With 10 classes these give 1.73 M (resnet110), 7.41 M (resnet32x4) etc. as KD3 prints.
+# benchmark that KD3 Table 3 and HiDFD Table 3 reuse: a 3x3 stem with widths[0] channels, then three
+# stages of n = (depth - 2) / 6 basic blocks with widths[1:] channels (strides 1, 2, 2).
+# resnet110/116 use (16, 16, 32, 64); "x2" doubles every width; "x4" is CRD's (32, 64, 128, 256),
+# i.e. a 2x wider stem and 4x wider stages. With 10 classes these give 1.73 M (resnet110), 7.41 M
+# (resnet32x4) etc. as KD3 prints.
 
 
 class CifarResNet(Network):
@@ -345,12 +346,13 @@ def resnet110x2(num_classes=10, in_channels=3):
 
 
 #### MobileNetV2 for CIFAR (the CRD benchmark's "MobileNetV2", width 0.5) ####
-# Sandler et al. 2018 inverted residuals (1x1 expand by t -> 3x3 depthwise -> 1x1 linear projection, identity
-# shortcut when shape is kept), at the CRD benchmark's CIFAR setting: width multiplier 0.5, expansion t = 6,
-# a stride-2 3x3 stem and stride 1 in the second stage (total stride 16: 2x2 maps at 32x32), 1280-d last conv.
-# As in CRD, the t = 1 block keeps its 1x1 expansion conv.
+# Sandler et al. 2018 inverted residuals (1x1 expand by t -> 3x3 depthwise -> 1x1 linear projection,
+# identity shortcut when shape is kept), at the CRD benchmark's CIFAR setting: width multiplier 0.5,
+# expansion t = 6, a stride-2 3x3 stem and stride 1 in the second stage (total stride 16: 2x2 maps
+# at 32x32), 1280-d last conv. As in CRD, the t = 1 block keeps its 1x1 expansion conv.
 
-MOBILENETV2_STAGES = (  # (expansion t, channels c, blocks n, first stride s), Sandler et al. Table 2
+# (expansion t, channels c, blocks n, first stride s), Sandler et al. Table 2
+MOBILENETV2_STAGES = (
     (1, 16, 1, 1),
     (6, 24, 2, 1),
     (6, 32, 3, 2),
@@ -413,10 +415,10 @@ def mobilenetv2(num_classes=10, in_channels=3):
 
 
 #### ShuffleNet V1 / V2 for CIFAR (the CRD benchmark's ShuffleV1 / ShuffleV2) ####
-# Zhang et al. 2018 (V1: grouped 1x1 convs + channel shuffle, 3 groups, stages of 240/480/960 channels with
-# 4/8/4 units) and Ma et al. 2018 (V2: channel split + shuffle, 1.0x widths 116/232/464, 3/7/3 units, 1024-d
-# last conv), at CRD's CIFAR setting: a 1x1 stem with 24 channels and no stem stride or max-pool, so the
-# three stride-2 stages leave 4x4 maps at 32x32.
+# Zhang et al. 2018 (V1: grouped 1x1 convs + channel shuffle, 3 groups, stages of 240/480/960
+# channels with 4/8/4 units) and Ma et al. 2018 (V2: channel split + shuffle, 1.0x widths
+# 116/232/464, 3/7/3 units, 1024-d last conv), at CRD's CIFAR setting: a 1x1 stem with 24 channels
+# and no stem stride or max-pool, so the three stride-2 stages leave 4x4 maps at 32x32.
 
 
 def channel_shuffle(x, groups):
@@ -425,7 +427,8 @@ def channel_shuffle(x, groups):
 
 
 class ShuffleV1Unit(nn.Module):
-    """Bottleneck unit of ShuffleNet V1; a stride-2 unit concatenates an avg-pooled shortcut (Fig. 2c)."""
+    """Bottleneck unit of ShuffleNet V1; a stride-2 unit concatenates an avg-pooled shortcut
+    (Fig. 2c)."""
 
     def __init__(self, cin, cout, stride, groups, first_conv_groups):
         super().__init__()
@@ -461,7 +464,8 @@ class ShuffleNetV1(Network):
         layers, c = [conv_bn_relu(in_channels, 24, 1)], 24  # (B, 24, 32, 32)
         for i, (channels, n) in enumerate(zip(stage_channels, units)):
             for j in range(n):
-                # Sec. 3.3: the very first pointwise conv is not grouped, its 24 input channels are too few
+                # Sec. 3.3: the very first pointwise conv is not grouped, its 24 input channels are
+                # too few
                 first_conv_groups = 1 if i == j == 0 else groups
                 layers.append(
                     ShuffleV1Unit(c, channels, 2 if j == 0 else 1, groups, first_conv_groups)
@@ -496,7 +500,8 @@ class ShuffleV2Unit(nn.Module):
 
 
 class ShuffleV2Down(nn.Module):
-    """ShuffleNet V2 down-sampling unit (Fig. 3d): both branches see all channels and halve the resolution."""
+    """ShuffleNet V2 down-sampling unit (Fig. 3d): both branches see all channels and halve the
+    resolution."""
 
     def __init__(self, cin, cout):
         super().__init__()
@@ -554,11 +559,12 @@ def shufflenetv2(num_classes=10, in_channels=3):
 
 
 #### Inception-v3 for 32x32 inputs (the balanced-transfer paper's CIFAR-100 teacher) ####
-# Szegedy et al. 2016 (Fig. 5/6/7 modules, the widths of the reference ImageNet model: Mixed_5b..7c), adapted
-# to 32x32 the way common CIFAR Inception-v3 implementations do: the stem keeps its five convolutions
-# (32, 32, 64, 80, 192 channels) but drops both stride-2 steps and both max-pools, so only the two grid-
-# reduction modules downsample (30 -> 14 -> 6). No auxiliary classifier, and no dropout before the classifier,
-# so that features() is the deterministic pooled 2048-d vector in training as well.
+# Szegedy et al. 2016 (Fig. 5/6/7 modules, the widths of the reference ImageNet model:
+# Mixed_5b..7c), adapted to 32x32 the way common CIFAR Inception-v3 implementations do: the stem
+# keeps its five convolutions (32, 32, 64, 80, 192 channels) but drops both stride-2 steps and both
+# max-pools, so only the two grid-reduction modules downsample (30 -> 14 -> 6). No auxiliary
+# classifier, and no dropout before the classifier, so that features() is the deterministic pooled
+# 2048-d vector in training as well.
 
 
 class Concat(nn.Module):
@@ -595,7 +601,8 @@ def inception_a(cin, pool_channels):
 
 
 def inception_grid_reduction_a(cin):
-    """Fig. 10 (35 -> 17 in the paper): stride-2 3x3 | 1x1-3x3-3x3/2 | maxpool; 480 + cin outputs."""
+    """Fig. 10 (35 -> 17 in the paper): stride-2 3x3 | 1x1-3x3-3x3/2 | maxpool; 480 + cin
+    outputs."""
     return Concat(
         inception_conv(cin, 384, 3, stride=2),
         nn.Sequential(
@@ -628,7 +635,8 @@ def inception_c(cin, c7):
 
 
 def inception_grid_reduction_b(cin):
-    """The 17 -> 8 reduction of the reference model: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool; 512 + cin outputs."""
+    """The 17 -> 8 reduction of the reference model: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool; 512 +
+    cin outputs."""
     return Concat(
         nn.Sequential(inception_conv(cin, 192, 1), inception_conv(192, 320, 3, stride=2)),
         nn.Sequential(
@@ -730,8 +738,9 @@ def build_model(name, num_classes, in_channels):
 
 
 def he_init(module):
-    """He (Kaiming) initialisation of every convolution and linear layer of `module`, biases zero: each layer
-    keeps the variance of its (ReLU) input, so features vary across images from the first step."""
+    """He (Kaiming) initialisation of every convolution and linear layer of `module`, biases zero:
+    each layer keeps the variance of its (ReLU) input, so features vary across images from the first
+    step."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -741,7 +750,8 @@ def he_init(module):
 
 
 def _plain(value):
-    """Make argparse values storable under torch.load(weights_only=True): only plain Python types."""
+    """Make argparse values storable under torch.load(weights_only=True): only plain Python
+    types."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -752,8 +762,8 @@ def _plain(value):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file next to `path`, then rename: readers (and a run killed mid-write) see the
-    old file or the new one, never half of one."""
+    """torch.save to a temporary file next to `path`, then rename: readers (and a run killed
+    mid-write) see the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
@@ -769,7 +779,8 @@ def atomic_save(obj, path):
 
 
 def save_checkpoint(path, model, arch, num_classes, in_channels, args, acc, **extra):
-    """Write {"arch", "num_classes", "in_channels", "state_dict", "args", "acc", **extra} atomically."""
+    """Write {"arch", "num_classes", "in_channels", "state_dict", "args", "acc", **extra}
+    atomically."""
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     args = vars(args) if hasattr(args, "__dict__") else (args or {})
@@ -808,8 +819,9 @@ def load_checkpoint(path, map_location="cpu"):
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, ValueError) as e:
         raise ValueError(
-            f"{path}: its weights do not fit its header ({ckpt['arch']}, {ckpt['num_classes']} classes, "
-            f"{ckpt['in_channels']} channels): {str(e).splitlines()[0][:150]} — the file is damaged or "
+            f"{path}: its weights do not fit its header ({ckpt['arch']}, "
+            f"{ckpt['num_classes']} classes, {ckpt['in_channels']} channels): "
+            f"{str(e).splitlines()[0][:150]} — the file is damaged or "
             f"was not written by models.save_checkpoint"
         ) from None
     return model, ckpt

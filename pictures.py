@@ -6,7 +6,6 @@ what it is. Nothing here knows about distillation.
 """
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 CELL = 64  # pixels per image cell (images are upscaled with nearest neighbour)
@@ -66,44 +65,6 @@ def class_rows(images, row_labels, class_names, path, cell=CELL, title=None):
             canvas.paste(_to_pil(images[r * per_row + k], cell), (margin + k * (cell + PAD), y))
     canvas.save(path)
     return path
-
-
-def per_class_examples(images, labels, num_classes, per_class, seed=0):
-    """Up to `per_class` images of each label (random, seeded), as rows for class_rows; a class short of images
-    is padded with white cells. Returns (images (num_classes * per_class, C, H, W) uint8, row labels)."""
-    g = torch.Generator().manual_seed(seed)
-    labels = labels.cpu()
-    blank = torch.full(tuple(images.shape[1:]), 255, dtype=torch.uint8)
-    rows = []
-    for c in range(num_classes):
-        idx = (labels == c).nonzero().squeeze(1)
-        idx = idx[torch.randperm(len(idx), generator=g)[:per_class]]
-        chosen = [images[i].cpu() for i in idx.tolist()]
-        rows += chosen + [blank] * (per_class - len(chosen))
-    return torch.stack(rows), list(range(num_classes))
-
-
-def selection_grids(
-    images, selected, pred, source, source_names, class_names, prefix, grid_size, seed=0
-):
-    """<prefix>-selected.png and <prefix>-rejected.png: up to grid_size random kept / dropped images, each captioned
-    with its predicted class and the source it came from."""
-    kept = torch.zeros(len(images), dtype=torch.bool)
-    kept[selected.cpu()] = True
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    pred, source = pred.cpu(), source.cpu()
-    for name, mask in (("selected", kept[order]), ("rejected", ~kept[order])):
-        chosen = order[mask][:grid_size]
-        if len(chosen):
-            captions = [
-                f"{_name(class_names, int(pred[i]))}\n{_name(source_names, int(source[i]))}"
-                for i in chosen.tolist()
-            ]
-            captioned_grid(images[chosen.to(images.device)], captions, f"{prefix}-{name}.png")
-
-
-def _name(names, i):
-    return names[i] if names else str(i)
 
 
 def histogram_plot(counts, class_names, path, title):

@@ -657,28 +657,6 @@ def check_writable_folder(flag, path, folder=None):
         raise ValueError(f"{flag} {path}: {probe} is not writable — give a path you can write to")
 
 
-def check_writable_file(flag, path):
-    """Refuse a file path the run will write that cannot be written (a folder of that name, or a
-    folder above it that cannot be made or written); missing folders are made when it is written."""
-    if os.path.isdir(path):
-        raise ValueError(
-            f"{flag} {path} is a folder — give a file path, e.g. {os.path.join(path, 'out.json')}"
-        )
-    check_writable_folder(flag, path, os.path.dirname(os.path.abspath(path)))
-
-
-def check_run_file(run_dir, filename, what, fix):
-    """--resume RUN_DIR needs RUN_DIR/filename (`what` it holds), a file that is not empty: else one
-    line that ends with `fix`."""
-    path = os.path.join(run_dir, filename)
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        found = "an empty file" if os.path.isfile(path) else "none"
-        raise ValueError(
-            f"--resume {run_dir}: expected {filename} ({what}) in that folder, found "
-            f"{found} — {fix}"
-        )
-
-
 @contextlib.contextmanager
 def reporting_write(path, log=None):
     """Turn a failed write of `path` (a full disk, permissions, torch.save's own errors) into one
@@ -707,6 +685,112 @@ def reporting_write(path, log=None):
 
 
 #### The command line ####
+
+
+# The flags every CLI here shares, declared once. A flag whose default depends on the dataset family is
+# None in the parser; its value is written once, in the calling file's per-family table (SETTINGS of a
+# method, RECIPES of teacher.py), which --help shows and `complete_args` reads.
+
+
+def method_parser(description, settings, seed, notes=None):
+    """The parser of a method CLI with the flags the three methods share, with one meaning: the teacher's
+    task and checkpoint, both networks, the seeds, the files, the student's optimisation and --resume.
+    `seed` says what --seed seeds; `notes` puts the paper's word on a shared flag before its help,
+    e.g. {"epochs": "I of Eq. (4)"}. The method adds its own flags, in a group of its own, after these."""
+    notes = notes or {}
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    task = p.add_argument_group("the teacher, the student and the run (every method)")
+    add_dataset_flag(task)
+    task.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher checkpoint (default: the recipe teacher of teacher.py: the committed one, the "
+        "cache, or trained with its recipe when missing)",
+    )
+    family_flag(task, "--teacher-arch", settings, notes, "the teacher's network")
+    family_flag(task, "--student-arch", settings, notes, "the student's network")
+    task.add_argument("--seed", type=int, default=0, help=f"seed of {seed}")
+    task.add_argument(
+        "--teacher-seed",
+        type=int,
+        default=0,
+        help="the recipe teacher's seed (one teacher for every --seed, as the tables)",
+    )
+    add_run_flags(task, notes)
+    add_optimisation_flags(p.add_argument_group("the student's optimisation"), settings, notes)
+    return p
+
+
+def add_dataset_flag(p):
+    p.add_argument(
+        "--dataset",
+        default="fashionmnist",
+        choices=sorted(data.DATASETS),
+        help="the teacher's task",
+    )
+
+
+def add_run_flags(p, notes):
+    """--data-root, --download, --device, --runs-dir, --checkpoint-dir and --resume."""
+    p.add_argument(
+        "--data-root", default="data", help="where the datasets' files are (docs/data.md)"
+    )
+    p.add_argument(
+        "--download", action="store_true", help="fetch the teacher's dataset with torchvision first"
+    )
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train"
+    )
+    p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
+    p.add_argument(
+        "--checkpoint-dir",
+        default="checkpoints",
+        help="; ".join(filter(None, ["the teacher cache", notes.get("checkpoint_dir")])),
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from RUN_DIR/state.pt with its saved config.json (flags "
+        "given now must match it)" + (f"; {notes['resume']}" if "resume" in notes else ""),
+    )
+
+
+def add_optimisation_flags(p, settings, notes):
+    """--epochs, --batch-size, --optimizer, --lr, --momentum, --weight-decay, --milestones: defaults
+    per family from `settings`."""
+    family_flag(p, "--epochs", settings, notes, "passes over the training set", type=int)
+    family_flag(p, "--batch-size", settings, notes, "images per step", type=int)
+    family_flag(p, "--optimizer", settings, notes, None, choices=["sgd", "adam"])
+    family_flag(p, "--lr", settings, notes, "learning rate", type=float)
+    family_flag(p, "--momentum", settings, notes, "SGD momentum", type=float)
+    family_flag(p, "--weight-decay", settings, notes, None, type=float)
+    family_flag(p, "--milestones", settings, notes, "lr / 10 at these epochs", type=int, nargs="*")
+
+
+def family_flag(p, flag, settings, notes, what, **kwargs):
+    """A flag whose default is its family's value in `settings`, shown by --help; None until
+    `complete_args` fills it."""
+    key = flag[2:].replace("-", "_")
+    text = "; ".join(filter(None, [notes.get(key), what, family_default(settings, key)]))
+    p.add_argument(flag, default=None, help=text, **kwargs)
+
+
+def complete_args(args, parser, script, settings, per_dataset=None):
+    """The settings of a run: under --resume, those saved in its config.json (`resume_config`);
+    otherwise every flag left out (None) takes its family's value in `settings` and its dataset's
+    value in `per_dataset` ({flag: {dataset: value}}). --teacher brings its own architecture."""
+    args = resume_config(args, parser, script)
+    if args.resume:
+        return args
+    family = settings[data.DATASETS[args.dataset]["family"]]
+    defaults = {**family, **{k: v[args.dataset] for k, v in (per_dataset or {}).items()}}
+    for key, value in defaults.items():
+        if getattr(args, key) is None and not (
+            key == "teacher_arch" and getattr(args, "teacher", None)
+        ):
+            setattr(args, key, value)
+    return args
 
 
 def cli(run, parser, script, argv=None):

@@ -82,80 +82,24 @@ def build_parser():
         description="Train (and cache) a teacher with the papers' recipe.",
         formatter_class=runtime.HelpFormatter,
     )
-    p.add_argument(
-        "--dataset",
-        default="fashionmnist",
-        choices=sorted(data.DATASETS),
-        help="the teacher's task",
-    )
-    p.add_argument(
-        "--arch", default=None, help="network; " + runtime.family_default(RECIPES, "arch")
-    )
-    p.add_argument(
-        "--epochs", type=int, default=None, help=runtime.family_default(RECIPES, "epochs")
-    )
-    p.add_argument(
-        "--optimizer",
-        default=None,
-        choices=["sgd", "adam"],
-        help=runtime.family_default(RECIPES, "optimizer"),
-    )
-    p.add_argument("--lr", type=float, default=None, help=runtime.family_default(RECIPES, "lr"))
-    p.add_argument(
-        "--momentum",
-        type=float,
-        default=None,
-        help="SGD momentum; " + runtime.family_default(RECIPES, "momentum"),
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help=runtime.family_default(RECIPES, "weight_decay"),
-    )
-    p.add_argument(
-        "--milestones",
-        type=int,
-        nargs="*",
-        default=None,
-        help="lr / 10 at these epochs; " + runtime.family_default(RECIPES, "milestones"),
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=None, help=runtime.family_default(RECIPES, "batch_size")
-    )
+    runtime.add_dataset_flag(p)
+    runtime.family_flag(p, "--arch", RECIPES, {}, "network")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
-    p.add_argument(
-        "--data-root", default="data", help="where the dataset's files are (docs/data.md)"
-    )
-    p.add_argument(
-        "--download", action="store_true", help="fetch the dataset with torchvision first"
-    )
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train"
-    )
-    p.add_argument("--checkpoint-dir", default="checkpoints", help="the teacher cache")
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="replace a teacher already in the cache (default: "
         "refuse, the cached teacher is what every method loads)",
     )
-    p.add_argument("--runs-dir", default="runs", help="where the run folder goes")
-    p.add_argument(
-        "--resume",
-        default=None,
-        metavar="RUN_DIR",
-        help="continue an interrupted run from "
-        "RUN_DIR/state.pt with its saved config.json (flags given now must match it)",
-    )
+    runtime.add_run_flags(p, {})
+    runtime.add_optimisation_flags(p.add_argument_group("optimisation"), RECIPES, {})
     return p
 
 
 def resolve_recipe(args):
-    """Fill every None flag from RECIPES[family] (visible above) and validate."""
-    for key, value in recipe_for(args.dataset).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    """The run's settings: every flag left out takes its value from RECIPES (above), or from the
+    saved config.json under --resume; then checked."""
+    args = runtime.complete_args(args, build_parser(), "teacher.py", RECIPES)
     runtime.check_training_flags(
         args, RECIPES, source="the recipes use", checkpoints=uses_recipe(args)
     )
@@ -190,7 +134,7 @@ def train_step(trained, x, y, opt):
 
 
 def train_teacher(args):
-    args = resolve_recipe(runtime.resume_config(args, build_parser(), "teacher.py"))
+    args = resolve_recipe(args)
     cache = teacher_path(args.dataset, args.arch, args.seed, args.checkpoint_dir)
     to_cache = uses_recipe(args)
     if to_cache and os.path.isfile(cache) and not args.overwrite:

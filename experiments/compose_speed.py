@@ -1,20 +1,25 @@
 """How fast Algorithm 1 draws uniform noise, and what the bf16 screen costs in exactness.
 
-Three measurements for one teacher, on the CPU threads torch is given (printed, and kept in the JSON):
+Three measurements for one teacher, on the CPU threads torch is given (printed, and kept in the
+JSON):
 
-1. draws/s of the composer, side by side in alternating windows: the earlier path (noise drawn as floats and
-   rounded, the fp32 teacher on every draw) against the current one (noise drawn on the 256 stored levels, the
-   bf16 screen, the fp32 teacher on the screen's candidates only), in the phase a long composition spends
-   nearly all its draws in (every class full but the two the teacher gives least) and with every class open;
-2. the screen against the fp32 teacher on --draws uniform draws: argmax agreement, the largest logit error,
-   and the misses (a draw whose fp32 class the screen would not pass on, for any set of open classes);
-3. the teacher-predicted histogram of those draws and the draws each class would need for a quota of 6,000.
+1. draws/s of the composer, side by side in alternating windows: the earlier path (noise drawn as
+   floats and rounded, the fp32 teacher on every draw) against the current one (noise drawn on the
+   256 stored levels, the bf16 screen, the fp32 teacher on the screen's candidates only), in the
+   phase a long composition spends nearly all its draws in (every class full but the two the teacher
+   gives least) and with every class open;
+2. the screen against the fp32 teacher on --draws uniform draws: argmax agreement, the largest logit
+   error, and the misses (a draw whose fp32 class the screen would not pass on, for any set of open
+   classes);
+3. the teacher-predicted histogram of those draws and the draws each class would need for a quota of
+   6,000.
 
-    python experiments/compose_speed.py                                   # the tables' teacher, 2 threads
-    python experiments/compose_speed.py --teacher checkpoints/fashionmnist-lenet5-seed1.pt --skip-speed
+    python experiments/compose_speed.py   # the tables' teacher, 2 threads
+    python experiments/compose_speed.py \\
+        --teacher checkpoints/fashionmnist-lenet5-seed1.pt --skip-speed
 
-Writes experiments/results/compose_speed/<teacher file name>.json and rewrites compose_speed.md from every
-JSON there.
+Writes experiments/results/compose_speed/<teacher file name>.json and rewrites compose_speed.md from
+every JSON there.
 """
 
 import argparse
@@ -63,7 +68,8 @@ def parse_args(argv=None):
 
 
 def composer_speed(teacher, meta, args):
-    """draws/s of the earlier and the current composer path, alternating windows (other load hits both)."""
+    """draws/s of the earlier and the current composer path, alternating windows (other load hits
+    both)."""
     shape, c, b = (
         (meta["channels"], meta["size"], meta["size"]),
         meta["num_classes"],
@@ -106,7 +112,8 @@ def composer_speed(teacher, meta, args):
 
 @torch.inference_mode()
 def screen_agreement(teacher, meta, args):
-    """The screen against the fp32 teacher on args.draws uniform draws (seed 0), and the fp32 histogram."""
+    """The screen against the fp32 teacher on args.draws uniform draws (seed 0), and the fp32
+    histogram."""
     shape, c, b = (
         (meta["channels"], meta["size"], meta["size"]),
         meta["num_classes"],
@@ -163,24 +170,27 @@ def write_table():
             "—"
             if not s
             else f"{s['draws_per_s']['earlier']:,.0f} → {s['draws_per_s']['current']:,.0f} "
-            f"({s['speedup']:.1f}×; every class open: {s['draws_per_s']['current, every class open']:,.0f})"
+            f"({s['speedup']:.1f}×; every class open: "
+            f"{s['draws_per_s']['current, every class open']:,.0f})"
         )
         top = max(a["histogram"]) / a["draws"]
         rows.append(
-            f"| {r['teacher']} (`{r['teacher_sha256'][:12]}`) | {r['teacher_acc']:.2f} | {r['threads']} "
+            f"| {r['teacher']} (`{r['teacher_sha256'][:12]}`) | {r['teacher_acc']:.2f} | "
+            f"{r['threads']} "
             f"| {speed} | {100 * a['agreement']:.2f}% | {a['max_logit_error']:.3f} | "
             f"{sum(a['misses_per_class'])} | {100 * top:.1f}% | "
             f"{' / '.join(str(h) for h in a['histogram'])} | {slowest:,} |"
         )
     text = (
-        "# Composer speed and the bf16 screen\n\nWritten by `experiments/compose_speed.py`. Draws/s: the "
-        "earlier composer (float noise rounded, fp32 teacher on every draw) → the current one (noise on the "
-        "256 levels, bf16 screen, fp32 on candidates), every class full but two, best of the windows. "
+        "# Composer speed and the bf16 screen\n\nWritten by `experiments/compose_speed.py`. "
+        "Draws/s: the earlier composer (float noise rounded, fp32 teacher on every draw) → the "
+        "current one (noise on the 256 levels, bf16 screen, fp32 on candidates), every class full "
+        "but two, best of the windows. "
         "Agreement, largest logit error and misses (a draw the screen would wrongly drop, margin "
-        f"{bt.SCREEN_MARGIN}) on the first uniform draws of seed 0; the histogram of those draws (fp32 "
-        "argmax, classes 0-9) and the draws the slowest class needs for its quota.\n\n"
-        "| teacher | test acc | threads | draws/s | agreement | max logit error | misses | largest class "
-        "| histogram of the draws | draws to fill every quota of 6,000 |\n"
+        f"{bt.SCREEN_MARGIN}) on the first uniform draws of seed 0; the histogram of those draws "
+        "(fp32 argmax, classes 0-9) and the draws the slowest class needs for its quota.\n\n"
+        "| teacher | test acc | threads | draws/s | agreement | max logit error | misses "
+        "| largest class | histogram of the draws | draws to fill every quota of 6,000 |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
     with open(os.path.join(runner.RESULTS, "compose_speed.md"), "w") as f:

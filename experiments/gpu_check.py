@@ -49,8 +49,8 @@ import runtime  # noqa: E402
 # bench_flags: none on a GPU, so bench.py's own CUDA settings (batch 256, 3 windows of 50 steps);
 # compile_steps: only the step the goal names is compiled (compiling every step of both pairs takes
 # longer than the whole budget); hidfd_gan_batch: the authors' GAN batch (hidfd.py SETTINGS);
-# bt_max_draws: "full", until every quota is full, within the time left (--max-minutes; the second part
-# reads the first one's composition from the cache); compile_cap_s:
+# bt_max_draws: "full", until every quota is full, within the time left (--max-minutes; the second
+# part reads the first one's composition from the cache); compile_cap_s:
 # the most the compiled bench may take (the balanced-transfer parts after it keep their time).
 # --smoke: bench.py times only the step the summary reads (its own test covers the others).
 SETTINGS = {

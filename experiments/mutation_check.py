@@ -1,16 +1,20 @@
-"""Mutation check of the pure loss, selection and composition functions: every small change to one of them (an
-operator, a comparison, a constant, a sign, a `.detach()`) must make one of the fast math tests fail. A mutant
-that survives is either a missing test or an equivalent change (same behaviour); the table says which.
+"""Mutation check of the pure loss, selection and composition functions: every small change to one
+of them (an operator, a comparison, a constant, a sign, a `.detach()`) must make one of the fast
+math tests fail. A mutant that survives is either a missing test or an equivalent change (same
+behaviour); the table says which.
 
-    python experiments/mutation_check.py                 # every function below: 160 mutants (37 min with --workers 1)
+    python experiments/mutation_check.py                 # every function below: 160 mutants
+                                                         # (37 min with --workers 1)
     python experiments/mutation_check.py --only kd3.py   # one file
-    python experiments/mutation_check.py --functions class_thresholds balanced_indices   # some functions
-    python experiments/mutation_check.py --wiring        # the one-line wiring mutants of WIRING instead
+    python experiments/mutation_check.py --functions \\
+        class_thresholds balanced_indices                # some functions
+    python experiments/mutation_check.py --wiring        # the one-line wiring mutants of
+                                                         # WIRING instead
 
 Each mutant is written into a scratch copy of the repository and the file's math tests run there
 (`python -m pytest -x -q test_all.py -k ...`); nothing in the working tree is touched. Writes
-experiments/results/mutation.md (a run over a subset: mutation-subset.md; --wiring: mutation-wiring.md). A
-development check: it needs pytest only, like the test suite.
+experiments/results/mutation.md (a run over a subset: mutation-subset.md; --wiring:
+mutation-wiring.md). A development check: it needs pytest only, like the test suite.
 """
 
 import argparse
@@ -27,7 +31,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
-# The pure functions of each method file and the fast tests that check them (test names, as pytest -k terms).
+# The pure functions of each method file and the fast tests that check them (test names, as
+# pytest -k terms).
 TARGETS = {
     "kd3.py": (
         [
@@ -40,8 +45,9 @@ TARGETS = {
             "mix_distribution",
             "mdcl_loss",
         ],
-        "alpha_schedule or combine_predictions or class_thresholds or select_instances or alignment_weights "
-        "or weighted_feature_alignment or mix_distribution or mdcl_loss or projection_head",
+        "alpha_schedule or combine_predictions or class_thresholds or select_instances "
+        "or alignment_weights or weighted_feature_alignment or mix_distribution or mdcl_loss "
+        "or projection_head",
     ),
     "hidfd.py": (
         [
@@ -55,15 +61,16 @@ TARGETS = {
             "inflation_factor",
             "align_loss",
         ],
-        "adc_ or blend or trans_loss or class_frequency or reg_loss or inflation_factor or align_loss or "
-        "feature_integration",
+        "adc_ or blend or trans_loss or class_frequency or reg_loss or inflation_factor "
+        "or align_loss or feature_integration",
     ),
     "balanced_transfer.py": (
         ["class_fill", "balanced_indices", "kd_loss"],
         "balanced_indices or class_fill or kd_loss",
     ),
 }
-# Mutants that cannot change behaviour, each with the reason (function, mutant as the table names it).
+# Mutants that cannot change behaviour, each with the reason (function, mutant as the table names
+# it).
 EQUIVALENT = {
     ("alpha_schedule", "Gt -> GtE"): "at t = I/2 both branches give exp(0) = 1",
     (
@@ -116,9 +123,10 @@ SWAPS = {
     ast.Or: ast.And,
 }
 
-# Semantic mutants of the wiring between those functions: one-line changes a careful developer could make while
-# moving code, each changing what a run computes (file, what it breaks, the line as written, the mutant). Run by
-# --wiring against the wiring tests (WIRING_TESTS), the streaming composer's among them.
+# Semantic mutants of the wiring between those functions: one-line changes a careful developer could
+# make while moving code, each changing what a run computes (file, what it breaks, the line as
+# written, the mutant). Run by --wiring against the wiring tests (WIRING_TESTS), the streaming
+# composer's among them.
 WIRING = [
     (
         "balanced_transfer.py",
@@ -317,7 +325,8 @@ WIRING = [
     (
         "hidfd.py",
         "the student agreement compares the student with itself",
-        '"teacher_agree": (s_logits.argmax(1) == teacher.classifier(t_feat).argmax(1)).float().mean()',
+        '"teacher_agree": (s_logits.argmax(1) == teacher.classifier(t_feat).argmax(1))'
+        ".float().mean()",
         '"teacher_agree": (s_logits.argmax(1) == s_logits.argmax(1)).float().mean()',
     ),
     (
@@ -402,14 +411,17 @@ WIRING = [
         "data.py",
         "every pass over a loader in the same order",
         "order = torch.randperm(n, generator=self.order_gen) if self.shuffle else torch.arange(n)",
-        "order = torch.randperm(n, generator=torch.Generator().manual_seed(0)) if self.shuffle else torch.arange(n)",
+        "order = torch.randperm(n, generator=torch.Generator().manual_seed(0)) "
+        "if self.shuffle else torch.arange(n)",
     ),
 ]
-# Wiring mutants that cannot change behaviour, each with the reason (keyed by the mutant's description).
+# Wiring mutants that cannot change behaviour, each with the reason (keyed by the mutant's
+# description).
 WIRING_EQUIVALENT = {}
 WIRING_TESTS = (
-    "matches_its_reference or sends_gradient_where or reads_the_student_before or milestones_act or "
-    "non_finite_stop_catches or mean_and_std_are or reshuffles_and_redraws or drawn_independently or "
+    "matches_its_reference or sends_gradient_where or reads_the_student_before or "
+    "milestones_act or non_finite_stop_catches or mean_and_std_are or reshuffles_and_redraws or "
+    "drawn_independently or "
     "eval_mode_and_restores or gan_loop_trains or kd3_loop_applies or student_loops_of or "
     "golden_trajectory or resumed_run_continues or the_screen_changes or composer_stops_only or "
     "continued_stream_equals"
@@ -505,7 +517,8 @@ def mutants(filename, functions):
 
 
 def run_mutant(job):
-    """Write the mutant into this worker's scratch copy and run the file's tests; True if a test failed."""
+    """Write the mutant into this worker's scratch copy and run the file's tests; True if a test
+    failed."""
     scratch, filename, tests, mutated = job
     with open(os.path.join(scratch, filename), "w") as f:
         f.write(mutated)
@@ -533,8 +546,8 @@ def run_mutant(job):
 
 
 def run_lanes(jobs, workers):
-    """run_mutant over `jobs` with one scratch copy per worker: each worker takes every workers-th job, in order.
-    Returns, per job, whether a test failed."""
+    """run_mutant over `jobs` with one scratch copy per worker: each worker takes every workers-th
+    job, in order. Returns, per job, whether a test failed."""
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         lanes = [
             pool.submit(lambda lane: [run_mutant(j) for j in jobs[lane::workers]], w)
@@ -547,7 +560,8 @@ def run_lanes(jobs, workers):
 
 
 def scratch_copies(workers):
-    """One scratch copy per worker of the repository's modules and tests (what test_all.py imports)."""
+    """One scratch copy per worker of the repository's modules and tests (what test_all.py
+    imports)."""
     scratches = [tempfile.mkdtemp(prefix="mutants-") for _ in range(workers)]
     for scratch in scratches:
         for f in os.listdir(REPO):
@@ -557,7 +571,8 @@ def scratch_copies(workers):
 
 
 def wiring_check(workers):
-    """Every mutant of WIRING against WIRING_TESTS; writes experiments/results/mutation-wiring.md."""
+    """Every mutant of WIRING against WIRING_TESTS; writes
+    experiments/results/mutation-wiring.md."""
     start, scratches = time.time(), scratch_copies(workers)
     for filename in sorted({w[0] for w in WIRING}):
         if run_mutant(
@@ -579,10 +594,11 @@ def wiring_check(workers):
     total, dead = len(found), sum(killed)
     equivalent = sum(1 for (_, d, _), k in zip(found, killed) if not k and d in WIRING_EQUIVALENT)
     lines = [
-        f"Wiring mutation check: {dead} of {total} mutants killed ({100 * dead / max(total, 1):.1f}%); "
-        f"{equivalent} of the survivors are equivalent, so {dead} of {total - equivalent} behaviour-changing "
-        f"mutants are killed ({100 * dead / max(total - equivalent, 1):.1f}%). {time.time() - start:.0f} s, "
-        f"{workers} worker(s).",
+        f"Wiring mutation check: {dead} of {total} mutants killed "
+        f"({100 * dead / max(total, 1):.1f}%); "
+        f"{equivalent} of the survivors are equivalent, so {dead} of {total - equivalent} "
+        f"behaviour-changing mutants are killed ({100 * dead / max(total - equivalent, 1):.1f}%). "
+        f"{time.time() - start:.0f} s, {workers} worker(s).",
         "",
         "| file | mutant | killed? |",
         "|---|---|---|",
@@ -629,7 +645,8 @@ def main():
     unknown = sorted(set(args.functions or ()) - known)
     if unknown:
         p.error(
-            f"--functions: {', '.join(unknown)} not in TARGETS (choose from {', '.join(sorted(known))})"
+            f"--functions: {', '.join(unknown)} not in TARGETS "
+            f"(choose from {', '.join(sorted(known))})"
         )
     if args.functions:  # only the files that hold the named functions
         args.only = [f for f in args.only if set(TARGETS[f][0]) & set(args.functions)]
@@ -664,10 +681,11 @@ def main():
     total, dead = len(rows), sum(r[3] for r in rows)
     equivalent = sum(1 for _, fn, d, k in rows if not k and (fn, d) in EQUIVALENT)
     lines = [
-        f"Mutation check: {dead} of {total} mutants killed ({100 * dead / max(total, 1):.1f}%); {equivalent} of "
-        f"the survivors are equivalent, so {dead} of {total - equivalent} behaviour-changing mutants are killed "
-        f"({100 * dead / max(total - equivalent, 1):.1f}%). {time.time() - start:.0f} s, {args.workers} "
-        f"worker(s). Functions: {', '.join(args.functions) if args.functions else 'all'}.",
+        f"Mutation check: {dead} of {total} mutants killed ({100 * dead / max(total, 1):.1f}%); "
+        f"{equivalent} of the survivors are equivalent, so {dead} of {total - equivalent} "
+        f"behaviour-changing mutants are killed ({100 * dead / max(total - equivalent, 1):.1f}%). "
+        f"{time.time() - start:.0f} s, {args.workers} worker(s). "
+        f"Functions: {', '.join(args.functions) if args.functions else 'all'}.",
         "",
         "Survivors:",
         "",

@@ -1,9 +1,10 @@
-"""Figures for the docs from the kept results (experiments/results/<table>/<run>/metrics.jsonl, results.json):
-test accuracy vs epoch for every table, the class histograms of the balanced-transfer sets, and the HiDFD
-generator's teacher agreement over GAN iterations.
+"""Figures for the docs from the kept results (experiments/results/<table>/<run>/metrics.jsonl,
+results.json): test accuracy vs epoch for every table, the class histograms of the balanced-transfer
+sets, and the HiDFD generator's teacher agreement over GAN iterations.
 matplotlib is used here only (pip install -r requirements-plots.txt); the methods need torch alone.
 
-    python experiments/plots.py            # writes experiments/results/<table>-accuracy.png, ...-histograms.png
+    python experiments/plots.py            # writes experiments/results/<table>-accuracy.png,
+                                           # ...-histograms.png
 """
 
 import argparse
@@ -34,8 +35,8 @@ def read_jsonl(path):
 
 
 def accuracy_curves(table, variants=None, chance=None):
-    """Test accuracy per student epoch, one colour per variant: the mean over its seeds as a line and the
-    seeds' min..max as a band (HiDFD's GAN epochs have no test accuracy and are left out).
+    """Test accuracy per student epoch, one colour per variant: the mean over its seeds as a line
+    and the seeds' min..max as a band (HiDFD's GAN epochs have no test accuracy and are left out).
     variants: {label: (table, run name)}, the runs to draw when a table reuses other tables' runs;
     default: the table's own runs, each labelled by its name. chance: a dotted line there."""
     if variants is None:
@@ -104,9 +105,10 @@ def families_variants():
 
 
 def transfer_histograms():
-    """Teacher-labelled class histograms of the balanced-transfer runs (first seed kept): the composed transfer
-    set of each composition (unbalanced / balanced) and, for the augmented runs, the stream the student actually
-    sees (the teacher's labels of the last epoch's augmented images). Log scale: the counts span 1..50,000."""
+    """Teacher-labelled class histograms of the balanced-transfer runs (first seed kept): the
+    composed transfer set of each composition (unbalanced / balanced) and, for the augmented runs,
+    the stream the student actually sees (the teacher's labels of the last epoch's augmented
+    images). Log scale: the counts span 1..50,000."""
     folder = os.path.join(RESULTS, "balanced_transfer")
     if not os.path.isdir(folder):
         return None
@@ -127,7 +129,8 @@ def transfer_histograms():
         trained = res.get("trained_histogram") or res.get("augmented_histogram")
         if res["augment"] and trained and res.get("source", "noise-uniform") == "noise-uniform":
             bars[
-                f"{composition}, trained stream, targets {res.get('aug_labels', 'relabel')} (last epoch)"
+                f"{composition}, trained stream, targets {res.get('aug_labels', 'relabel')} "
+                "(last epoch)"
             ] = trained
     if not bars:
         return None
@@ -167,8 +170,8 @@ def transfer_histograms():
 
 
 def gan_agreement():
-    """The teacher's agreement with G's label on the fixed probe samples after every GAN epoch, against GAN
-    iterations, one line per run of the hidfd_rho table (chance 10%)."""
+    """The teacher's agreement with G's label on the fixed probe samples after every GAN epoch,
+    against GAN iterations, one line per run of the hidfd_rho table (chance 10%)."""
     folder = os.path.join(RESULTS, "hidfd_rho")
     if not os.path.isdir(folder):
         return None

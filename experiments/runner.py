@@ -1,10 +1,11 @@
-"""Shared plumbing of the experiment scripts in this folder: run CLI jobs, keep their small result files,
-write markdown tables. The scripts themselves only list jobs and table rows.
+"""Shared plumbing of the experiment scripts in this folder: run CLI jobs, keep their small result
+files, write markdown tables. The scripts themselves only list jobs and table rows.
 
-A job is (name, seed, argv) for one of the repository's CLIs. Its run folder goes to experiments/runs/
-(ignored by git); its results.json and metrics.jsonl are copied to experiments/results/<table>/<name>-seed<k>/
-(committed). A job whose result files are already there is skipped, so an interrupted table resumes where it
-stopped, and re-running a script with more seeds only runs the new ones.
+A job is (name, seed, argv) for one of the repository's CLIs. Its run folder goes to
+experiments/runs/ (ignored by git); its results.json and metrics.jsonl are copied to
+experiments/results/<table>/<name>-seed<k>/ (committed). A job whose result files are already there
+is skipped, so an interrupted table resumes where it stopped, and re-running a script with more
+seeds only runs the new ones.
 """
 
 import argparse
@@ -27,7 +28,8 @@ TEACHER = os.path.join("teachers", "fashionmnist-lenet5.pt")  # the committed te
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of a table script: its docstring as written (commands on their own lines) and every flag's default."""
+    """--help of a table script: its docstring as written (commands on their own lines) and every
+    flag's default."""
 
 
 def base_parser(description, epochs):
@@ -64,8 +66,8 @@ def base_parser(description, epochs):
 
 
 def ensure_teacher(args):
-    """--teacher must exist (the default is the committed Fashion-MNIST LeNet-5): no table trains its
-    teacher, so every row of a table names the same file by its sha256."""
+    """--teacher must exist (the default is the committed Fashion-MNIST LeNet-5): no table trains
+    its teacher, so every row of a table names the same file by its sha256."""
     if os.path.isfile(os.path.join(REPO, args.teacher)) or args.dry_run or args.report_only:
         return
     if os.path.normpath(args.teacher) == os.path.normpath(TEACHER):
@@ -93,7 +95,8 @@ def stop_on_failure(what, returncode, output, log_path=None):
 
 
 def check_only(only, names):
-    """--only of a table script: every given row name must be one of the table's rows (one line, else)."""
+    """--only of a table script: every given row name must be one of the table's rows (one line,
+    else)."""
     unknown = [name for name in only or [] if name not in names]
     if unknown:
         sys.exit(f"error: --only {' '.join(unknown)}: no such row (rows: {', '.join(names)})")
@@ -104,9 +107,10 @@ def result_dir(table, name, seed):
 
 
 def pending_jobs(table, jobs):
-    """The jobs whose results.json is not kept yet, in seed-major order: every row gets its first seed before
-    any row gets its second, so a table stopped early still has every row (with fewer seeds) rather than
-    some rows complete and others empty. Within a seed the given order is kept."""
+    """The jobs whose results.json is not kept yet, in seed-major order: every row gets its first
+    seed before any row gets its second, so a table stopped early still has every row (with fewer
+    seeds) rather than some rows complete and others empty. Within a seed the given order is
+    kept."""
     todo = [
         job
         for job in jobs
@@ -166,7 +170,8 @@ def load(table, name, seed):
 
 
 def mean_std(values, signed=False):
-    """'m ± s (n)' over the finished seeds (sample std); '—' when none finished. signed: '+m' for differences."""
+    """'m ± s (n)' over the finished seeds (sample std); '—' when none finished. signed: '+m' for
+    differences."""
     values = [v for v in values if v is not None]
     if not values:
         return "—"
@@ -179,7 +184,8 @@ def mean_std(values, signed=False):
 
 
 def write_table(table, header, rows, notes="", dry_run=False):
-    """rows: lists of cells; writes experiments/results/<table>.md (not on a dry run) and prints it."""
+    """rows: lists of cells; writes experiments/results/<table>.md (not on a dry run) and prints
+    it."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     text = "\n".join(lines) + "\n" + (f"\n{notes}\n" if notes else "")
@@ -195,17 +201,17 @@ def write_table(table, header, rows, notes="", dry_run=False):
 
 
 def fill_docs(table, text, docs=os.path.join(REPO, "docs")):
-    """Put the table into every docs/ page that marks its place with `<!-- TABLE:<table> -->` (and, once filled,
-    `<!-- /TABLE:<table> -->`), so the pages show exactly the kept results."""
+    """Put the table into every docs/ page that marks its place with `<!-- TABLE:<table> -->` (and,
+    once filled, `<!-- /TABLE:<table> -->`), so the pages show exactly the kept results."""
     for page in sorted(os.listdir(docs)):
         if page.endswith(".md"):
             fill_page(os.path.join(docs, page), "TABLE", table, text)
 
 
 def fill_page(path, kind, name, text):
-    """Put `text` between `<!-- <kind>:<name> -->` and `<!-- /<kind>:<name> -->` in the page at `path`
-    (the end marker is added after a start marker that has none yet). False when the page has no such
-    start marker (the page is left as it is)."""
+    """Put `text` between `<!-- <kind>:<name> -->` and `<!-- /<kind>:<name> -->` in the page at
+    `path` (the end marker is added after a start marker that has none yet). False when the page has
+    no such start marker (the page is left as it is)."""
     start, end = f"<!-- {kind}:{name} -->", f"<!-- /{kind}:{name} -->"
     with open(path) as f:
         before, marked, rest = f.read().partition(start)

@@ -1,16 +1,17 @@
-"""Balanced transfer (WACV 2021), Table 1, the Fashion-MNIST noise rows, and what decides them: LeNet-5 teacher ->
-LeNet-5-half student, 40 epochs.
+"""Balanced transfer (WACV 2021), Table 1, the Fashion-MNIST noise rows, and what decides them:
+LeNet-5 teacher -> LeNet-5-half student, 40 epochs.
 
-Rows: the paper's four noise rows (unbalanced / balanced uniform noise, without / with augmentation; every row
-gets the same optimiser steps, --epoch-images 60,000, since a balanced set capped at 1M draws is smaller);
-the targets under augmentation (the teacher relabels each augmented image as Sec. 4.2 reads; the composed
-image's targets kept; the composed images beside their augmented copies); noise drawn in the teacher's
-normalised input space (named sources, never the default); and an arbitrary real source (procedural shapes),
-balanced and unbalanced.
+Rows: the paper's four noise rows (unbalanced / balanced uniform noise, without / with augmentation;
+every row gets the same optimiser steps, --epoch-images 60,000, since a balanced set capped at 1M
+draws is smaller); the targets under augmentation (the teacher relabels each augmented image as
+Sec. 4.2 reads; the composed image's targets kept; the composed images beside their augmented
+copies); noise drawn in the teacher's normalised input space (named sources, never the default);
+and an arbitrary real source (procedural shapes), balanced and unbalanced.
 
     python experiments/table_balanced_transfer.py                     # 3 seeds x 10 rows
-    python experiments/table_balanced_transfer.py --epochs 10 --seeds 0 --max-draws 300000   # a short version
-    python experiments/table_balanced_transfer.py --only noise-uniform-balanced-aug-fixed   # one row
+    python experiments/table_balanced_transfer.py --epochs 10 --seeds 0 \\
+        --max-draws 300000                                            # a short version
+    python experiments/table_balanced_transfer.py --only noise-uniform-balanced-aug-fixed  # one row
 
 Writes experiments/results/balanced_transfer.md (mean ± std over the finished seeds).
 """
@@ -128,9 +129,10 @@ def main():
             "wall (min)",
         ],
         table,
-        f"Teacher LeNet-5: {teacher:.2f}% (paper 90.84%). {args.epochs} student epochs of {N:,} images "
-        f"each (a smaller set is cycled); balanced noise rows capped at {args.max_draws:,} draws; "
-        f"seeds {args.seeds}. The paper's numbers are its Table 1 FMNIST noise rows.",
+        f"Teacher LeNet-5: {teacher:.2f}% (paper 90.84%). {args.epochs} student epochs of "
+        f"{N:,} images each (a smaller set is cycled); balanced noise rows capped at "
+        f"{args.max_draws:,} draws; seeds {args.seeds}. The paper's numbers are its Table 1 "
+        f"FMNIST noise rows.",
         dry_run=args.dry_run,
     )
 

@@ -1,18 +1,20 @@
-"""Balanced transfer (WACV 2021), Table 1's Fashion-MNIST noise rows as the paper wrote them: the balanced set
-composed until every class holds its 6,000 images (Algorithm 1, --max-draws full), LeNet-5 teacher -> LeNet-5-half
-student, 40 epochs of 60,000 images (equal optimiser steps in every row).
+"""Balanced transfer (WACV 2021), Table 1's Fashion-MNIST noise rows as the paper wrote them: the
+balanced set composed until every class holds its 6,000 images (Algorithm 1, --max-draws full),
+LeNet-5 teacher -> LeNet-5-half student, 40 epochs of 60,000 images (equal optimiser steps in every
+row).
 
-Rows: the paper's four (unbalanced / complete balanced, without / with augmentation, the teacher relabelling each
-augmented image as Sec. 4.2 reads); the balanced set capped at 1,000,000 draws (the earlier budget) with the same
-teacher, so that "the claim" and "the draw budget" can be told apart; and a ladder of complete sets at smaller
-quotas (600 and 2,000 per class: the first images of each class in the same stream of draws), cycled to the same
-optimiser steps.
+Rows: the paper's four (unbalanced / complete balanced, without / with augmentation, the teacher
+relabelling each augmented image as Sec. 4.2 reads); the balanced set capped at 1,000,000 draws (the
+earlier budget) with the same teacher, so that "the claim" and "the draw budget" can be told apart;
+and a ladder of complete sets at smaller quotas (600 and 2,000 per class: the first images of each
+class in the same stream of draws), cycled to the same optimiser steps.
 
     python experiments/table_bt_complete.py                  # 3 seeds x 7 rows
     python experiments/table_bt_complete.py --seeds 1 --only noise-uniform-balanced-complete-no-aug
 
-Each seed draws its own noise stream; the complete composition of a seed is kept in the composition cache
-(checkpoints/transfer_sets/) and shared by that seed's rows. Writes experiments/results/bt_complete.md.
+Each seed draws its own noise stream; the complete composition of a seed is kept in the composition
+cache (checkpoints/transfer_sets/) and shared by that seed's rows. Writes
+experiments/results/bt_complete.md.
 """
 
 import os
@@ -50,7 +52,8 @@ ROWS = [  # (row name, balance, augmentation, flags)
         False,
         ["--max-draws", "full", "--transfer-size", "20000"],
     ),
-    # what moves the complete row: the temperature of Eq. (2) (not given in the paper; 20 by default)
+    # what moves the complete row: the temperature of Eq. (2) (not given in the paper; 20 by
+    # default)
     (
         "noise-uniform-balanced-complete-t4-no-aug",
         "complete, τ = 4",
@@ -102,16 +105,18 @@ def readme_block(epochs, seeds):
         means.append(f"{sum(values) / len(values):.2f}" if values else "—")
     link = "[bt_complete](docs/results.md#bt_complete)"
     lines = [
-        "| paper's claim (balanced transfer, Table 1, uniform noise) | paper | ours | verdict | details |",
+        "| paper's claim (balanced transfer, Table 1, uniform noise) | paper | ours | verdict "
+        "| details |",
         "|---|---|---|---|---|",
         f"| class-balancing a noise transfer set helps | 33.49 → 70.15 | {acc(unbalanced)} → "
-        f"{acc(complete)} | {verdict(seed_diffs(unbalanced, complete, epochs, seeds))}, every class at "
-        f"its 6,000 images | {link} |",
+        f"{acc(complete)} | {verdict(seed_diffs(unbalanced, complete, epochs, seeds))}, "
+        f"every class at its 6,000 images | {link} |",
         f"| augmentation helps | 70.15 → 74.33 | {acc(complete)} → {acc(complete_aug)} | "
-        f"{verdict(seed_diffs(complete, complete_aug, epochs, seeds))}, the teacher relabelling each "
-        f"augmented image | {link} |",
-        f"| the four noise rows | 33.49 / 38.37 / 70.15 / 74.33 | {' / '.join(means)} | see the reading "
-        f"in {link}: the same teacher's set capped at 1,000,000 draws gives {acc(capped)} | {link} |",
+        f"{verdict(seed_diffs(complete, complete_aug, epochs, seeds))}, "
+        f"the teacher relabelling each augmented image | {link} |",
+        f"| the four noise rows | 33.49 / 38.37 / 70.15 / 74.33 | {' / '.join(means)} | "
+        f"see the reading in {link}: the same teacher's set capped at 1,000,000 draws gives "
+        f"{acc(capped)} | {link} |",
     ]
     return "\n".join(lines)
 
@@ -197,10 +202,10 @@ def main():
         ],
         table,
         f"Teacher {args.teacher} ({'—' if teacher is None else f'{teacher:.2f}%'}, sha256 "
-        f"`{(sha or '—')[:16]}`; paper 90.84%). {args.epochs} student epochs of {N:,} images each (a smaller set is "
-        f"cycled); seeds {args.seeds}, each with its own noise stream. The paper's numbers are its Table 1 FMNIST "
-        f"noise rows. Wall times include each seed's first composition (later rows of that seed read it from the "
-        f"composition cache).",
+        f"`{(sha or '—')[:16]}`; paper 90.84%). {args.epochs} student epochs of {N:,} images "
+        f"each (a smaller set is cycled); seeds {args.seeds}, each with its own noise stream. "
+        f"The paper's numbers are its Table 1 FMNIST noise rows. Wall times include each seed's "
+        f"first composition (later rows of that seed read it from the composition cache).",
         dry_run=args.dry_run,
     )
     if not args.dry_run:

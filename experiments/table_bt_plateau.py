@@ -1,12 +1,15 @@
-"""Why noise-trained balanced-transfer students sit at exactly 10% for their first epochs, and what removes it.
+"""Why noise-trained balanced-transfer students sit at exactly 10% for their first epochs, and what
+removes it.
 
-A balanced uniform-noise transfer set is composed once (Algorithm 1, 300,000 draws, the LeNet-5 Fashion-MNIST
-teacher), then a LeNet-5-half student is distilled on it (Eq. 2, no augmentation, Adam, batch 256) for 6 epochs
-under one change at a time: the temperature, the learning rate, He initialisation. Each cell is the test
-accuracy after that epoch and, in brackets, the share of test images the student gives its most common class
-(100% = one class for everything: the plateau). One seed; about 5 minutes on one CPU core.
+A balanced uniform-noise transfer set is composed once (Algorithm 1, 300,000 draws, the LeNet-5
+Fashion-MNIST teacher), then a LeNet-5-half student is distilled on it (Eq. 2, no augmentation,
+Adam, batch 256) for 6 epochs under one change at a time: the temperature, the learning rate, He
+initialisation. Each cell is the test accuracy after that epoch and, in brackets, the share of test
+images the student gives its most common class (100% = one class for everything: the plateau). One
+seed; about 5 minutes on one CPU core.
 
-    python experiments/table_bt_plateau.py [--data-root /usr/share/datasets] [--teacher checkpoints/...pt]
+    python experiments/table_bt_plateau.py [--data-root /usr/share/datasets] \\
+        [--teacher checkpoints/...pt]
 
 Writes experiments/results/bt_plateau.md.
 """

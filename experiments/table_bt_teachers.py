@@ -1,13 +1,14 @@
-"""Balanced transfer (WACV 2021): which classes uniform noise reaches is a property of the teacher. The
-Fashion-MNIST LeNet-5 recipe teacher trained with three seeds: its test accuracy, the teacher-predicted histogram
-of 10^6 uniform draws, the draws each class's quota of 6,000 would need, and Table 1's unbalanced-noise row
-(40 epochs of 60,000 draws, no augmentation, student seed 0) distilled from each teacher. Seed 0 is the
-committed teacher of the tables (its row's run is bt_complete's unbalanced row).
+"""Balanced transfer (WACV 2021): which classes uniform noise reaches is a property of the teacher.
+The Fashion-MNIST LeNet-5 recipe teacher trained with three seeds: its test accuracy, the
+teacher-predicted histogram of 10^6 uniform draws, the draws each class's quota of 6,000 would need,
+and Table 1's unbalanced-noise row (40 epochs of 60,000 draws, no augmentation, student seed 0)
+distilled from each teacher. Seed 0 is the committed teacher of the tables (its row's run is
+bt_complete's unbalanced row).
 
-    python experiments/table_bt_teachers.py               # trains the seed-1 and seed-2 teachers if missing
+    python experiments/table_bt_teachers.py   # trains the seed-1 and seed-2 teachers if missing
 
-Writes experiments/results/bt_teachers.md; the histograms come from compose_speed.py's agreement part and are
-kept in experiments/results/compose_speed/.
+Writes experiments/results/bt_teachers.md; the histograms come from compose_speed.py's agreement
+part and are kept in experiments/results/compose_speed/.
 """
 
 import json
@@ -23,15 +24,16 @@ PAPER_UNBALANCED = 33.49
 
 
 def teacher_file(seed):
-    """Seed 0 is the committed teacher of every table (the recipe's seed 0); others go to the cache."""
+    """Seed 0 is the committed teacher of every table (the recipe's seed 0); others go to the
+    cache."""
     if seed == 0:
         return runner.TEACHER
     return os.path.join("checkpoints", f"fashionmnist-lenet5-seed{seed}.pt")
 
 
 def unbalanced_row(seed, epochs):
-    """(table, run name) of the unbalanced noise row distilled from the teacher of `seed`: for the committed
-    teacher, the row of bt_complete (the same command)."""
+    """(table, run name) of the unbalanced noise row distilled from the teacher of `seed`: for the
+    committed teacher, the row of bt_complete (the same command)."""
     if seed == 0:
         return "bt_complete", f"noise-uniform-unbalanced-no-aug-e{epochs}"
     return TABLE, f"teacher{seed}-unbalanced-no-aug-e{epochs}"
@@ -139,8 +141,9 @@ def main():
         ],
         rows,
         f"LeNet-5 recipe teachers (Adam 1e-3, 40 epochs); the paper's teacher: 90.84%, its "
-        f"unbalanced noise row {PAPER_UNBALANCED}. Histograms: fp32 argmax of the first 10^6 uniform "
-        f"draws of seed 0. Student runs: {args.epochs} epochs of 60,000 draws, no augmentation.",
+        f"unbalanced noise row {PAPER_UNBALANCED}. Histograms: fp32 argmax of the first 10^6 "
+        f"uniform draws of seed 0. Student runs: {args.epochs} epochs of 60,000 draws, "
+        f"no augmentation.",
         dry_run=args.dry_run,
     )
 

@@ -1,19 +1,21 @@
-"""The three data-free families head to head on one teacher: a Fashion-MNIST LeNet-5 teacher, a LeNet-5-half
-student, the same web set (`fashionmnist-web`: 30,000 style-shifted Fashion-MNIST images, 10,000 shapes, 10,000
-noise images), the same student epochs, 3 seeds.
+"""The three data-free families head to head on one teacher: a Fashion-MNIST LeNet-5 teacher, a
+LeNet-5-half student, the same web set (`fashionmnist-web`: 30,000 style-shifted Fashion-MNIST
+images, 10,000 shapes, 10,000 noise images), the same student epochs, 3 seeds.
 
-Rows: the student at initialisation (chance); plain KD (Hinton's soft targets at T = 4 on every web image, no
-selection); KD3 (collection-based: selection + shared classifier); HiDFD at rho = 0.1 of the web set (6,000
-images, a class-conditional generator trained on them with the conditioning setting of the rho table);
-balanced transfer from the web set and from uniform noise (arbitrary-transfer-set family; no augmentation);
-supervised with labels on the real training set (the upper bound). Each row reports images seen and wall time.
+Rows: the student at initialisation (chance); plain KD (Hinton's soft targets at T = 4 on every web
+image, no selection); KD3 (collection-based: selection + shared classifier); HiDFD at rho = 0.1 of
+the web set (6,000 images, a class-conditional generator trained on them with the conditioning
+setting of the rho table); balanced transfer from the web set and from uniform noise
+(arbitrary-transfer-set family; no augmentation); supervised with labels on the real training set
+(the upper bound). Each row reports images seen and wall time.
 
     python experiments/table_families.py                  # 3 seeds, 20 student epochs
     python experiments/table_families.py --seeds 0        # one seed
 
-Two rows are the runs of other tables (run those first): KD3 is kd3_ablations' full KD3 row (the same command),
-HiDFD is hidfd_rho's rho = 0.1 row (its collection is the 60,000-image version of the same mixture recipe, so
-D_c is 6,000 images of the same make-up). Writes experiments/results/families.md.
+Two rows are the runs of other tables (run those first): KD3 is kd3_ablations' full KD3 row (the
+same command), HiDFD is hidfd_rho's rho = 0.1 row (its collection is the 60,000-image version of the
+same mixture recipe, so D_c is 6,000 images of the same make-up). Writes
+experiments/results/families.md.
 """
 
 import json
@@ -29,8 +31,8 @@ WEB = "fashionmnist-web"
 
 
 def rows(args):
-    """(name, label, argv): argv is this table's command for the row, or (table, run name) of the other table's
-    runs that the row reuses."""
+    """(name, label, argv): argv is this table's command for the row, or (table, run name) of the
+    other table's runs that the row reuses."""
     kd = [
         "--dataset",
         "fashionmnist",
@@ -103,10 +105,13 @@ def rows(args):
 
 
 def chance_accuracy(args):
-    """Test accuracy of the untrained LeNet-5-half student per seed (the models' own initialisation)."""
+    """Test accuracy of the untrained LeNet-5-half student per seed (the models' own
+    initialisation)."""
     code = (
-        "import sys, torch, data, models, runtime; seed = int(sys.argv[1]); torch.manual_seed(seed); "
-        "s = models.build_model('lenet5_half', 10, 1); x, y = data.load_dataset('fashionmnist', 'test', "
+        "import sys, torch, data, models, runtime; seed = int(sys.argv[1]); "
+        "torch.manual_seed(seed); "
+        "s = models.build_model('lenet5_half', 10, 1); "
+        "x, y = data.load_dataset('fashionmnist', 'test', "
         f"{args.data_root!r}); m = data.DATASETS['fashionmnist']; "
         "print(runtime.evaluate(s, x, y, m['mean'], m['std']))"
     )
@@ -163,15 +168,16 @@ def main():
         ["family / method", "student acc (%)", "images seen (seed 0)", "wall (min)"],
         table,
         f"Fashion-MNIST, LeNet-5 teacher ({args.teacher}) -> LeNet-5-half, {args.epochs} student "
-        f"epochs, web set `{WEB}`, seeds {args.seeds}. Images seen: training images over all epochs "
-        "(HiDFD: its GAN's real and generated images are not counted).",
+        f"epochs, web set `{WEB}`, seeds {args.seeds}. Images seen: training images over all "
+        "epochs (HiDFD: its GAN's real and generated images are not counted).",
         dry_run=args.dry_run,
     )
 
 
 def _images_seen(table, name, seed):
-    """Student training images over all epochs of one kept run, from its metrics.jsonl (KD3: the selected images
-    of each epoch; the GAN epochs of HiDFD are not student training and not counted)."""
+    """Student training images over all epochs of one kept run, from its metrics.jsonl (KD3: the
+    selected images of each epoch; the GAN epochs of HiDFD are not student training and not
+    counted)."""
     path = os.path.join(runner.result_dir(table, name, seed), "metrics.jsonl")
     if not os.path.isfile(path):
         return None

@@ -1,14 +1,15 @@
-"""HiDFD (AAAI 2025) at rho = 0.1 and rho = 1.0 of a shifted Fashion-MNIST collection, vs distillation on the
-(inflated) collection alone (--no-synthetic). LeNet-5 teacher -> LeNet-5-half student. The claim: the
-synthetic data helps most when the collection is small.
+"""HiDFD (AAAI 2025) at rho = 0.1 and rho = 1.0 of a shifted Fashion-MNIST collection, vs
+distillation on the (inflated) collection alone (--no-synthetic). LeNet-5 teacher -> LeNet-5-half
+student. The claim: the synthetic data helps most when the collection is small.
 
-The collection has the same make-up as `fashionmnist-web` (60% style-shifted Fashion-MNIST, 20% procedural
-shapes, 20% noise) but 60,000 images, so that rho = 1.0 (|D_c| = |D_o| = 60,000) exists; rho = 0.1 takes a
-seeded random 6,000 of it. Both rho get the same number of GAN iterations.
+The collection has the same make-up as `fashionmnist-web` (60% style-shifted Fashion-MNIST, 20%
+procedural shapes, 20% noise) but 60,000 images, so that rho = 1.0 (|D_c| = |D_o| = 60,000) exists;
+rho = 0.1 takes a seeded random 6,000 of it. Both rho get the same number of GAN iterations.
 
-The GAN runs with the named CPU setting CONDITIONED below, not the paper's Adam rates (1e-4 / 4e-4): on this
-budget the paper's rates leave G ignoring its label (the teacher agrees with G's label on ~13% of its samples
-after 1,800 iterations, chance 10%), while 1e-3 for both conditions it (docs/hidfd.md has the grid).
+The GAN runs with the named CPU setting CONDITIONED below, not the paper's Adam rates (1e-4 / 4e-4):
+on this budget the paper's rates leave G ignoring its label (the teacher agrees with G's label on
+~13% of its samples after 1,800 iterations, chance 10%), while 1e-3 for both conditions it
+(docs/hidfd.md has the grid).
 
     python experiments/table_hidfd_rho.py                                  # 3 seeds x 4 rows
     python experiments/table_hidfd_rho.py --gan-iterations 600 --seeds 0   # short
@@ -24,8 +25,8 @@ TABLE = "hidfd_rho"
 TRAIN_SIZE = 60_000  # |D_o| of Fashion-MNIST (data.DATASETS["fashionmnist"]["train_size"])
 GAN_BATCH = 100  # hidfd.py's --gan-batch-size default for the MNIST family
 COLLECTION = "shifted:fashionmnist:36000,synthetic:12000,noise-uniform:12000"
-# The CPU setting that conditions G (a deviation from the paper's rates, named here): Adam 1e-3 for both
-# networks, width 16 (the default 64 is ~6x slower per iteration on a CPU).
+# The CPU setting that conditions G (a deviation from the paper's rates, named here): Adam 1e-3 for
+# both networks, width 16 (the default 64 is ~6x slower per iteration on a CPU).
 CONDITIONED = ["--g-lr", "1e-3", "--d-lr", "1e-3", "--gan-width", "16"]
 
 
@@ -63,7 +64,10 @@ def main():
         only = f"rho{rho}-collected-only-e{args.epochs}"
         gan = f"rho{rho}-hidfd-it{args.gan_iterations}-e{args.epochs}"
         for s in args.seeds:
-            generator = f"checkpoints/hidfd-generator-fashionmnist-rho{rho}-it{args.gan_iterations}-seed{s}.pt"
+            generator = (
+                f"checkpoints/hidfd-generator-fashionmnist-rho{rho}-it{args.gan_iterations}"
+                f"-seed{s}.pt"
+            )
             jobs.append((only, s, common + ["--rho", str(rho), "--no-synthetic"]))
             jobs.append(
                 (

@@ -1,14 +1,17 @@
-"""KD3 (ICCV 2023), Table 2 ablations on the shifted Fashion-MNIST web set `fashionmnist-web` (data.py): full KD3
-vs random / student-only / teacher-only selection, no classifier sharing (one-hot / soft, and one-hot with the
-selection and weights still from the shared classifier), no L_mdcl and no MixDistribution. LeNet-5 teacher ->
-LeNet-5-half student. The claim: full KD3 >= each ablation. Beside accuracy, what the selection keeps: the
-fraction of each web source (style-shifted Fashion-MNIST, shapes, noise) and the teacher's accuracy on the kept
-shifted images against all shifted images (the truth is known for them).
+"""KD3 (ICCV 2023), Table 2 ablations on the shifted Fashion-MNIST web set `fashionmnist-web`
+(data.py): full KD3 vs random / student-only / teacher-only selection, no classifier sharing
+(one-hot / soft, and one-hot with the selection and weights still from the shared classifier), no
+L_mdcl and no MixDistribution. LeNet-5 teacher -> LeNet-5-half student. The claim: full KD3 >= each
+ablation. Beside accuracy, what the selection keeps: the fraction of each web source (style-shifted
+Fashion-MNIST, shapes, noise) and the teacher's accuracy on the kept shifted images against all
+shifted images (the truth is known for them).
 
     python experiments/table_kd3_ablations.py --epochs 20                     # 3 seeds x 9 rows
-    python experiments/table_kd3_ablations.py --epochs 40 --seeds 0 --only kd3 no-cls-share-onehot   # the 40-epoch check
+    python experiments/table_kd3_ablations.py --epochs 40 --seeds 0 \\
+        --only kd3 no-cls-share-onehot                                        # the 40-epoch check
 
-Writes experiments/results/kd3_ablations.md (and kd3_ablations-e40.md for other epoch counts than 20).
+Writes experiments/results/kd3_ablations.md (and kd3_ablations-e40.md for other epoch counts than
+20).
 """
 
 import runner
@@ -29,7 +32,8 @@ VARIANTS = [  # (name, flags, Table 2 row, Table 2 CIFAR-10 accuracy of ResNet34
     ("no-cls-share-soft", ["--no-cls-share", "soft"], "no classifier sharing (soft)", 93.98),
     ("no-mdcl", ["--no-mdcl"], "no L_mdcl", 94.48),
     ("no-md", ["--no-md"], "no MD (crop + flip views)", 94.61),
-    # the student's features as wide as the teacher's (84), as in the paper's ResNet34 -> ResNet18 (512 -> 512)
+    # the student's features as wide as the teacher's (84), as in the paper's ResNet34 -> ResNet18
+    # (512 -> 512)
     (
         "kd3-f84",
         ["--student-arch", "lenet5_half_f84"],
@@ -120,9 +124,11 @@ def main():
     )
     notes = (
         f"Web `{args.web}`, {args.epochs} epochs, seeds {args.seeds}; teacher {args.teacher} "
-        f"(its accuracy on all shifted Fashion-MNIST web images: {first.get('teacher_acc_in_distribution', '—')}%). "
-        "Kept fractions and the teacher's accuracy on the kept shifted images are at the last epoch. The paper's "
-        "Table 2 has no Fashion-MNIST or LeNet rows; its CIFAR-10 column is given for the direction of each effect."
+        f"(its accuracy on all shifted Fashion-MNIST web images: "
+        f"{first.get('teacher_acc_in_distribution', '—')}%). "
+        "Kept fractions and the teacher's accuracy on the kept shifted images are at the last "
+        "epoch. The paper's Table 2 has no Fashion-MNIST or LeNet rows; its CIFAR-10 column is "
+        "given for the direction of each effect."
     )
     runner.write_table(
         TABLE if args.epochs == 20 else f"{TABLE}-e{args.epochs}",

@@ -1,9 +1,10 @@
-"""The upper reference: LeNet-5-half trained with labels on the real Fashion-MNIST training set, with
-teacher.py's MNIST-family recipe (Adam 1e-3, 40 epochs, batch 256) — what a student could reach if the
-teacher's data were available.
+"""The upper reference: LeNet-5-half trained with labels on the real Fashion-MNIST training set,
+with teacher.py's MNIST-family recipe (Adam 1e-3, 40 epochs, batch 256) — what a student could reach
+if the teacher's data were available.
 
     python experiments/table_supervised.py                  # 3 seeds
-    python experiments/table_supervised.py --archs lenet5   # the teacher's architecture, for comparison
+    python experiments/table_supervised.py --archs lenet5   # the teacher's architecture,
+                                                            # for comparison
 
 Writes experiments/results/supervised.md.
 """
