@@ -1,21 +1,25 @@
 """Class-balanced arbitrary transfer sets for data-free KD (Nayak, Mopuri, Chakraborty, WACV 2021).
 
-Without the teacher's training data, distil on *arbitrary* unlabelled images (random noise, unrelated
-synthetic or natural datasets). The teacher's argmax spreads such data very unevenly over its classes, so
-Algorithm 1 composes a "target-class balanced" set: go through sources D_1..D_M in order and keep a sample
-only while its teacher-predicted class holds fewer than N/C samples. The student then learns from the
-teacher's temperature-softened outputs alone, Eq. (2), optionally on augmented images (Sec. 4.2).
+Without the teacher's training data, distil on *arbitrary* unlabelled images (random noise,
+unrelated synthetic or natural datasets). The teacher's argmax spreads such data very unevenly over
+its classes, so Algorithm 1 composes a "target-class balanced" set: go through sources D_1..D_M in
+order and keep a sample only while its teacher-predicted class holds fewer than N/C samples. The
+student then learns from the teacher's temperature-softened outputs alone, Eq. (2), optionally on
+augmented images (Sec. 4.2).
 
-    python balanced_transfer.py --epochs 40 --no-augment --source noise-uniform-normalised  # quick start
-    python balanced_transfer.py --no-augment --max-draws full --epoch-images 60000  # Table 1, balanced
+    python balanced_transfer.py --epochs 40 --no-augment --source noise-uniform-normalised
+        # quick start
+    python balanced_transfer.py --no-augment --max-draws full --epoch-images 60000
+        # Table 1, balanced
     python balanced_transfer.py --unbalanced --no-augment  # Table 1's first row
-    python balanced_transfer.py --dataset cifar10 --source svhn,tinyimagenet  # AlexNet -> AlexNet-half
+    python balanced_transfer.py --dataset cifar10 --source svhn,tinyimagenet
+        # AlexNet -> AlexNet-half
 
-Paper (Table 1, FMNIST, teacher 90.84%): noise unbalanced 33.49 / 38.37, balanced 70.15 / 74.33 (without /
-with augmentation). By default the composer stops a generated source at --max-draws (1,000,000 for the
-MNIST family) or --max-minutes and reports the histogram it reached; --max-draws full draws until every
-quota is full, as the paper does, through a bf16 screen and a resumable composition cache. Measured runs and
-the numbers to expect: README.md and docs/results.md.
+Paper (Table 1, FMNIST, teacher 90.84%): noise unbalanced 33.49 / 38.37, balanced 70.15 / 74.33
+(without / with augmentation). By default the composer stops a generated source at --max-draws
+(1,000,000 for the MNIST family) or --max-minutes and reports the histogram it reached; --max-draws
+full draws until every quota is full, as the paper does, through a bf16 screen and a resumable
+composition cache. Measured runs and the numbers to expect: README.md and docs/results.md.
 """
 
 import argparse
@@ -35,13 +39,15 @@ import runtime
 from teacher import get_teacher
 
 #### Settings: defaults per dataset family (every value is also a CLI flag; --help shows them) ####
-# The paper gives architectures and sources (Sec. 4, Table 1) but no student optimiser, epochs or batch size.
-# mnist: LeNet-5 -> LeNet-5-half, uniform noise; the MNIST-family teacher recipe (Adam 1e-3, 40 epochs).
+# The paper gives architectures and sources (Sec. 4, Table 1) but no student optimiser, epochs or
+# batch size.
+# mnist: LeNet-5 -> LeNet-5-half, uniform noise; the MNIST-family teacher recipe
+#        (Adam 1e-3, 40 epochs).
 #        max_draws 1M: under a minute of composing on a 2-core CPU.
-# cifar: AlexNet -> AlexNet-half (Table 1 / Table 2-left), SVHN then TinyImageNet (Sec. 4.1); the CIFAR recipe
-#        (SGD 0.05, 240 epochs, /10 at 150/180/210).
-# synthetic: tiny settings so that the end-to-end tests take seconds; noise, then style-shifted shapes (two
-#        sources, so Algorithm 1 switches source).
+# cifar: AlexNet -> AlexNet-half (Table 1 / Table 2-left), SVHN then TinyImageNet (Sec. 4.1); the
+#        CIFAR recipe (SGD 0.05, 240 epochs, /10 at 150/180/210).
+# synthetic: tiny settings so that the end-to-end tests take seconds; noise, then style-shifted
+#        shapes (two sources, so Algorithm 1 switches source).
 SETTINGS = {
     "cifar": dict(
         teacher_arch="alexnet",
@@ -87,11 +93,12 @@ SETTINGS = {
     ),
 }
 
-# Generated sources, drawn on the fly by the streaming composer. uniform and gaussian are the paper's (Sec. 4:
-# U[0,1] per pixel; N(0.5, 0.1) clipped for CIFAR-100). The others are additions, never a default: lowfreq
-# (uniform 8x8 noise upsampled) and brightness (uniform x a per-image brightness) reach more teacher classes per
-# draw; uniform-normalised (U[-1, 1]) and normal-normalised (N(0, 1)) are drawn in the teacher's normalised input
-# space, mapped back to pixels and clipped to [0, 1].
+# Generated sources, drawn on the fly by the streaming composer. uniform and gaussian are the
+# paper's (Sec. 4: U[0,1] per pixel; N(0.5, 0.1) clipped for CIFAR-100). The others are additions,
+# never a default: lowfreq (uniform 8x8 noise upsampled) and brightness (uniform x a per-image
+# brightness) reach more teacher classes per draw; uniform-normalised (U[-1, 1]) and
+# normal-normalised (N(0, 1)) are drawn in the teacher's normalised input space, mapped back to
+# pixels and clipped to [0, 1].
 NOISE_SOURCES = {
     "noise-uniform": "uniform",
     "noise-gaussian": "gaussian",
@@ -185,17 +192,17 @@ def build_parser():
         "--screen",
         default="bf16",
         choices=["bf16", "off"],
-        help="pre-screen the draws with a bf16 "
-        "copy of the teacher and label only the candidates of unfilled classes with the fp32 teacher "
-        "(every kept image carries its fp32 label; docs/balanced_transfer.md); off: fp32 on every draw",
+        help="pre-screen the draws with a bf16 copy of the teacher and label only the candidates "
+        "of unfilled classes with the fp32 teacher (every kept image carries its fp32 label; "
+        "docs/balanced_transfer.md); off: fp32 on every draw",
     )
     p.add_argument(
         "--compose-cache",
         default=None,
         metavar="DIR",
-        help="where a balanced composition from one "
-        "generated source is saved every --save-minutes and at Ctrl-C, continued by the same command "
-        "and reused once complete ('off': none; default: CHECKPOINT_DIR/transfer_sets)",
+        help="where a balanced composition from one generated source is saved every --save-minutes "
+        "and at Ctrl-C, continued by the same command and reused once complete ('off': none; "
+        "default: CHECKPOINT_DIR/transfer_sets)",
     )
     p.add_argument(
         "--save-minutes",
@@ -210,8 +217,8 @@ def build_parser():
         const=0.0,
         default=None,
         metavar="FRACTION",
-        help="refuse a transfer set where a class holds no image, or fewer than FRACTION of its quota "
-        "N/C (default: off)",
+        help="refuse a transfer set where a class holds no image, or fewer than FRACTION of its "
+        "quota N/C (default: off)",
     )
     # Distillation (Eq. 2, Sec. 4.2)
     p.add_argument(
@@ -224,18 +231,18 @@ def build_parser():
         "--aug-labels",
         default="relabel",
         choices=["relabel", "fixed", "with-originals"],
-        help="targets of augmented images: the teacher labels each augmented image afresh (relabel, "
-        "Sec. 4.2 as written); the teacher's outputs on the composed image (fixed); or every batch "
-        "holds the composed images beside their augmented copies, each labelled afresh "
+        help="targets of augmented images: the teacher labels each augmented image afresh "
+        "(relabel, Sec. 4.2 as written); the teacher's outputs on the composed image (fixed); or "
+        "every batch holds the composed images beside their augmented copies, each labelled afresh "
         "(with-originals)",
     )
     p.add_argument(
         "--epoch-images",
         type=int,
         default=None,
-        help="images per epoch: a smaller transfer set is "
-        "cycled (each epoch a fresh random order of it, repeated), so sets of other sizes get equal "
-        "optimiser steps (default: one pass over the transfer set)",
+        help="images per epoch: a smaller transfer set is cycled (each epoch a fresh random order "
+        "of it, repeated), so sets of other sizes get equal optimiser steps (default: one pass "
+        "over the transfer set)",
     )
     p.add_argument(
         "--temperature",
@@ -248,8 +255,8 @@ def build_parser():
 
 def resolve_settings(args):
     """The run's settings: every flag left out takes its value from SETTINGS (above), N its default
-    |D_o|, the teacher's training-set size (Sec. 4.1; the original data is never read), or all of them
-    from the saved config.json under --resume; then `check_settings`."""
+    |D_o|, the teacher's training-set size (Sec. 4.1; the original data is never read), or all of
+    them from the saved config.json under --resume; then `check_settings`."""
     train_sizes = {name: meta["train_size"] for name, meta in data.DATASETS.items()}
     per_dataset = {"transfer_size": train_sizes}
     args = runtime.complete_args(
@@ -332,9 +339,9 @@ def check_run_file(run_dir, filename, what, fix):
 
 
 def class_fill(labels, counts, quota):
-    """Lines 5-10 of Algorithm 1 for one chunk of a source, vectorised: keep labels[k] iff its class still holds
-    fewer than `quota` samples when the chunk is taken in order. labels (n,) int64; counts (C,) int64 so far.
-    Returns (keep (n,) bool, updated counts (C,))."""
+    """Lines 5-10 of Algorithm 1 for one chunk of a source, vectorised: keep labels[k] iff its class
+    still holds fewer than `quota` samples when the chunk is taken in order. labels (n,) int64;
+    counts (C,) int64 so far. Returns (keep (n,) bool, updated counts (C,))."""
     onehot = F.one_hot(labels, len(counts))  # (n, C)
     rank = (
         onehot.cumsum(0).gather(1, labels[:, None]).squeeze(1)
@@ -344,8 +351,9 @@ def class_fill(labels, counts, quota):
 
 
 def balanced_indices(pred_labels, quota, num_classes):
-    """Algorithm 1 on finite sources: pred_labels[i] (n_i,) are the teacher's labels of D_i in sampling order.
-    Returns, per source, the LongTensor of kept positions; sources after the quotas are full keep nothing."""
+    """Algorithm 1 on finite sources: pred_labels[i] (n_i,) are the teacher's labels of D_i in
+    sampling order. Returns, per source, the LongTensor of kept positions; sources after the quotas
+    are full keep nothing."""
     counts = torch.zeros(
         num_classes, dtype=torch.int64, device=pred_labels[0].device if pred_labels else "cpu"
     )
@@ -382,8 +390,9 @@ def algorithm1_literal(sources, teacher, quota, counts, generator):
 
 
 def kd_loss(student_logits, teacher_logits, T):
-    """Eq. (2): KL(p_T || p_S) on temperature-softened outputs, batch mean, x T^2. Same gradient as the paper's
-    soft cross-entropy -sum p_T log p_S (they differ by the teacher's entropy, a constant); no hard labels."""
+    """Eq. (2): KL(p_T || p_S) on temperature-softened outputs, batch mean, x T^2. Same gradient as
+    the paper's soft cross-entropy -sum p_T log p_S (they differ by the teacher's entropy, a
+    constant); no hard labels."""
     # Eq. (2)
     return (
         F.kl_div(
@@ -425,9 +434,10 @@ def random_noise(n, shape, kind, generator, mean=None, std=None):
 
 
 def augment(x, generator, p=0.5, max_scale=0.2, max_degrees=15.0, noise_std=0.05, salt_pepper=0.05):
-    """Sec. 4.2: scaling, rotation, horizontal flip, gaussian noise and salt-and-pepper noise, each applied to an
-    image with probability p independently, so images get random combinations of them. x (B, C, H, W) in [0, 1].
-    The paper names the operations, not their strengths; the keyword defaults are ours."""
+    """Sec. 4.2: scaling, rotation, horizontal flip, gaussian noise and salt-and-pepper noise, each
+    applied to an image with probability p independently, so images get random combinations of them.
+    x (B, C, H, W) in [0, 1]. The paper names the operations, not their strengths; the keyword
+    defaults are ours."""
     b, c, h, w = x.shape
     dev = x.device
 
@@ -464,15 +474,16 @@ def augment(x, generator, p=0.5, max_scale=0.2, max_degrees=15.0, noise_std=0.05
 
 
 def to_uint8(x):
-    # DEVIATION: noise is quantised to 256 levels — the transfer set is stored as uint8 like every other source
-    # (4x less memory on the device); a 1/255 step is far below the noise's own spread.
+    # DEVIATION: noise is quantised to 256 levels — the transfer set is stored as uint8 like every
+    # other source (4x less memory on the device); a 1/255 step is far below the noise's own spread.
     return (x * 255).round().to(torch.uint8)
 
 
 def draw_noise(n, shape, kind, generator, mean=None, std=None):
-    """n noise images (n, *shape) as uint8, the format the transfer set is stored in. The paper's uniform
-    noise (U[0, 1] per pixel) is drawn directly on the 256 stored levels, each level equally likely, which
-    costs a fraction of drawing floats and rounding them; the other kinds are drawn as floats and quantised."""
+    """n noise images (n, *shape) as uint8, the format the transfer set is stored in. The paper's
+    uniform noise (U[0, 1] per pixel) is drawn directly on the 256 stored levels, each level equally
+    likely, which costs a fraction of drawing floats and rounding them; the other kinds are drawn as
+    floats and quantised."""
     if kind == "uniform":
         return torch.randint(
             0, 256, (n, *shape), generator=generator, device=generator.device, dtype=torch.uint8
@@ -484,22 +495,24 @@ def teacher_labels(teacher, images, mean, std, batch_size):
     return runtime.predict(teacher, images, mean, std, batch_size).argmax(1)
 
 
-# The screen. Once the large classes are full, Algorithm 1 needs the teacher's exact argmax only for the draws
-# that might belong to a class still below its quota; a bf16 copy of the teacher finds those several times faster
-# than the fp32 teacher labels everything. Every draw it passes is labelled by the fp32 teacher, so every kept
-# image carries the fp32 label. SCREEN_MARGIN / 2 is above the largest bf16-vs-fp32 logit error measured on
-# 10^6 uniform draws for the Fashion-MNIST LeNet-5 (0.24 on one thread, 0.38 on two), so no kept draw is
-# screened out (experiments/compose_speed.py measures it), and the composer keeps measuring: every
-# SCREEN_CHECK_EVERY-th batch is labelled in full by the fp32 teacher and counted (agreement, misses). While
-# more than SCREEN_FROM_OPEN_SHARE of the draws fall in open classes, the screen would pass most of them
-# anyway, and the fp32 teacher labels every draw.
+# The screen. Once the large classes are full, Algorithm 1 needs the teacher's exact argmax only for
+# the draws that might belong to a class still below its quota; a bf16 copy of the teacher finds
+# those several times faster than the fp32 teacher labels everything. Every draw it passes is
+# labelled by the fp32 teacher, so every kept image carries the fp32 label. SCREEN_MARGIN / 2 is
+# above the largest bf16-vs-fp32 logit error measured on 10^6 uniform draws for the Fashion-MNIST
+# LeNet-5 (0.24 on one thread, 0.38 on two), so no kept draw is screened out
+# (experiments/compose_speed.py measures it), and the composer keeps measuring: every
+# SCREEN_CHECK_EVERY-th batch is labelled in full by the fp32 teacher and counted (agreement,
+# misses). While more than SCREEN_FROM_OPEN_SHARE of the draws fall in open classes, the screen
+# would pass most of them anyway, and the fp32 teacher labels every draw.
 SCREEN_MARGIN = 1.0
 SCREEN_CHECK_EVERY = 64
 SCREEN_FROM_OPEN_SHARE = 0.25
 
 
 class PairwiseMaxPool(torch.nn.Module):
-    """nn.MaxPool2d(2) written as two elementwise maxima: the same values, and several times faster on a CPU."""
+    """nn.MaxPool2d(2) written as two elementwise maxima: the same values, and several times faster
+    on a CPU."""
 
     def forward(self, x):  # (B, C, H, W)
         x = x[:, :, : x.shape[2] // 2 * 2, : x.shape[3] // 2 * 2]  # MaxPool2d drops an odd last row
@@ -508,10 +521,11 @@ class PairwiseMaxPool(torch.nn.Module):
 
 
 def screen_network(teacher, mean, std):
-    """A bf16, channels_last copy of the frozen teacher that reads uint8 pixel values: the input normalisation
-    (x / 255 - mean) / std folded into its first convolution when that has no padding (else `folded` is False
-    and the caller normalises), its 2x2 max-pools as PairwiseMaxPool, taken before the ReLU that precedes them
-    (max and ReLU commute: the same values, a quarter of the ReLUs). Returns (network, folded)."""
+    """A bf16, channels_last copy of the frozen teacher that reads uint8 pixel values: the input
+    normalisation (x / 255 - mean) / std folded into its first convolution when that has no padding
+    (else `folded` is False and the caller normalises), its 2x2 max-pools as PairwiseMaxPool, taken
+    before the ReLU that precedes them (max and ReLU commute: the same values, a quarter of the
+    ReLUs). Returns (network, folded)."""
     net = copy.deepcopy(teacher).eval()
     first = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
     folded = first is not None and first.padding in (0, (0, 0)) and first.bias is not None
@@ -543,16 +557,17 @@ def screen_network(teacher, mean, std):
 
 
 def screen_candidates(screen_logits, open_classes, margin):
-    """Draws whose exact argmax may be a class that still takes images: some open class's screened logit lies
-    within `margin` of the screened maximum. screen_logits (n, C) float; open_classes (C,) bool.
-    If no screened logit is off by more than margin / 2, every draw Algorithm 1 keeps is among them."""
+    """Draws whose exact argmax may be a class that still takes images: some open class's screened
+    logit lies within `margin` of the screened maximum. screen_logits (n, C) float; open_classes
+    (C,) bool. If no screened logit is off by more than margin / 2, every draw Algorithm 1 keeps is
+    among them."""
     top = screen_logits.amax(1, keepdim=True)  # (n, 1)
     return ((screen_logits >= top - margin) & open_classes).any(1)  # (n,) bool
 
 
 class Labeller:
-    """The teacher's labels of uint8 draws: exact (the fp32 teacher through runtime.predict) and, for the
-    streaming composer, screened (the bf16 screen_network; None when screening is off)."""
+    """The teacher's labels of uint8 draws: exact (the fp32 teacher through runtime.predict) and,
+    for the streaming composer, screened (the bf16 screen_network; None when screening is off)."""
 
     def __init__(self, teacher, mean, std, batch_size, screen=True):
         self.teacher, self.mean, self.std, self.batch_size = teacher, mean, std, batch_size
@@ -577,18 +592,20 @@ class Labeller:
 
 
 class NoiseStream:
-    """Algorithm 1's progress on one generated source, drawn in whole batches from one seeded generator: what
-    the composition cache holds, so that a run continues where the last one stopped. kept_at[k] is the draw
-    index of kept image k; batch_hist[b] the teacher's class histogram of batch b."""
+    """Algorithm 1's progress on one generated source, drawn in whole batches from one seeded
+    generator: what the composition cache holds, so that a run continues where the last one stopped.
+    kept_at[k] is the draw index of kept image k; batch_hist[b] the teacher's class histogram of
+    batch b."""
 
     def __init__(self, generator, num_classes):
         self.generator, self.num_classes = generator, num_classes
         self.made, self.seconds, self.complete = 0, 0.0, False
         self.images, self.labels, self.kept_at, self.batch_hist = [], [], [], []
         self.counts = torch.zeros(num_classes, dtype=torch.int64, device=generator.device)
-        # batches: those that went through the screen, every SCREEN_CHECK_EVERY-th of them a check batch;
-        # checked: draws of the check batches (agree, misses: the screen against fp32 there); screened: draws
-        # of the other screened batches, of which labelled_exactly were passed on to the fp32 teacher
+        # batches: those that went through the screen, every SCREEN_CHECK_EVERY-th of them a check
+        # batch; checked: draws of the check batches (agree, misses: the screen against fp32 there);
+        # screened: draws of the other screened batches, of which labelled_exactly were passed on to
+        # the fp32 teacher
         self.screen = {
             "batches": 0,
             "checked": 0,
@@ -634,16 +651,18 @@ class NoiseStream:
 
 
 def compose_generated(stream, draw, labeller, quota, max_draws, balanced=True, on_batch=None):
-    """Lines 3-14 of Algorithm 1 for a generated source, streaming: draw a batch, label it with the teacher
-    (line 7), keep what fills the quotas (lines 8-10; balanced) or everything (unbalanced); stop when every
-    class is full (line 13), after `max_draws` draws, or when on_batch(stream) returns True. draw() -> one
-    batch of uint8 draws; labeller: a Labeller. Continues `stream` in place."""
+    """Lines 3-14 of Algorithm 1 for a generated source, streaming: draw a batch, label it with the
+    teacher (line 7), keep what fills the quotas (lines 8-10; balanced) or everything (unbalanced);
+    stop when every class is full (line 13), after `max_draws` draws, or when on_batch(stream)
+    returns True. draw() -> one batch of uint8 draws; labeller: a Labeller. Continues `stream` in
+    place."""
     while stream.made < max_draws and not stream.complete:
         start = time.time()
         x = draw()  # (B, C, H, W) uint8
         if stream.made + len(x) > max_draws:  # the cap ends inside this batch
             x = x[: int(max_draws - stream.made)]
-        # the screen pays off once most draws fall in full classes; until then the fp32 teacher labels all
+        # the screen pays off once most draws fall in full classes; until then the fp32 teacher
+        # labels all
         exact_all = (
             labeller.screen is None
             or not balanced
@@ -691,7 +710,8 @@ def compose_generated(stream, draw, labeller, quota, max_draws, balanced=True, o
 
 
 def open_share(stream, quota):
-    """The share of the last batch's draws that fell in classes still below their quota (1 before any batch)."""
+    """The share of the last batch's draws that fell in classes still below their quota (1 before
+    any batch)."""
     if not stream.batch_hist:
         return 1.0
     last = stream.batch_hist[-1]
@@ -699,9 +719,9 @@ def open_share(stream, quota):
 
 
 def stream_prefix(state, quota=None, max_draws=None):
-    """The set Algorithm 1 gives on the first draws of a cached stream: with a smaller quota (the first `quota`
-    kept images of each class, in draw order) and/or fewer draws (whole batches). Returns (images, labels,
-    draws, histogram of those draws)."""
+    """The set Algorithm 1 gives on the first draws of a cached stream: with a smaller quota (the
+    first `quota` kept images of each class, in draw order) and/or fewer draws (whole batches).
+    Returns (images, labels, draws, histogram of those draws)."""
     labels, kept_at, batch_hist = state["labels"], state["kept_at"], state["batch_hist"]
     per_batch = state["made"] // max(len(batch_hist), 1)
     keep = torch.ones_like(labels, dtype=torch.bool)
@@ -731,8 +751,9 @@ def stream_prefix(state, quota=None, max_draws=None):
 
 
 class Progress:
-    """One line every `every` seconds while a source is drawn: draws, draws/s, per-class fill and the ETA to
-    full balance (each class's remaining quota over its measured rate per draw), and to the draw cap."""
+    """One line every `every` seconds while a source is drawn: draws, draws/s, per-class fill and
+    the ETA to full balance (each class's remaining quota over its measured rate per draw), and to
+    the draw cap."""
 
     def __init__(self, name, cap, quota, balanced, every=10.0):
         self.name, self.cap, self.quota, self.balanced, self.every = (
@@ -773,8 +794,8 @@ class Progress:
 
 
 def draws_to_balance(counts, histogram, made, quota):
-    """Expected further draws until every class holds `quota`: the slowest class's remaining quota over its
-    share of the draws so far (inf for a class not drawn yet)."""
+    """Expected further draws until every class holds `quota`: the slowest class's remaining quota
+    over its share of the draws so far (inf for a class not drawn yet)."""
     missing = (quota - counts).clamp(min=0).double()
     share = histogram.double() / max(made, 1)
     need = torch.where(missing > 0, missing / share, torch.zeros_like(missing))
@@ -790,8 +811,9 @@ def cache_name(args, spec, teacher_sha, quota, device):
 
 
 def find_in_cache(folder, name, quota):
-    """(path, state) of the cached stream to read: the one of this quota, or a stream of a larger quota that has
-    already filled this one (its first `quota` per class are this quota's set). (path, None) when none."""
+    """(path, state) of the cached stream to read: the one of this quota, or a stream of a larger
+    quota that has already filled this one (its first `quota` per class are this quota's set).
+    (path, None) when none."""
     path = os.path.join(folder, name)
     if os.path.isfile(path):
         return path, read_cached_stream(path)
@@ -815,9 +837,10 @@ def read_cached_stream(path):
 
 
 def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha):
-    """One balanced generated source through the composition cache (--compose-cache): continue its stream
-    (saved every --save-minutes and at Ctrl-C), or reuse a finished one; a finished set is never redrawn.
-    Returns (images, labels, draws, histogram of the draws, the cached state's screen counts, seconds)."""
+    """One balanced generated source through the composition cache (--compose-cache): continue its
+    stream (saved every --save-minutes and at Ctrl-C), or reuse a finished one; a finished set is
+    never redrawn. Returns (images, labels, draws, histogram of the draws, the cached state's screen
+    counts, seconds)."""
     folder = composition_cache(args)
     path, state = find_in_cache(folder, cache_name(args, spec, teacher_sha, quota, device), quota)
     own = path.endswith(f"-quota{quota}.pt")
@@ -875,8 +898,8 @@ def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha)
     except KeyboardInterrupt:
         save()
         print(
-            f"\nthe composition so far ({stream.made:,} draws) is saved in {path}: the same command "
-            f"continues it",
+            f"\nthe composition so far ({stream.made:,} draws) is saved in {path}: the same "
+            f"command continues it",
             flush=True,
         )
         raise
@@ -892,9 +915,9 @@ def compose_cached(spec, kind, labeller, meta, quota, args, device, teacher_sha)
 
 
 def compose_transfer_set(teacher, args, device, teacher_sha=None):
-    """The transfer set D-bar: Algorithm 1 over args.source in order (balanced) or a random composition of N
-    samples (unbalanced). teacher_sha: the teacher file's sha256, which keys the composition cache (no cache
-    without it). Returns (uint8 images, teacher labels, report dict)."""
+    """The transfer set D-bar: Algorithm 1 over args.source in order (balanced) or a random
+    composition of N samples (unbalanced). teacher_sha: the teacher file's sha256, which keys the
+    composition cache (no cache without it). Returns (uint8 images, teacher labels, report dict)."""
     meta = data.DATASETS[args.dataset]
     num_classes, shape = meta["num_classes"], (meta["channels"], meta["size"], meta["size"])
     n_total = args.transfer_size
@@ -925,8 +948,9 @@ def compose_transfer_set(teacher, args, device, teacher_sha=None):
             )
             counts = torch.bincount(y, minlength=num_classes)
         elif name in NOISE_SOURCES:
-            # DEVIATION: at most --max-draws draws (and --max-minutes) per generated source by default, then we
-            # train on what was found — the paper draws until balanced (--max-draws full).
+            # DEVIATION: at most --max-draws draws (and --max-minutes) per generated source by
+            # default, then we train on what was found — the paper draws until balanced (--max-draws
+            # full).
             draws = count or (args.max_draws if args.balanced else n_total)
             draws = float("inf") if draws == "full" else draws
             generator = torch.Generator(device=device).manual_seed(args.seed + i)
@@ -1129,7 +1153,8 @@ def print_composition(report, class_names):
         name = class_names[c] if class_names else str(c)
         note = f"  SHORT by {report['short'][c]}" if c in report["short"] else ""
         print(
-            f"  class {c:3d} {name:>12s}: kept {h:6d} (teacher labelled {raw:8d} of all examined){note}",
+            f"  class {c:3d} {name:>12s}: kept {h:6d} (teacher labelled {raw:8d} of all "
+            f"examined){note}",
             flush=True,
         )
     if report["short"]:
@@ -1147,7 +1172,8 @@ def check_composition(report, args, class_names):
     """Refuse a transfer set that cannot be trained on (empty) or that --strict does not accept."""
     if not report["transfer_size"]:
         raise ValueError(
-            f"the sources {args.source!r} gave no transfer image at all — add a source or more draws"
+            f"the sources {args.source!r} gave no transfer image at all — "
+            f"add a source or more draws"
         )
     if args.strict is None:
         return
@@ -1159,14 +1185,15 @@ def check_composition(report, args, class_names):
             f"{class_names[c] if class_names else c} ({report['histogram'][c]})" for c in low
         )
         raise ValueError(
-            f"--strict {args.strict}: classes below {args.strict:.0%} of the quota {report['quota']} "
-            f"(or empty): {names} — raise --max-draws/--max-minutes or add a source"
+            f"--strict {args.strict}: classes below {args.strict:.0%} of the quota "
+            f"{report['quota']} (or empty): {names} — raise --max-draws/--max-minutes or "
+            f"add a source"
         )
 
 
 def save_composition_pictures(images, labels, report, meta, log, per_class=10):
-    """A grid of the composed set (a labelled row per teacher class: up to `per_class` random images,
-    padded with white cells) and, with matplotlib, its histogram."""
+    """A grid of the composed set (a labelled row per teacher class: up to `per_class` random
+    images, padded with white cells) and, with matplotlib, its histogram."""
     g = torch.Generator().manual_seed(0)
     labels = labels.cpu()
     blank = torch.full(tuple(images.shape[1:]), 255, dtype=torch.uint8)
@@ -1205,8 +1232,9 @@ def run(args):
     teacher_acc = runtime.evaluate(teacher, *test, meta["mean"], meta["std"])
     print(f"teacher {args.teacher_arch}: {teacher_acc:.2f}% test accuracy", flush=True)
 
-    # The composed set is saved once in the run folder and read back by --resume: composing can take minutes
-    # of teacher forwards, and on a GPU the teacher's argmax is not guaranteed to repeat bit for bit.
+    # The composed set is saved once in the run folder and read back by --resume: composing can take
+    # minutes of teacher forwards, and on a GPU the teacher's argmax is not guaranteed to repeat bit
+    # for bit.
     if log.state:
         try:  # damaged (a full disk, a copy cut short): one line, before any training
             saved = torch.load(log.path("transfer_set.pt"), map_location="cpu", weights_only=True)
@@ -1239,7 +1267,8 @@ def run(args):
     if runtime.is_main():
         save_composition_pictures(images, labels, report, meta, log)
 
-    # The composed images' teacher logits, computed once: the targets without augmentation or with fixed labels.
+    # The composed images' teacher logits, computed once: the targets without augmentation or with
+    # fixed labels.
     fixed = not args.augment or args.aug_labels == "fixed"
     transfer_logits = (
         [runtime.predict(teacher, images, meta["mean"], meta["std"], args.draw_batch)]

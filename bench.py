@@ -1,10 +1,14 @@
-"""Throughput of each method's training step: the step functions of kd3.py, hidfd.py and balanced_transfer.py
-(the fast path: the very functions their training loops call) against the same step written the naive way in
-this file. docs/speed.md describes the steps, both paths, the timing and the FLOP convention.
+"""Throughput of each method's training step: the step functions of kd3.py, hidfd.py and
+balanced_transfer.py (the fast path: the very functions their training loops call) against the same
+step written the naive way in this file. docs/speed.md describes the steps, both paths, the timing
+and the FLOP convention.
 
-    python bench.py --device cpu --quick                                 # smoke test, ~30 s on 2 cores
-    python bench.py --device cpu --arch-pair lenet5:lenet5_half:mnist    # batch 256
-    python bench.py --device cuda --compile                              # MFU against --peak-tflops
+    # smoke test, ~30 s on 2 cores
+    python bench.py --device cpu --quick
+    # batch 256
+    python bench.py --device cpu --arch-pair lenet5:lenet5_half:mnist
+    # MFU against --peak-tflops
+    python bench.py --device cuda --compile
 """
 
 import argparse
@@ -35,8 +39,8 @@ import models
 import runtime
 
 #### Settings (every value is also a CLI flag) ####
-# A step on a 2-core CPU takes 20 ms (LeNet labelling) to ~2 min (ResNet KD3 and GAN steps), hence few steps
-# there; a GPU step takes milliseconds, hence many. --quick: a smoke test.
+# A step on a 2-core CPU takes 20 ms (LeNet labelling) to ~2 min (ResNet KD3 and GAN steps), hence
+# few steps there; a GPU step takes milliseconds, hence many. --quick: a smoke test.
 SETTINGS = {
     "cpu": dict(batch=256, warmup=1, steps=3, repeats=3, pool=2048),
     "cuda": dict(batch=256, warmup=10, steps=50, repeats=3, pool=16384),
@@ -47,8 +51,8 @@ DEFAULT_PAIRS = ["resnet34:resnet18:cifar10", "lenet5:lenet5_half:mnist"]
 STEPS = ("kd3", "hidfd-gan", "hidfd-distill", "bt-kd", "bt-label")
 H100_BF16_DENSE_TFLOPS = 989.4  # H100 SXM5, dense bf16 tensor cores (1979 is with 2:4 sparsity)
 FLOP_CONVENTION = (
-    "FlopCounterMode forward FLOPs per image (2 per multiply-add, conv + matmul); 1x no-grad forward, "
-    "2x frozen network back-propagated to its input, 3x trained network"
+    "FlopCounterMode forward FLOPs per image (2 per multiply-add, conv + matmul); "
+    "1x no-grad forward, 2x frozen network back-propagated to its input, 3x trained network"
 )
 
 
@@ -66,7 +70,8 @@ def build_parser():
         nargs="+",
         default=DEFAULT_PAIRS,
         metavar="TEACHER:STUDENT[:DATASET]",
-        help="pairs to time; DATASET (default cifar10) gives channels, classes, mean/std, crop/flip",
+        help="pairs to time; DATASET (default cifar10) gives channels, classes, mean/std, "
+        "crop/flip",
     )
     p.add_argument(
         "--only",
@@ -130,7 +135,8 @@ def parse_pair(spec):
     teacher_arch, student_arch, dataset = (parts + ["cifar10"])[:3]
     if dataset not in data.DATASETS:
         raise ValueError(
-            f"--arch-pair {spec!r}: unknown dataset {dataset!r}; valid: {', '.join(sorted(data.DATASETS))}"
+            f"--arch-pair {spec!r}: unknown dataset {dataset!r}; "
+            f"valid: {', '.join(sorted(data.DATASETS))}"
         )
     with torch.device("meta"):  # names checked by the registry itself, without allocating weights
         for arch in (teacher_arch, student_arch):
@@ -211,7 +217,8 @@ def resolve_settings(args):
 
 
 def forward_flops(module, method, *inputs):
-    """FLOPs FlopCounterMode counts for module.method(*inputs), in eval mode and without gradients."""
+    """FLOPs FlopCounterMode counts for module.method(*inputs), in eval mode and without
+    gradients."""
     was_training = module.training
     module.eval()
     try:
@@ -231,8 +238,8 @@ def endless(loader):
 
 
 class NaiveImages(Dataset):
-    """uint8 images as numpy (N, H, W, C), one PIL image per __getitem__ (as torchvision's CIFAR10 does), then
-    `transform`; extra tensors are indexed alongside."""
+    """uint8 images as numpy (N, H, W, C), one PIL image per __getitem__ (as torchvision's CIFAR10
+    does), then `transform`; extra tensors are indexed alongside."""
 
     def __init__(self, images, transform, *extras):
         self.images, self.transform, self.extras = (
@@ -249,8 +256,8 @@ class NaiveImages(Dataset):
 
 
 class NaiveNoise(NaiveImages):
-    """As many images as the pool, of its shape, but uniform noise drawn one at a time with numpy, quantised to
-    uint8, then `transform`."""
+    """As many images as the pool, of its shape, but uniform noise drawn one at a time with numpy,
+    quantised to uint8, then `transform`."""
 
     def __getitem__(self, i):
         h, w, c = self.images.shape[1:]
@@ -270,7 +277,8 @@ def crop_flip_transform(meta):
 
 
 def bt_transform(meta):
-    """balanced_transfer.augment per sample, at its own default strengths (read from its signature)."""
+    """balanced_transfer.augment per sample, at its own default strengths (read from its
+    signature)."""
     aug = {
         k: v.default
         for k, v in inspect.signature(bt.augment).parameters.items()
@@ -314,9 +322,9 @@ Bench = collections.namedtuple("Bench", "fast naive flops formula")
 
 
 class PairSetup:
-    """What every builder starts from: the method's settings for the pair (its own parser and resolve_settings),
-    the dataset's metadata, a synthetic uint8 pool, and the teacher twice: as the method files hold it (prepared,
-    eval, frozen) and the naive way (eval() only, fp32)."""
+    """What every builder starts from: the method's settings for the pair (its own parser and
+    resolve_settings), the dataset's metadata, a synthetic uint8 pool, and the teacher twice: as the
+    method files hold it (prepared, eval, frozen) and the naive way (eval() only, fp32)."""
 
     def __init__(self, method, pair, args, device):
         self.args, self.device, self.student_arch = args, device, pair[1]
@@ -348,18 +356,21 @@ class PairSetup:
         return models.build_model(self.student_arch, self.classes, self.channels)
 
     def twins(self, net):
-        """net prepared for the fast path, and an fp32 copy for the naive one (copied before channels_last)."""
+        """net prepared for the fast path, and an fp32 copy for the naive one (copied before
+        channels_last)."""
         naive = copy.deepcopy(net).to(self.device)
         return runtime.prepare_model(net, self.device), naive
 
     def compile(self, *net_methods):
-        """--compile: each (net, method) replaced by its torch.compile'd version (an instance attribute)."""
+        """--compile: each (net, method) replaced by its torch.compile'd version (an instance
+        attribute)."""
         if self.args.compile:
             for net, method in net_methods:
                 setattr(net, method, torch.compile(getattr(net, method)))
 
     def device_batches(self, *extras, **loader_kw):
-        """The fast path's batches: data.DeviceLoader with the dataset's crop/flip/normalisation by default."""
+        """The fast path's batches: data.DeviceLoader with the dataset's crop/flip/normalisation by
+        default."""
         loader_kw = {key: self.meta[key] for key in ("crop_pad", "flip", "mean", "std")} | loader_kw
         return endless(
             data.DeviceLoader(
@@ -400,10 +411,11 @@ class PairSetup:
         student=None,
         **loader_kw,
     ):
-        """A step that trains a student on pool batches (kd3, hidfd-distill, bt-kd): fast_step(x, opt) on
-        DeviceLoader batches, naive_loss(x) on DataLoader batches through naive_transform; each path with the
-        method's optimiser over the trainable parameters of `trained` / `naive_trained`. --compile compiles the
-        features of the teacher and of `student` (default: `trained`)."""
+        """A step that trains a student on pool batches (kd3, hidfd-distill, bt-kd):
+        fast_step(x, opt) on DeviceLoader batches, naive_loss(x) on DataLoader batches through
+        naive_transform; each path with the method's optimiser over the trainable parameters of
+        `trained` / `naive_trained`. --compile compiles the features of the teacher and of
+        `student` (default: `trained`)."""
         opt, naive_opt = (
             runtime.make_optimizer([p for p in net.parameters() if p.requires_grad], self.margs)
             for net in (trained, naive_trained)
@@ -604,7 +616,8 @@ def build_hidfd_gan(pair, args, device):
             lambda_g=margs.lambda_g,
         )
 
-    def naive_step():  # the textbook loop: two D forwards, a generator graph kept in the D step, .item()
+    # the textbook loop: two D forwards, a generator graph kept in the D step, .item()
+    def naive_step():
         x_real, y_real, t_real = (t.to(device) for t in next(naive))
         y_fake = torch.randint(0, c, (b,), device=device)
         x_fake = naive_G(torch.randn(b, margs.z_dim, device=device), y_fake).detach()
@@ -627,13 +640,14 @@ def build_hidfd_gan(pair, args, device):
         naive_update(naive_opt_g, g_loss)
         naive_freq.update(torch.bincount(t_logits.argmax(1), minlength=c))
 
-    # D step: G 1x, teacher features 1x, D 3x on real + fake; G step: G 3x, D 3x, teacher 2x (to its input)
+    # D step: G 1x, teacher features 1x, D 3x on real + fake;
+    # G step: G 3x, D 3x, teacher 2x (to its input)
     return Bench(
         fast,
         naive_step,
         b * (4 * f_g + 9 * f_d + f_tf + 2 * f_t),
-        f"B (4 F_G + 9 F_D + F_T,features + 2 F_T); B={b}, F_G={f_g}, F_D={f_d}, F_T,features={f_tf}, "
-        f"F_T={f_t}",
+        f"B (4 F_G + 9 F_D + F_T,features + 2 F_T); B={b}, F_G={f_g}, F_D={f_d}, "
+        f"F_T,features={f_tf}, F_T={f_t}",
     )
 
 
@@ -648,8 +662,9 @@ def build_bt_label(pair, args, device):
     def draw():
         return bt.draw_noise(b, setup.shape, "uniform", gen)
 
-    # The phase a long composition spends nearly all its draws in: every class full but the two the teacher
-    # gives least (their quotas never fill here), so the screen passes only their candidates to fp32.
+    # The phase a long composition spends nearly all its draws in: every class full but the two the
+    # teacher gives least (their quotas never fill here), so the screen passes only their candidates
+    # to fp32.
     quota = 2**62
     counts = torch.full((setup.classes,), quota, dtype=torch.int64, device=device)
     counts[torch.bincount(labeller.exact(draw()), minlength=setup.classes).argsort()[:2]] = 0
@@ -688,9 +703,10 @@ BUILDERS = {
 
 
 def measure(bench, args, device):
-    """Warm up, then `repeats` windows of `steps` steps per path: (fast, naive) seconds per step, per window.
-    Without DataLoader workers the windows alternate, so that other load hits both alike; with workers they do
-    not (the workers would prefetch in the background while the fast path is timed)."""
+    """Warm up, then `repeats` windows of `steps` steps per path: (fast, naive) seconds per step,
+    per window. Without DataLoader workers the windows alternate, so that other load hits both
+    alike; with workers they do not (the workers would prefetch in the background while the fast
+    path is timed)."""
     cuda = device.type == "cuda"
 
     def warm_up(step):
@@ -824,8 +840,8 @@ def run(args):
     device_name = describe_device(device)
     print("config: " + json.dumps(config), flush=True)
     print(
-        f"device: {device_name}; torch {torch.__version__}; {args.threads} torch threads; naive DataLoader "
-        f"num_workers={args.workers}; peak for MFU: {args.peak_tflops or 'none'}",
+        f"device: {device_name}; torch {torch.__version__}; {args.threads} torch threads; "
+        f"naive DataLoader num_workers={args.workers}; peak for MFU: {args.peak_tflops or 'none'}",
         flush=True,
     )
     start, rows = time.time(), []
@@ -838,8 +854,8 @@ def run(args):
             row = row_result(step_name, pair, shape, args, bench, *measure(bench, args, device))
             rows.append(row)
             print(
-                f"  {step_name} {row['pair']}: fast {row['fast_ms']:.1f} ms/step, naive {row['naive_ms']:.1f} "
-                f"ms/step ({row['fast_over_naive']:.2f}x)",
+                f"  {step_name} {row['pair']}: fast {row['fast_ms']:.1f} ms/step, "
+                f"naive {row['naive_ms']:.1f} ms/step ({row['fast_over_naive']:.2f}x)",
                 flush=True,
             )
             del bench  # and with it the naive DataLoader's worker processes

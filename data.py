@@ -1,15 +1,19 @@
 """Offline image data: readers for the standard on-disk formats, sources built from them, and a
 device-resident batch iterator with batched augmentation.
 
-    images, labels = load_images("cifar10", "train", root)      # uint8 (N, C, H, W), int64 (N,)
-    images, labels = load_dataset("fashionmnist", "test", root)  # ... converted to the model's input format
-    web, web_labels, web_source = load_source("svhn,noise-uniform:5000", "train", root, channels=1, size=32)
+    # uint8 (N, C, H, W), int64 (N,)
+    images, labels = load_images("cifar10", "train", root)
+    # ... converted to the model's input format
+    images, labels = load_dataset("fashionmnist", "test", root)
+    web, web_labels, web_source = load_source(
+        "svhn,noise-uniform:5000", "train", root, channels=1, size=32
+    )
     for x, y in DeviceLoader(images, labels, batch_size=256, mean=..., std=..., device=device): ...
 
-Reading never downloads; `download(name, root)` (the CLIs' `--download`) fetches what torchvision can
-fetch into the same layout the readers expect. Labels are -1 for unlabelled sources. A source's labels are
-its *own* classes (an SVHN digit, an ImageNet class), not the teacher's. Nothing here knows about
-distillation.
+Reading never downloads; `download(name, root)` (the CLIs' `--download`) fetches what torchvision
+can fetch into the same layout the readers expect. Labels are -1 for unlabelled sources. A source's
+labels are its *own* classes (an SVHN digit, an ImageNet class), not the teacher's. Nothing here
+knows about distillation.
 """
 
 import gzip
@@ -25,8 +29,8 @@ import torch.nn.functional as F
 
 #### Metadata: one table for every dataset a teacher can be trained on ####
 # train_size is |D_o|, the teacher's training-set size (the papers' rho and N are relative to it).
-# channels/size are the *model input* format (MNIST-family images are resized 28 -> 32 for LeNet-5, as in
-# DAFL/ZSKD); crop_pad/flip are the training augmentation of the teacher recipes.
+# channels/size are the *model input* format (MNIST-family images are resized 28 -> 32 for LeNet-5,
+# as in DAFL/ZSKD); crop_pad/flip are the training augmentation of the teacher recipes.
 
 FASHION_CLASSES = (
     "t-shirt/top",
@@ -166,9 +170,10 @@ DATASETS = {
 
 
 # Named web / transfer mixtures, documented once here and usable wherever a source list is accepted.
-# fashionmnist-web: a Fashion-MNIST-like "webly collected" set with a distribution shift: 30,000 training
-# images (disjoint from the teacher's test set) under `style_shift`, mixed with 10,000 unrelated procedural
-# shapes (grayscaled `synthetic`) and 10,000 uniform-noise images. 60% in-distribution content, all shifted.
+# fashionmnist-web: a Fashion-MNIST-like "webly collected" set with a distribution shift: 30,000
+# training images (disjoint from the teacher's test set) under `style_shift`, mixed with 10,000
+# unrelated procedural shapes (grayscaled `synthetic`) and 10,000 uniform-noise images. 60%
+# in-distribution content, all shifted.
 # kmnist-web: the same recipe for KMNIST. Both are offline proxies of web data, not web data.
 NAMED_MIXES = {
     "fashionmnist-web": "shifted:fashionmnist:30000,synthetic:10000,noise-uniform:10000",
@@ -189,22 +194,24 @@ MNIST_FOLDERS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "kmnist": "KM
 DOWNLOADABLE = ("mnist", "fashionmnist", "kmnist", "cifar10", "cifar100", "svhn", "stl10")
 MANUAL_SOURCES = {
     "tinyimagenet": "http://cs231n.stanford.edu/tiny-imagenet-200.zip (unzip into the data root)",
-    "cinic10": "https://github.com/BayesWatch/cinic-10 (CINIC-10.tar.gz, extract to <root>/CINIC-10)",
+    "cinic10": "https://github.com/BayesWatch/cinic-10 "
+    "(CINIC-10.tar.gz, extract to <root>/CINIC-10)",
     "imagenet32": "https://image-net.org/download-images (Downsampled ImageNet 32x32, npz release)",
     "imagenet64": "https://image-net.org/download-images (Downsampled ImageNet 64x64, npz release)",
     "mnistm": "the DANN release mnist_m.tar.gz (extract to <root>/mnist_m)",
 }
 
 
-# Where the downloadable datasets come from when fetched by hand (what --download fetches, and the files the
-# readers expect under <root>).
+# Where the downloadable datasets come from when fetched by hand (what --download fetches, and the
+# files the readers expect under <root>).
 DOWNLOAD_SOURCES = {
     "mnist": (
         "http://yann.lecun.com/exdb/mnist/",
         "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
     ),
     "fashionmnist": (
-        "https://github.com/zalandoresearch/fashion-mnist (or apt-get install dataset-fashion-mnist)",
+        "https://github.com/zalandoresearch/fashion-mnist "
+        "(or apt-get install dataset-fashion-mnist)",
         "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
     ),
     "kmnist": (
@@ -370,9 +377,11 @@ def _read_cifar(name, split, root):
 
 
 def read_mat_v5(path):
-    """Numeric arrays of a MATLAB v5 file (compressed or not) -> {name: ndarray in MATLAB dim order}.
+    """Numeric arrays of a MATLAB v5 file (compressed or not) -> {name: ndarray in
+    MATLAB dim order}.
 
-    Only what SVHN needs: numeric matrices, little- or big-endian, miCOMPRESSED elements decompressed with zlib.
+    Only what SVHN needs: numeric matrices, little- or big-endian, miCOMPRESSED elements
+    decompressed with zlib.
     """
     with open(path, "rb") as f:
         raw = f.read()
@@ -576,13 +585,13 @@ def _read_folder(path, size=None):
         raise DatasetNotFoundError(
             f"no class folders in {path} (expected <path>/<class>/<image>.png)"
         )
-    files, labels = [], []
-    for label, cls in enumerate(classes):
-        for folder, _, names in sorted(os.walk(os.path.join(path, cls), followlinks=True)):
-            for fname in sorted(names):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(folder, fname))
-                    labels.append(label)
+    from torchvision.datasets.folder import (
+        make_dataset,
+    )  # here: torchvision takes a second to import
+
+    class_index = {cls: label for label, cls in enumerate(classes)}
+    samples = make_dataset(path, class_index, IMAGE_EXTENSIONS, allow_empty=True)  # ImageFolder's
+    files, labels = [f for f, _ in samples], [y for _, y in samples]
     if not files:
         raise DatasetNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
     images, modes = [], {}
@@ -616,16 +625,12 @@ def _read_tinyimagenet(split, root):
             base,
             ["wnids.txt", "train/<wnid>/images/*.JPEG", "val/val_annotations.txt"],
         )
-    wnids = sorted(
-        open(wnids_file).read().split()
-    )  # sorted wnid order, as ImageFolder(train/) would give
+    wnids = sorted(open(wnids_file).read().split())  # the class order of ImageFolder(train/)
     index = {w: i for i, w in enumerate(wnids)}
-    if split == "train":
-        files = [
-            (os.path.join(base, "train", w, "images", f), index[w])
-            for w in wnids
-            for f in sorted(os.listdir(os.path.join(base, "train", w, "images")))
-        ]
+    if split == "train":  # train/<wnid>/images/*.JPEG, listed as ImageFolder(train/) lists it
+        from torchvision.datasets.folder import make_dataset
+
+        files = make_dataset(os.path.join(base, "train"), index, (".jpeg",))
     else:
         ann = os.path.join(base, "val", "val_annotations.txt")
         if not os.path.isfile(ann):
@@ -685,8 +690,9 @@ def _read_mnistm(split, root):
 
 
 def make_synthetic(n, seed, size=32):
-    """n RGB images of 10 procedurally drawn shape classes (see SYNTHETIC_CLASSES) with random position,
-    scale and colours plus pixel noise. Balanced labels. A LeNet learns it to > 90% in seconds."""
+    """n RGB images of 10 procedurally drawn shape classes (see SYNTHETIC_CLASSES) with random
+    position, scale and colours plus pixel noise. Balanced labels. A LeNet learns it to > 90% in
+    seconds."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 10
     labels = labels[torch.randperm(n, generator=g)]
@@ -724,7 +730,8 @@ def make_synthetic(n, seed, size=32):
 
 
 def make_noise(kind, n, shape, seed):
-    """Noise images as uint8: 'uniform' U[0, 1] per pixel, or 'gaussian' N(0.5, 0.1) clipped to [0, 1]."""
+    """Noise images as uint8: 'uniform' U[0, 1] per pixel, or 'gaussian' N(0.5, 0.1) clipped
+    to [0, 1]."""
     g = torch.Generator().manual_seed(seed)
     if kind == "uniform":
         x = torch.rand((n,) + tuple(shape), generator=g)
@@ -737,8 +744,9 @@ def make_noise(kind, n, shape, seed):
 
 def style_shift(images, seed):
     """A deterministic per-image style shift that keeps the content: each image gets one of
-    inversion, low contrast + brightness offset, blur, a sinusoidal texture overlay, or (RGB) a channel
-    permutation. Used by the `shifted:<source>` sources to build webly-collected-like data offline."""
+    inversion, low contrast + brightness offset, blur, a sinusoidal texture overlay, or (RGB) a
+    channel permutation. Used by the `shifted:<source>` sources to build webly-collected-like data
+    offline."""
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = images.shape
     choice = torch.randint(0, 5 if c == 3 else 4, (n,), generator=g)
@@ -781,8 +789,9 @@ def load_images(name, split="train", root="data", n=None, shape=None, seed=0):
     """Read a source from disk (never downloads) -> (uint8 (N, C, H, W), int64 (N,) labels or -1).
 
     name: a key of DATASETS, "svhn", "stl10", "imagenet32", "imagenet64", "mnistm", "folder:<path>",
-    "shifted:<name>" (the same images under `style_shift`), "noise-uniform"/"noise-gaussian" (n images of
-    `shape`, default 10,000 of 3x32x32). split: "train" or "test" ("unlabeled" for stl10, "extra" for svhn).
+    "shifted:<name>" (the same images under `style_shift`), "noise-uniform"/"noise-gaussian" (n
+    images of `shape`, default 10,000 of 3x32x32). split: "train" or "test" ("unlabeled" for stl10,
+    "extra" for svhn).
     """
     if split not in ("train", "test", "unlabeled", "extra"):
         raise ValueError(
@@ -837,8 +846,9 @@ def _resize(images, size, chunk=4096):
 
 
 def to_shape(images, channels, size):
-    """Convert uint8 images to (N, channels, size, size): RGB -> gray by ITU-R 601 luma (as KD3 grayscales
-    SVHN for an MNIST teacher), gray -> RGB by repetition, bilinear (antialiased) resize."""
+    """Convert uint8 images to (N, channels, size, size): RGB -> gray by ITU-R 601 luma (as KD3
+    grayscales SVHN for an MNIST teacher), gray -> RGB by repetition, bilinear (antialiased)
+    resize."""
     if images.shape[1] == 3 and channels == 1:
         weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
         images = (
@@ -863,7 +873,8 @@ def load_dataset(name, split, root="data"):
 
 
 def parse_source(spec):
-    """'svhn' -> ('svhn', None); 'noise-uniform:5000' -> ('noise-uniform', 5000). folder:/shifted: keep their colon."""
+    """'svhn' -> ('svhn', None); 'noise-uniform:5000' -> ('noise-uniform', 5000). folder:/shifted:
+    keep their colon."""
     head, _, tail = spec.rpartition(":")
     if head and tail.isdigit() and not spec.startswith("folder:"):
         if int(tail) == 0:
@@ -875,10 +886,12 @@ def parse_source(spec):
 
 
 def load_source(spec, split, root, channels, size, seed=0):
-    """A comma-separated list of sources ('svhn,noise-uniform:5000'), each converted to (channels, size) and
-    concatenated; a source that needed converting is named in one printed line with its original shape. An ':N'
-    suffix takes N images (a seeded random subset for datasets; N draws for noise).
-    Returns (images uint8 (N, C, H, W), labels int64 (N,) in each source's own classes, source_index (N,))."""
+    """A comma-separated list of sources ('svhn,noise-uniform:5000'), each converted to
+    (channels, size) and concatenated; a source that needed converting is named in one printed
+    line with its original shape. An ':N' suffix takes N images (a seeded random subset for
+    datasets; N draws for noise).
+    Returns (images uint8 (N, C, H, W), labels int64 (N,) in each source's own classes,
+    source_index (N,))."""
     spec = ",".join(NAMED_MIXES.get(s.strip(), s.strip()) for s in spec.split(","))
     all_images, all_labels, all_index = [], [], []
     for i, part in enumerate(s.strip() for s in spec.split(",") if s.strip()):
@@ -906,8 +919,9 @@ def load_source(spec, split, root, channels, size, seed=0):
 
 
 def download(name, root):
-    """Fetch a dataset with torchvision's downloaders into the layout the readers above expect. A failed download
-    (no network, say) removes the folders it created and names where the files can be fetched by hand."""
+    """Fetch a dataset with torchvision's downloaders into the layout the readers above expect. A
+    failed download (no network, say) removes the folders it created and names where the files can
+    be fetched by hand."""
     name = name.split(":")[0]
     if name not in DOWNLOADABLE:
         raise ValueError(
@@ -953,7 +967,8 @@ def _fetch(name, root):
 
 
 def augment_batch(x, crop_pad=0, flip=False, generator=None):
-    """Random crop with zero padding and random horizontal flip, for a whole batch (B, C, H, W) at once."""
+    """Random crop with zero padding and random horizontal flip, for a whole batch (B, C, H, W) at
+    once."""
     b, _, h, w = x.shape
     if crop_pad > 0:
         padded = F.pad(x, (crop_pad,) * 4)
@@ -981,17 +996,19 @@ def normalize(x_uint8, mean, std):
 
 
 class DeviceLoader:
-    """Batches from uint8 images kept on `device`; gather, augment and normalise happen on the device.
+    """Batches from uint8 images kept on `device`; gather, augment and normalise happen on
+    the device.
 
-    DeviceLoader(images, labels, probs, batch_size=256, ...) yields (x, labels_batch, probs_batch): any extra
-    tensors aligned with `images` are gathered with the same indices. `indices` restricts to a subset.
-    Shuffling and augmentation are seeded; each pass over the loader draws a new order.
+    DeviceLoader(images, labels, probs, batch_size=256, ...) yields (x, labels_batch, probs_batch):
+    any extra tensors aligned with `images` are gathered with the same indices. `indices` restricts
+    to a subset. Shuffling and augmentation are seeded; each pass over the loader draws a new order.
 
-    Sharding (rank, world_size; for multi-process training): every rank draws the same seeded order and takes
-    every world_size-th sample from position `rank`, in batches of batch_size // world_size, so step i of the
-    ranks together covers the single-process batch i. Without drop_last the order is first padded by repeating
-    its head to a multiple of world_size (as torch's DistributedSampler does), so every rank has as many batches
-    of the same sizes. Each rank augments with its own stream; rank 0's is the single-process one.
+    Sharding (rank, world_size; for multi-process training): every rank draws the same seeded order
+    and takes every world_size-th sample from position `rank`, in batches of
+    batch_size // world_size, so step i of the ranks together covers the single-process batch i.
+    Without drop_last the order is first padded by repeating its head to a multiple of world_size
+    (as torch's DistributedSampler does), so every rank has as many batches of the same sizes. Each
+    rank augments with its own stream; rank 0's is the single-process one.
     """
 
     def __init__(
@@ -1035,7 +1052,8 @@ class DeviceLoader:
         self.channels_last = device.type == "cuda"
 
     def generators(self):
-        """Its random generators (shuffling order, augmentation), for saving and restoring a run's state."""
+        """Its random generators (shuffling order, augmentation), for saving and restoring a run's
+        state."""
         return {"order": self.order_gen, "aug": self.aug_gen}
 
     @property

@@ -1,21 +1,25 @@
 """HiDFD: Hybrid Data-Free Knowledge Distillation (Tang, Chen, Gong, AAAI 2025).
 
-A teacher's training data is unavailable; only a *small* collected set D_c (rho * |D_o| web images) is.
-Module 1 trains a class-conditional ADCGAN on D_c, guided by the frozen teacher: teacher features are blended
-into (Eq. 8) and transferred to (Eq. 9) the discriminator's feature head against overfitting, and a
-class-frequency regulariser (Eqs. 10-12) balances the classes the teacher sees in the generated samples.
-Module 2 generates |D_s| synthetic images, repeats D_c N = floor(|D_s| / |D_c|) times and trains the student
-to match the teacher's features (Eq. 14) through the teacher's frozen, shared classifier.
+A teacher's training data is unavailable; only a *small* collected set D_c (rho * |D_o| web images)
+is. Module 1 trains a class-conditional ADCGAN on D_c, guided by the frozen teacher: teacher
+features are blended into (Eq. 8) and transferred to (Eq. 9) the discriminator's feature head
+against overfitting, and a class-frequency regulariser (Eqs. 10-12) balances the classes the teacher
+sees in the generated samples. Module 2 generates |D_s| synthetic images, repeats D_c
+N = floor(|D_s| / |D_c|) times and trains the student to match the teacher's features (Eq. 14)
+through the teacher's frozen, shared classifier.
 
-    python hidfd.py --gan-epochs 20 --epochs 5 --g-lr 1e-3 --d-lr 1e-3 --gan-width 16   # Fashion-MNIST, ~5 min, ~78%
-    python hidfd.py --dataset cifar10 --rho 0.1     # ResNet34 -> ResNet18, ImageNet 32x32 collection (paper: 94.74%)
-    python hidfd.py --stage gan ...                 # module 1 only (writes the generator); --stage distill: module 2
+    python hidfd.py --gan-epochs 20 --epochs 5 --g-lr 1e-3 --d-lr 1e-3 --gan-width 16
+                                                    # Fashion-MNIST, ~5 min, ~78%
+    python hidfd.py --dataset cifar10 --rho 0.1     # ResNet34 -> ResNet18, ImageNet 32x32
+                                                    # collection (paper: 94.74%)
+    python hidfd.py --stage gan ...                 # module 1 only (writes the generator);
+                                                    # --stage distill: module 2
 
-The labels of D_c are the teacher's argmax; no ground-truth label is used anywhere. The generator outputs
-tanh images in [-1, 1] (what the discriminator sees); the teacher sees them mapped to [0, 1] and normalised
-with its own dataset's mean/std, exactly like stored uint8 images. The first command trains on 6,000 images of
-`fashionmnist-web` (teacher 90.26%), with the learning rates under which a small GAN learns its labels on a CPU
-budget; measured runs: docs/hidfd.md.
+The labels of D_c are the teacher's argmax; no ground-truth label is used anywhere. The generator
+outputs tanh images in [-1, 1] (what the discriminator sees); the teacher sees them mapped to [0, 1]
+and normalised with its own dataset's mean/std, exactly like stored uint8 images. The first command
+trains on 6,000 images of `fashionmnist-web` (teacher 90.26%), with the learning rates under which a
+small GAN learns its labels on a CPU budget; measured runs: docs/hidfd.md.
 """
 
 import copy
@@ -33,10 +37,12 @@ import pictures
 import runtime
 from teacher import get_teacher
 
-#### Settings: the paper's defaults per dataset family (every value is also a CLI flag; --help shows them) ####
-# cifar: Sec. "Implementation Details" (student SGD 0.05, 240 epochs, /10 at 150/180/210; GAN 500 epochs) and the
-#        authors' code (GAN batch 100, 50,000 synthetic images).
-# mnist: LeNet5 -> LeNet5-half with the MNIST-family student recipe (Adam 1e-3, 40 epochs); a smaller GAN.
+#### Settings: the paper's defaults per dataset family ####
+# (every value is also a CLI flag; --help shows them)
+# cifar: Sec. "Implementation Details" (student SGD 0.05, 240 epochs, /10 at 150/180/210; GAN 500
+#        epochs) and the authors' code (GAN batch 100, 50,000 synthetic images).
+# mnist: LeNet5 -> LeNet5-half with the MNIST-family student recipe (Adam 1e-3, 40 epochs); a
+#        smaller GAN.
 # synthetic: tiny settings so that the end-to-end tests take seconds.
 SETTINGS = {
     "cifar": dict(
@@ -91,9 +97,9 @@ SETTINGS = {
         sample_every=1,
     ),
 }
-# The web source D_c is drawn from, per dataset (Sec. "Collected Datasets": ImageNet for CIFAR and CINIC,
-# WebVision for TinyImageNet, here ImageNet 64x64). The MNIST family is not in the paper; Fashion-MNIST and
-# KMNIST default to the offline shifted proxies of data.py (NAMED_MIXES).
+# The web source D_c is drawn from, per dataset (Sec. "Collected Datasets": ImageNet for CIFAR and
+# CINIC, WebVision for TinyImageNet, here ImageNet 64x64). The MNIST family is not in the paper;
+# Fashion-MNIST and KMNIST default to the offline shifted proxies of data.py (NAMED_MIXES).
 COLLECTED = {
     "mnist": "svhn",
     "fashionmnist": "fashionmnist-web",
@@ -142,8 +148,8 @@ def build_parser():
     p.add_argument(
         "--generator",
         default=None,
-        help="generator checkpoint written by stage gan and read by stage "
-        "distill (default: <checkpoint-dir>/hidfd-generator-<dataset>-<teacher-arch>-seed<seed>.pt)",
+        help="generator checkpoint written by stage gan and read by stage distill (default: "
+        "<checkpoint-dir>/hidfd-generator-<dataset>-<teacher-arch>-seed<seed>.pt)",
     )
     # Teacher-guided generation (Eqs. 1, 8-13)
     p.add_argument(
@@ -192,9 +198,8 @@ def build_parser():
         "--blend-reading",
         default="equation",
         choices=["equation", "text"],
-        help="Eq. (8) applies "
-        "L_blend when p > q, i.e. with probability 1 - q (equation); the text says 'with a probability "
-        "of q' (text)",
+        help="Eq. (8) applies L_blend when p > q, i.e. with probability 1 - q (equation); the "
+        "text says 'with a probability of q' (text)",
     )
     p.add_argument(
         "--reg-weights",
@@ -243,7 +248,8 @@ def build_parser():
 
 
 def generator_path(args):
-    """--generator, or its default <checkpoint-dir>/hidfd-generator-<dataset>-<teacher-arch>-seed<seed>.pt."""
+    """--generator, or its default
+    <checkpoint-dir>/hidfd-generator-<dataset>-<teacher-arch>-seed<seed>.pt."""
     return args.generator or os.path.join(
         args.checkpoint_dir,
         f"hidfd-generator-{args.dataset}-{args.teacher_arch}-seed{args.seed}.pt",
@@ -313,10 +319,11 @@ def check_settings(args):
 def adc_discriminator_loss(
     adv_real, adv_fake, cls_real, cls_fake, y_real, y_fake, gan_loss="standard"
 ):
-    """Eq. (1), discriminator side, as a loss to minimise. Returns (adversarial term -L_d, classifier term).
+    """Eq. (1), discriminator side, as a loss to minimise. Returns (adversarial term -L_d,
+    classifier term).
 
-    adv_*: (B,) real/fake logits of N_D; cls_*: (B, 2C) logits of Psi_D, columns [0, C) are the "real"
-    classes y+ and [C, 2C) the "fake" classes y-; y_*: (B,) class indices in [0, C).
+    adv_*: (B,) real/fake logits of N_D; cls_*: (B, 2C) logits of Psi_D, columns [0, C) are the
+    "real" classes y+ and [C, 2C) the "fake" classes y-; y_*: (B,) class indices in [0, C).
     """
     num_classes = cls_real.shape[1] // 2
     if gan_loss == "hinge":  # authors' code
@@ -325,37 +332,43 @@ def adc_discriminator_loss(
         # L_d = E_P[log sigmoid(a)] + E_Q[log(1 - sigmoid(a))]; -log sigmoid(a) = softplus(-a)
         adversarial = F.softplus(-adv_real).mean() + F.softplus(adv_fake).mean()
     # Eq. (1)
-    # DEVIATION: the printed L_adc_d adds +E_P[log Psi(y+|x)] + E_Q[log Psi(y-|x)] to a quantity that is
-    # minimised; we minimise their negatives (cross-entropies), i.e. the classifier *maximises* them, as the
-    # appendix's optimal-classifier proof and ADCGAN (Hou et al. 2022) state.
+    # DEVIATION: the printed L_adc_d adds +E_P[log Psi(y+|x)] + E_Q[log Psi(y-|x)] to a quantity
+    # that is minimised; we minimise their negatives (cross-entropies), i.e. the classifier
+    # *maximises* them, as the appendix's optimal-classifier proof and ADCGAN (Hou et al. 2022)
+    # state.
     classifier = F.cross_entropy(cls_real, y_real) + F.cross_entropy(cls_fake, y_fake + num_classes)
     return adversarial, classifier
 
 
 def adc_generator_loss(adv_fake, cls_fake, y_fake, gan_loss="standard"):
-    """Eq. (1), generator side, as a loss to minimise. Returns (adversarial term L_g, classifier term)."""
+    """Eq. (1), generator side, as a loss to minimise. Returns (adversarial term L_g, classifier
+    term)."""
     num_classes = cls_fake.shape[1] // 2
     if gan_loss == "hinge":
         adversarial = -adv_fake.mean()
     else:
-        # DEVIATION: non-saturating -E_Q[log sigmoid(a)] instead of the printed E_Q[log(1 - sigmoid(a))], whose
-        # gradient vanishes when D wins (the paper's own Eq. (6)); the usual GAN practice.
+        # DEVIATION: non-saturating -E_Q[log sigmoid(a)] instead of the printed
+        # E_Q[log(1 - sigmoid(a))], whose gradient vanishes when D wins (the paper's own Eq. (6));
+        # the usual GAN practice.
         adversarial = F.softplus(-adv_fake).mean()
-    # Eq. (1): -E_Q[log Psi(y+|x)] + E_Q[log Psi(y-|x)] (sign as printed: G moves samples to "real, class y")
+    # Eq. (1): -E_Q[log Psi(y+|x)] + E_Q[log Psi(y-|x)] (sign as printed: G moves samples to
+    # "real, class y")
     classifier = F.cross_entropy(cls_fake, y_fake) - F.cross_entropy(cls_fake, y_fake + num_classes)
     return adversarial, classifier
 
 
 def blend_indicator(p, q, reading="equation"):
-    """Eq. (8)'s I(p > q) for p ~ U[0, 1] (a tensor): 1.0 when L_blend applies. reading="text" applies it when
-    p < q instead, i.e. with probability q, as the sentence under Eq. (8) says."""
-    # DEVIATION (open reading, --blend-reading): the equation's I(p > q) is on with probability 1 - q = 0.3;
-    # the text says "applied with a probability of q" (0.7). The equation is the default.
+    """Eq. (8)'s I(p > q) for p ~ U[0, 1] (a tensor): 1.0 when L_blend applies. reading="text"
+    applies it when p < q instead, i.e. with probability q, as the sentence under Eq. (8) says."""
+    # DEVIATION (open reading, --blend-reading): the equation's I(p > q) is on with probability
+    # 1 - q = 0.3; the text says "applied with a probability of q" (0.7). The equation is the
+    # default.
     return (p > q).float() if reading == "equation" else (p < q).float()
 
 
 def blend_loss(t_real, t_fake, d_real, d_fake):
-    """Eq. (8) without the indicator: E[||Phi_T(x) - Phi_D(x^)||_2 + ||Phi_T(x^) - Phi_D(x)||_2]. All (B, D)."""
+    """Eq. (8) without the indicator: E[||Phi_T(x) - Phi_D(x^)||_2 + ||Phi_T(x^) - Phi_D(x)||_2].
+    All (B, D)."""
     # Eq. (8)
     return ((t_real - d_fake).norm(dim=1) + (t_fake - d_real).norm(dim=1)).mean()
 
@@ -367,20 +380,22 @@ def trans_loss(t_real, t_fake, d_real, d_fake):
 
 
 def update_class_frequency(n_prev, counts, gamma=0.5):
-    """Eq. (10): n^t = (1 - gamma) n^{t-1} + gamma * nbar^{t-1}; counts nbar = teacher-argmax histogram (C,)."""
+    """Eq. (10): n^t = (1 - gamma) n^{t-1} + gamma * nbar^{t-1}; counts nbar = teacher-argmax
+    histogram (C,)."""
     # Eq. (10)
     return (1 - gamma) * n_prev + gamma * counts.to(n_prev.dtype)
 
 
 def reg_loss(teacher_logits_fake, class_freq, min_share=0.1, weights="paper"):
-    """Eqs. (11)-(12): sum_c p_T^c log(p_T^c) / nhat_c, p_T = batch-mean teacher softmax (B, C) -> (C,).
-    weights="normalised" divides by C: the weights 1/nhat_c average C, so the paper's lambda_g acts C times
-    stronger at C classes."""
+    """Eqs. (11)-(12): sum_c p_T^c log(p_T^c) / nhat_c, p_T = batch-mean teacher softmax
+    (B, C) -> (C,). weights="normalised" divides by C: the weights 1/nhat_c average C, so the
+    paper's lambda_g acts C times stronger at C classes."""
     p_t = teacher_logits_fake.float().softmax(dim=1).mean(dim=0)  # (C,)
     # Eq. (11)
-    # DEVIATION: nhat is floored at min_share / C (a tenth of the uniform share) — a class the generator never
-    # hits decays geometrically under Eq. (10) (x0.5 per iteration), so 1/nhat would grow without bound and
-    # overflow within ~150 iterations; the floor caps a missing class's weight at 10x a balanced class's.
+    # DEVIATION: nhat is floored at min_share / C (a tenth of the uniform share) — a class the
+    # generator never hits decays geometrically under Eq. (10) (x0.5 per iteration), so 1/nhat would
+    # grow without bound and overflow within ~150 iterations; the floor caps a missing class's
+    # weight at 10x a balanced class's.
     n_hat = (class_freq / class_freq.sum()).clamp_min(min_share / len(class_freq))
     # Eq. (12)
     loss = (p_t * p_t.clamp_min(1e-12).log() / n_hat).sum()
@@ -403,7 +418,8 @@ def align_loss(feat_s, feat_t):
 
 
 class ConditionalBatchNorm2d(nn.Module):
-    """BatchNorm whose per-channel gain and bias are looked up from the class label (BigGAN-style)."""
+    """BatchNorm whose per-channel gain and bias are looked up from the class label
+    (BigGAN-style)."""
 
     def __init__(self, channels, num_classes):
         super().__init__()
@@ -417,15 +433,16 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.bn(x) * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
 
 
-# DEVIATION: small SNGAN/DCGAN-style CNNs (conditional BN in G, spectral norm in D) instead of the authors'
-# BigGAN ResNets — readable and trainable on a CPU; the paper does not specify the architecture.
+# DEVIATION: small SNGAN/DCGAN-style CNNs (conditional BN in G, spectral norm in D) instead of the
+# authors' BigGAN ResNets — readable and trainable on a CPU; the paper does not specify the
+# architecture.
 
 
 class Generator(nn.Module):
     """N_G(z, y): noise + label -> image in [-1, 1] (B, channels, size, size); size 32 or 64.
 
-    4x4 seed, then log2(size) - 2 blocks of (conditional BN, ReLU, 2x nearest upsample, 3x3 conv), halving
-    the width each time down to `width`.
+    4x4 seed, then log2(size) - 2 blocks of (conditional BN, ReLU, 2x nearest upsample, 3x3 conv),
+    halving the width each time down to `width`.
     """
 
     def __init__(self, num_classes, channels, size, z_dim=128, width=64):
@@ -462,9 +479,10 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """N_D with ADCGAN's classifier Psi_D and a feature head Phi_D, all spectrally normalised.
 
-    Shared extractor: 3x3 conv, then log2(size) - 2 downsamplings (4x4 stride-2 conv + 3x3 conv, LeakyReLU),
-    global sum pooling to h (B, 4w). Heads on h: adversarial logit (B,), 2C class logits (B, 2C), and a
-    2-layer MLP to the teacher's feature size (B, feat_dim) for Eqs. (8)-(9) (authors: 256 -> 1024 -> 512).
+    Shared extractor: 3x3 conv, then log2(size) - 2 downsamplings (4x4 stride-2 conv + 3x3 conv,
+    LeakyReLU), global sum pooling to h (B, 4w). Heads on h: adversarial logit (B,), 2C class logits
+    (B, 2C), and a 2-layer MLP to the teacher's feature size (B, feat_dim) for Eqs. (8)-(9)
+    (authors: 256 -> 1024 -> 512).
     """
 
     def __init__(self, num_classes, channels, size, feat_dim, width=64):
@@ -490,9 +508,9 @@ class Discriminator(nn.Module):
         self.body = nn.Sequential(*layers)
         self.adv = spectral_norm(nn.Linear(c, 1))
         self.cls = spectral_norm(nn.Linear(c, 2 * num_classes))
-        # DEVIATION: Phi_D of Eqs. (8)-(9) is a feature head on the shared extractor (as in the authors' code),
-        # sized to the teacher's features; Eq. (1) writes Phi_D for the extractor under Psi_D itself, whose size
-        # (4w) need not match the teacher's.
+        # DEVIATION: Phi_D of Eqs. (8)-(9) is a feature head on the shared extractor (as in the
+        # authors' code), sized to the teacher's features; Eq. (1) writes Phi_D for the extractor
+        # under Psi_D itself, whose size (4w) need not match the teacher's.
         self.feat_head = nn.Sequential(
             spectral_norm(nn.Linear(c, 4 * c)),
             nn.LeakyReLU(0.1),
@@ -529,8 +547,8 @@ class GanRangeTeacher(nn.Module):
 
 
 class ClassFrequency(nn.Module):
-    """n^t of Eq. (10): the running count of generated samples per teacher class (a buffer, so it is saved and
-    restored with the run). n^0 is a constant: the uniform share of one batch."""
+    """n^t of Eq. (10): the running count of generated samples per teacher class (a buffer, so it is
+    saved and restored with the run). n^0 is a constant: the uniform share of one batch."""
 
     def __init__(self, num_classes, batch_size, gamma):
         super().__init__()
@@ -543,11 +561,13 @@ class ClassFrequency(nn.Module):
 
 
 class SharedClassifierStudent(nn.Module):
-    """N_S(x) = g_T(phi_S(x)) (Sec. Student Distillation): the student's feature extractor, a connector to the
-    teacher's feature size, and the teacher's classifier g_T, shared: a frozen copy that training never updates.
+    """N_S(x) = g_T(phi_S(x)) (Sec. Student Distillation): the student's feature extractor, a
+    connector to the teacher's feature size, and the teacher's classifier g_T, shared: a frozen copy
+    that training never updates.
 
-    Exposes the models.py interface (features, classifier, feat_dim), so runtime.predict/evaluate work on it;
-    `folded()` is the plain student network whose own classifier is g_T o connector (identical logits).
+    Exposes the models.py interface (features, classifier, feat_dim), so runtime.predict/evaluate
+    work on it; `folded()` is the plain student network whose own classifier is g_T o connector
+    (identical logits).
     """
 
     def __init__(self, backbone, teacher_classifier):
@@ -555,16 +575,18 @@ class SharedClassifierStudent(nn.Module):
         self.backbone = backbone
         self.backbone.classifier.requires_grad_(False)  # unused in training; `folded` overwrites it
         self.feat_dim = teacher_classifier.in_features
-        # DEVIATION: a learnable linear connector (part of phi_S) when the feature sizes differ (lenet5_half
-        # 42-d -> lenet5 84-d); the paper's pairs have equal sizes, the authors' code uses a conv connector.
+        # DEVIATION: a learnable linear connector (part of phi_S) when the feature sizes differ
+        # (lenet5_half 42-d -> lenet5 84-d); the paper's pairs have equal sizes, the authors' code
+        # uses a conv connector.
         self.connector = (
             nn.Identity()
             if backbone.feat_dim == self.feat_dim
             else nn.Linear(backbone.feat_dim, self.feat_dim)
         )
-        # DEVIATION: He initialisation of the backbone and the connector (the paper does not say). With PyTorch's
-        # default initialisation the connector's output barely varies across images, L_wfa first fits the mean
-        # teacher feature, and g_T calls every test image one class after the first epoch (10%).
+        # DEVIATION: He initialisation of the backbone and the connector (the paper does not say).
+        # With PyTorch's default initialisation the connector's output barely varies across images,
+        # L_wfa first fits the mean teacher feature, and g_T calls every test image one class after
+        # the first epoch (10%).
         models.he_init(self.backbone)
         models.he_init(self.connector)
         self.classifier = copy.deepcopy(teacher_classifier).requires_grad_(False)
@@ -577,7 +599,8 @@ class SharedClassifierStudent(nn.Module):
 
     @torch.no_grad()
     def folded(self):
-        """A standalone copy of the backbone whose own classifier is classifier o connector (same logits)."""
+        """A standalone copy of the backbone whose own classifier is classifier o connector (same
+        logits)."""
         backbone = copy.deepcopy(self.backbone)
         weight, bias = self.classifier.weight, self.classifier.bias
         if isinstance(self.connector, nn.Linear):
@@ -616,11 +639,11 @@ def discriminator_step(
     blend_reading="equation",
     gan_loss="standard",
 ):
-    """Line 5: one update of N_D with L_D = L_adc_d + lambda_d (I(p > q) L_blend + L_trans), Eq. (13).
-    x_real (B, C, H, W) in [-1, 1], y_real (B,) teacher labels, t_real (B, D_T) teacher features of
-    D_c; teacher: GanRangeTeacher; noise: the generator of z, y and p. blend_reading: "equation" or
-    "text" (blend_indicator); gan_loss: "standard" or "hinge" (adc_discriminator_loss). Returns the
-    batch's terms."""
+    """Line 5: one update of N_D with L_D = L_adc_d + lambda_d (I(p > q) L_blend + L_trans),
+    Eq. (13). x_real (B, C, H, W) in [-1, 1], y_real (B,) teacher labels, t_real (B, D_T) teacher
+    features of D_c; teacher: GanRangeTeacher; noise: the generator of z, y and p. blend_reading:
+    "equation" or "text" (blend_indicator); gan_loss: "standard" or "hinge"
+    (adc_discriminator_loss). Returns the batch's terms."""
     b = len(x_real)
     z, y_fake = sample_noise_and_labels(b, G.num_classes, z_dim, noise)
     with torch.no_grad(), runtime.autocast(x_real.device):
@@ -687,7 +710,8 @@ def generator_step(
     opt_g.step()
     predicted = t_logits.detach().argmax(1)
     counts = F.one_hot(predicted, num_classes).sum(0)  # bincount would sync with the host on a GPU
-    # line 6, Eq. (10): this iteration's counts give n^{t+1} (under torchrun: of the whole batch, all ranks)
+    # line 6, Eq. (10): this iteration's counts give n^{t+1} (under torchrun: of the whole batch,
+    # all ranks)
     class_freq.update(runtime.all_reduce_sum(counts.clone()))
     return {
         "g_loss": g_loss,
@@ -700,8 +724,9 @@ def generator_step(
 
 
 def distill_step(trained, teacher, x, opt):
-    """Lines 13-15: one update of N_S on a batch x (B, C, H, W) of the hybrid data, L_align of Eq. (14) through the
-    shared classifier. trained: the student's (features, logits). Returns the batch's terms."""
+    """Lines 13-15: one update of N_S on a batch x (B, C, H, W) of the hybrid data, L_align of
+    Eq. (14) through the shared classifier. trained: the student's (features, logits). Returns the
+    batch's terms."""
     with torch.no_grad(), runtime.autocast(x.device):
         t_feat = teacher.features(x).float()  # (B, D_T) Phi_T(x)
     with runtime.autocast(x.device):
@@ -721,14 +746,14 @@ def distill_step(trained, teacher, x, opt):
 
 
 def train_gan(args, teacher, collected, log):
-    """Module 1 (Algorithm A-1, lines 2-9): per batch of D_c, one discriminator step and one generator step.
-    Returns the generator."""
+    """Module 1 (Algorithm A-1, lines 2-9): per batch of D_c, one discriminator step and one
+    generator step. Returns the generator."""
     meta, bs = collected.meta, args.gan_batch_size
     device = collected.x.device
     if len(collected.x) < bs:
         raise ValueError(
-            f"|D_c| = {len(collected.x)} is smaller than --gan-batch-size {bs} — raise --rho or lower "
-            f"--gan-batch-size"
+            f"|D_c| = {len(collected.x)} is smaller than --gan-batch-size {bs} — raise --rho or "
+            f"lower --gan-batch-size"
         )
     num_classes = meta["num_classes"]
     G = runtime.prepare_model(
@@ -798,10 +823,11 @@ def train_gan(args, teacher, collected, log):
 
 
 class ConditioningProbe:
-    """Whether G learns its labels, measured after every GAN epoch (no effect on training, no random draw):
-    the teacher's agreement with y on a fixed set of (z, y) generated in eval mode (as module 2 generates), the
-    teacher-class histogram of those samples, and D's classifier (its "real" columns) on held-out real images
-    of the source (not in D_c) against the teacher's labels."""
+    """Whether G learns its labels, measured after every GAN epoch (no effect on training, no random
+    draw): the teacher's agreement with y on a fixed set of (z, y) generated in eval mode (as
+    module 2 generates), the teacher-class histogram of those samples, and D's classifier (its
+    "real" columns) on held-out real images of the source (not in D_c) against the teacher's
+    labels."""
 
     def __init__(self, args, collected, gan_teacher, n=1000):
         self.collected, self.teacher = collected, gan_teacher
@@ -842,16 +868,17 @@ class ConditioningProbe:
         chance = 100 / self.collected.meta["num_classes"]
         if self.agreement is not None and self.agreement < 2 * chance:
             print(
-                f"warning: the teacher agrees with G's label on only {self.agreement:.1f}% of the probe samples "
-                f"(chance {chance:.0f}%): the generator has not learnt class conditioning — more GAN iterations "
-                f"or higher --g-lr/--d-lr help (docs/hidfd.md)",
+                f"warning: the teacher agrees with G's label on only {self.agreement:.1f}% of the "
+                f"probe samples (chance {chance:.0f}%): the generator has not learnt class "
+                f"conditioning — more GAN iterations or higher --g-lr/--d-lr help (docs/hidfd.md)",
                 flush=True,
             )
 
 
 class CollectedSet:
-    """D_c on the device: a seeded random rho * |D_o| images of the web source, the teacher's labels (argmax) and
-    features of each (`label_with`), and up to 1,000 held-out images of the source outside D_c (for the probe)."""
+    """D_c on the device: a seeded random rho * |D_o| images of the web source, the teacher's labels
+    (argmax) and features of each (`label_with`), and up to 1,000 held-out images of the source
+    outside D_c (for the probe)."""
 
     def __init__(self, args, device):
         self.args, self.meta = args, data.DATASETS[args.dataset]
@@ -878,9 +905,11 @@ class CollectedSet:
         )
 
     def label_with(self, teacher):
-        """The teacher's labels (argmax) and features of D_c, and its labels of the held-out images."""
-        # DEVIATION: the labels y of D_c are the teacher's argmax (the paper trains the conditional GAN on labelled
-        # D_c without saying where the labels come from; a data-free setting has only the teacher's).
+        """The teacher's labels (argmax) and features of D_c, and its labels of the held-out
+        images."""
+        # DEVIATION: the labels y of D_c are the teacher's argmax (the paper trains the conditional
+        # GAN on labelled D_c without saying where the labels come from; a data-free setting has
+        # only the teacher's).
         logits, feats = runtime.predict(
             teacher, self.x, self.meta["mean"], self.meta["std"], features=True
         )
@@ -892,8 +921,9 @@ class CollectedSet:
         half = (0.5,) * self.meta["channels"]  # uint8 -> [-1, 1], what D sees
         self.heldout = (data.normalize(self.heldout_x, half, half), heldout_y)
         print(
-            f"D_c: {len(self.x)} images of {self.args.collected} (per source {self.source.bincount().tolist()}); "
-            f"teacher-predicted classes {self.hist}; {len(self.heldout_x)} held-out images for the probe",
+            f"D_c: {len(self.x)} images of {self.args.collected} (per source "
+            f"{self.source.bincount().tolist()}); teacher-predicted classes {self.hist}; "
+            f"{len(self.heldout_x)} held-out images for the probe",
             flush=True,
         )
 
@@ -918,8 +948,8 @@ class CollectedSet:
 
 def distill(args, teacher, collected_x, synthetic_x, test, log, extra):
     """Module 2 (Algorithm A-1, lines 10-16): hybrid data D = N x D_c + D_s, L_align of Eq. (14).
-    `extra`: saved with every epoch's state (what `run` needs to rebuild D_s and its results on --resume).
-    Returns (the student, a dict describing the hybrid data)."""
+    `extra`: saved with every epoch's state (what `run` needs to rebuild D_s and its results on
+    --resume). Returns (the student, a dict describing the hybrid data)."""
     meta, device = data.DATASETS[args.dataset], test[0].device
     n_c, n_s = len(collected_x), len(synthetic_x)
     N = inflation_factor(n_c, args.n_synthetic)
@@ -929,7 +959,8 @@ def distill(args, teacher, collected_x, synthetic_x, test, log, extra):
     )  # line 11: inflation by repetition
     alpha = N * n_c / len(indices)
     print(
-        f"hybrid data: {N} x {n_c} collected + {n_s} synthetic = {len(indices)} per epoch (alpha {alpha:.3f})",
+        f"hybrid data: {N} x {n_c} collected + {n_s} synthetic = {len(indices)} per epoch "
+        f"(alpha {alpha:.3f})",
         flush=True,
     )
     loader = data.DeviceLoader(
@@ -977,7 +1008,8 @@ def distill(args, teacher, collected_x, synthetic_x, test, log, extra):
 
 
 def to_unit_range(x):
-    """Generator/discriminator space [-1, 1] -> [0, 1] (what the teacher's normalisation expects)."""
+    """Generator/discriminator space [-1, 1] -> [0, 1] (what the teacher's normalisation
+    expects)."""
     return (x + 1) / 2
 
 
@@ -987,8 +1019,8 @@ def to_uint8(x):
 
 @torch.no_grad()
 def generate(G, n, num_classes, z_dim, seed, device, batch_size=1000):
-    """D_s (line 11): n images with balanced labels (y = i mod C), in eval mode, as uint8 so they share D_c's
-    loader path."""
+    """D_s (line 11): n images with balanced labels (y = i mod C), in eval mode, as uint8 so they
+    share D_c's loader path."""
     was_training = G.training
     G.eval()
     gen = torch.Generator(device=device).manual_seed(seed + 3)
@@ -1005,7 +1037,8 @@ def generate(G, n, num_classes, z_dim, seed, device, batch_size=1000):
 
 
 def save_sample_grid(G, meta, path, seed, title, per_class=10):
-    """One labelled row per class (up to 10 classes): the images G makes when asked for that class, fixed noise."""
+    """One labelled row per class (up to 10 classes): the images G makes when asked for that class,
+    fixed noise."""
     classes = list(range(min(meta["num_classes"], 10)))
     device = next(G.parameters()).device
     y = torch.tensor(classes, device=device).repeat_interleave(per_class)
@@ -1091,9 +1124,9 @@ GENERATOR_SETTINGS = (
 
 
 def check_generator(args, meta):
-    """--stage distill: the generator must exist, be readable and come from this run's setting. From another
-    setting (collection, rho, teacher) it is refused at the default path, and used with a note when --generator
-    names it."""
+    """--stage distill: the generator must exist, be readable and come from this run's setting. From
+    another setting (collection, rho, teacher) it is refused at the default path, and used with a
+    note when --generator names it."""
     path = generator_path(args)
     _, ckpt = load_generator(path, meta, torch.device("cpu"))
     trained = {k: ckpt.get(k, ckpt["args"].get(k)) for k in GENERATOR_SETTINGS}
@@ -1110,7 +1143,8 @@ def check_generator(args, meta):
 
 
 def synthetic_set(args, G, teacher, meta, device):
-    """D_s and what the teacher thinks of it: (uint8 images, {agreement with G's labels, teacher histogram})."""
+    """D_s and what the teacher thinks of it: (uint8 images, {agreement with G's labels, teacher
+    histogram})."""
     synthetic_x, synthetic_y = generate(
         G, args.n_synthetic, meta["num_classes"], G.z_dim, args.seed, device
     )
@@ -1121,7 +1155,8 @@ def synthetic_set(args, G, teacher, meta, device):
     }
     print(
         f"D_s: {len(synthetic_x)} images; teacher agrees with the conditioning label on "
-        f"{info['synthetic_teacher_agree']:.1f}%; teacher-predicted classes {info['synthetic_teacher_hist']}",
+        f"{info['synthetic_teacher_agree']:.1f}%; teacher-predicted classes "
+        f"{info['synthetic_teacher_hist']}",
         flush=True,
     )
     return synthetic_x, info
@@ -1162,8 +1197,8 @@ def run(args):
         "n_collected": len(collected.x),
         "collected_teacher_hist": collected.hist,
     }
-    # a run resumed in its distill stage rebuilds G from its state.pt (not from the --generator file, which a
-    # later run may have overwritten) and regenerates the same D_s from it
+    # a run resumed in its distill stage rebuilds G from its state.pt (not from the --generator
+    # file, which a later run may have overwritten) and regenerates the same D_s from it
     in_distill = log.state is not None and log.state["stage"] == "distill"
 
     G = None

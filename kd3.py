@@ -1,17 +1,21 @@
-"""KD3: Knowledge Distillation between Different Distributions (Tang, Chen, Niu, Sugiyama, Gong, ICCV 2023).
+"""KD3: Knowledge Distillation between Different Distributions (Tang, Chen, Niu, Sugiyama, Gong,
+ICCV 2023).
 
-The teacher's training data is unavailable; a large "webly collected" set with a distribution shift is.
-Every epoch, KD3 (Stage 1) selects web images whose combined teacher/student prediction is confident
-relative to a per-class threshold (Eqs. 3-8), then (Stage 2) trains the student's feature extractor to match
-the teacher's features through the teacher's frozen, *shared* classifier, weighting each image by
-teacher/student agreement (Eqs. 9-10), plus a contrastive loss between each image and a MixDistribution copy
-whose per-channel mean/std are mixed with another image's (Eqs. 11-17). Objective: L_wfa + alpha L_mdcl (18).
+The teacher's training data is unavailable; a large "webly collected" set with a distribution shift
+is. Every epoch, KD3 (Stage 1) selects web images whose combined teacher/student prediction is
+confident relative to a per-class threshold (Eqs. 3-8), then (Stage 2) trains the student's feature
+extractor to match the teacher's features through the teacher's frozen, *shared* classifier,
+weighting each image by teacher/student agreement (Eqs. 9-10), plus a contrastive loss between each
+image and a MixDistribution copy whose per-channel mean/std are mixed with another image's
+(Eqs. 11-17). Objective: L_wfa + alpha L_mdcl (18).
 
-    python kd3.py --epochs 20          # Fashion-MNIST, LeNet-5 -> LeNet-5-half on `fashionmnist-web`, ~5 min on 2 cores
+    python kd3.py --epochs 20          # Fashion-MNIST, LeNet-5 -> LeNet-5-half on
+                                       # `fashionmnist-web`, ~5 min on 2 cores
     python kd3.py --dataset cifar10    # ResNet34 -> ResNet18 on ImageNet 32x32 (paper: 95.21%)
 
-Ablations of Table 2: --no-cls-share {onehot,soft}, --selection {random,student,teacher}, --no-mdcl, --no-md.
-On Fashion-MNIST (teacher 90.26%) the 20-epoch student reaches ~76%, the 5-epoch one ~75% (docs/kd3.md).
+Ablations of Table 2: --no-cls-share {onehot,soft}, --selection {random,student,teacher}, --no-mdcl,
+--no-md. On Fashion-MNIST (teacher 90.26%) the 20-epoch student reaches ~76%, the 5-epoch one ~75%
+(docs/kd3.md).
 """
 
 import copy
@@ -27,9 +31,11 @@ import pictures
 import runtime
 from teacher import get_teacher
 
-#### Settings: the paper's defaults per dataset family (every value is also a CLI flag; --help shows them) ####
-# cifar: Sec. 4 "Implementation Details" (SGD 0.05, momentum 0.9, wd 5e-4, 240 epochs, /10 at 150/180/210).
-#        The batch size is not given in the paper (the authors' code uses 1024); 128 is the CIFAR recipe's.
+#### Settings: the paper's defaults per dataset family ####
+# (every value is also a CLI flag; --help shows them)
+# cifar: Sec. 4 "Implementation Details" (SGD 0.05, momentum 0.9, wd 5e-4, 240 epochs, /10 at
+#        150/180/210). The batch size is not given in the paper (the authors' code uses 1024); 128
+#        is the CIFAR recipe's.
 # mnist: LeNet5 -> LeNet5-half, Adam 1e-3, 40 epochs (Sec. 4, Table 1).
 # synthetic: tiny settings so that the end-to-end tests take seconds.
 SETTINGS = {
@@ -67,9 +73,10 @@ SETTINGS = {
         batch_size=128,
     ),
 }
-# The webly collected data D-bar per dataset (Sec. 4 "Webly Collected Datasets": grayscaled MNIST-M + SVHN for
-# MNIST, ImageNet downsampled to the original size otherwise). Fashion-MNIST and KMNIST have no web set in the
-# paper; their defaults are the offline shifted proxies of data.py (NAMED_MIXES).
+# The webly collected data D-bar per dataset (Sec. 4 "Webly Collected Datasets": grayscaled MNIST-M
+# + SVHN for MNIST, ImageNet downsampled to the original size otherwise). Fashion-MNIST and KMNIST
+# have no web set in the paper; their defaults are the offline shifted proxies of data.py
+# (NAMED_MIXES).
 WEB = {
     "mnist": "mnistm,svhn",
     "fashionmnist": "fashionmnist-web",
@@ -116,7 +123,8 @@ def build_parser():
         "--mix-delta",
         type=float,
         default=0.1,
-        help="lambda ~ Beta(delta, delta) of Eq. (11); not given in the paper, the authors' code's value",
+        help="lambda ~ Beta(delta, delta) of Eq. (11); not given in the paper, the authors' "
+        "code's value",
     )
     p.add_argument(
         "--proj-dim",
@@ -143,9 +151,8 @@ def build_parser():
         "--no-cls-share",
         default=None,
         choices=["onehot", "soft"],
-        help="Table 2 'No classifier "
-        "sharing': a fresh student classifier trained by CE on the teacher's argmax or KL on its soft "
-        "labels (default: off, the classifier is shared)",
+        help="Table 2 'No classifier sharing': a fresh student classifier trained by CE on the "
+        "teacher's argmax or KL on its soft labels (default: off, the classifier is shared)",
     )
     p.add_argument(
         "--kd-t",
@@ -157,10 +164,9 @@ def build_parser():
         "--no-cls-share-predictions",
         default="own",
         choices=["own", "shared"],
-        help="with --no-cls-share: "
-        "N_S(x) of the selection (Eq. 3) and the weights (Eq. 9) from the student's own new classifier "
-        "(own), or from g_T on the student's features as in full KD3 (shared: only the classifier "
-        "that is trained and tested changes)",
+        help="with --no-cls-share: N_S(x) of the selection (Eq. 3) and the weights (Eq. 9) from "
+        "the student's own new classifier (own), or from g_T on the student's features as in full "
+        "KD3 (shared: only the classifier that is trained and tested changes)",
     )
     p.add_argument(
         "--no-mdcl", action="store_true", help="Table 2 'No L_mdcl': drop Eq. (17) from Eq. (18)"
@@ -182,8 +188,8 @@ def build_parser():
         "--contrastive",
         default="paper",
         choices=["paper", "ntxent"],
-        help="Eqs. (15)-(16) with "
-        "j != i in the denominator (paper), or the positive kept there as in the authors' code (ntxent)",
+        help="Eqs. (15)-(16) with j != i in the denominator (paper), or the positive kept there "
+        "as in the authors' code (ntxent)",
     )
     p.add_argument(
         "--grid-size", type=int, default=64, help="images per selected/rejected PNG grid"
@@ -192,8 +198,8 @@ def build_parser():
 
 
 def resolve_settings(args):
-    """The run's settings: every flag left out takes its value from SETTINGS and WEB (above), or from
-    the saved config.json under --resume; then `check_settings`."""
+    """The run's settings: every flag left out takes its value from SETTINGS and WEB (above), or
+    from the saved config.json under --resume; then `check_settings`."""
     args = runtime.complete_args(args, build_parser(), "kd3.py", SETTINGS, per_dataset={"web": WEB})
     return check_settings(args)
 
@@ -216,7 +222,8 @@ def check_settings(args):
 
 
 def alpha_schedule(epoch, total_epochs):
-    """Eq. (4): alpha(t) = exp(-5 (t / (I/2) - 1)^2) for t <= I/2, else 1; t counted from 0, I = total epochs."""
+    """Eq. (4): alpha(t) = exp(-5 (t / (I/2) - 1)^2) for t <= I/2, else 1; t counted from 0,
+    I = total epochs."""
     half = total_epochs / 2
     if epoch > half:
         return 1.0
@@ -233,8 +240,8 @@ def combine_predictions(p_teacher, p_student, alpha):
 def class_thresholds(pred, num_classes, v_th, rule="paper"):
     """Eqs. (6)-(7): T_k = n_k / max_j n_j * V_th, n_k = number of instances predicted as k; (K,).
 
-    A class nobody predicts gets threshold 0 (and has no instance to select). rule="flexmatch" is the
-    authors' code: T_k = V_th * b_k / (2 - b_k) with b_k = n_k / max_j n_j.
+    A class nobody predicts gets threshold 0 (and has no instance to select). rule="flexmatch" is
+    the authors' code: T_k = V_th * b_k / (2 - b_k) with b_k = n_k / max_j n_j.
     """
     counts = torch.bincount(pred, minlength=num_classes).float()  # (K,) n_k
     # Eq. (7)
@@ -247,7 +254,8 @@ def class_thresholds(pred, num_classes, v_th, rule="paper"):
 
 
 def select_instances(combined, v_th, rule="paper"):
-    """Eqs. (5)-(8): keep x_i iff p_i > T_{y_i^pred} (strict). Returns (mask (N,) bool, pred (N,) long)."""
+    """Eqs. (5)-(8): keep x_i iff p_i > T_{y_i^pred} (strict).
+    Returns (mask (N,) bool, pred (N,) long)."""
     # Eq. (5)
     confidence, pred = combined.max(dim=1)
     thresholds = class_thresholds(pred, combined.shape[1], v_th, rule)
@@ -256,20 +264,23 @@ def select_instances(combined, v_th, rule="paper"):
 
 
 def alignment_weights(p_student, p_teacher):
-    """Eq. (9): w_i = 1 - sigmoid(||N_S(x_i) - N_T(x_i)||_1) on probabilities, detached; (N,) in (0.119, 0.5]."""
+    """Eq. (9): w_i = 1 - sigmoid(||N_S(x_i) - N_T(x_i)||_1) on probabilities, detached;
+    (N,) in (0.119, 0.5]."""
     # Eq. (9)
     return (1 - torch.sigmoid((p_student - p_teacher).abs().sum(dim=1))).detach()
 
 
 def weighted_feature_alignment(feat_s, feat_t, weights):
-    """Eq. (10): (1/|D_s|) sum_i w_i MSE(phi_S(x_i), phi_T(x_i)), MSE = mean over feature dimensions."""
+    """Eq. (10): (1/|D_s|) sum_i w_i MSE(phi_S(x_i), phi_T(x_i)), MSE = mean over feature
+    dimensions."""
     # Eq. (10)
     return (weights * (feat_s - feat_t).pow(2).mean(dim=1)).mean()
 
 
 def mix_distribution(x, lam, perm, eps=1e-6):
-    """Eqs. (11)-(12) on images (B, C, H, W): each image's per-channel mean/std (population std over H x W,
-    sqrt(var + eps), detached) replaced by lam * own + (1 - lam) * those of image perm[i]. lam: (B,)."""
+    """Eqs. (11)-(12) on images (B, C, H, W): each image's per-channel mean/std (population std over
+    H x W, sqrt(var + eps), detached) replaced by lam * own + (1 - lam) * those of image perm[i].
+    lam: (B,)."""
     mu = x.mean(dim=(2, 3), keepdim=True).detach()  # (B, C, 1, 1)
     sigma = (x.var(dim=(2, 3), keepdim=True, unbiased=False) + eps).sqrt().detach()  # (B, C, 1, 1)
     lam = lam.view(-1, 1, 1, 1).to(x.dtype)
@@ -281,21 +292,23 @@ def mix_distribution(x, lam, perm, eps=1e-6):
 
 
 def mdcl_loss(z, z_hat, tau, reduction="mean", positive_in_denominator=False):
-    """Eqs. (15)/(16): -log exp(sim(z_i, z^_i)/tau) / sum_{j != i} exp(sim(z_i, z^_j)/tau), cosine similarity.
+    """Eqs. (15)/(16): -log exp(sim(z_i, z^_i)/tau) / sum_{j != i} exp(sim(z_i, z^_j)/tau), cosine
+    similarity.
 
     z, z_hat: (B, D) embeddings of the unperturbed and perturbed images (normalised here, so cosine
-    similarity is their dot product). reduction="sum" is the paper's sum over instances; the default "mean"
-    divides by B. positive_in_denominator=True is the authors' code (NT-Xent-style). A batch of fewer than
-    two instances has no negative and gives 0.
+    similarity is their dot product). reduction="sum" is the paper's sum over instances; the default
+    "mean" divides by B. positive_in_denominator=True is the authors' code (NT-Xent-style). A batch
+    of fewer than two instances has no negative and gives 0.
     """
-    # DEVIATION: mean over instances by default instead of the paper's sum — keeps alpha = 0.01 meaningful
-    # whatever the batch size (the sum grows linearly with it).
+    # DEVIATION: mean over instances by default instead of the paper's sum — keeps alpha = 0.01
+    # meaningful whatever the batch size (the sum grows linearly with it).
     if len(z) < 2:
         return z.new_zeros(())
     z, z_hat = F.normalize(z, dim=1), F.normalize(z_hat, dim=1)
     logits = z @ z_hat.t() / tau  # (B, B) sim(z_i, z^_j) / tau
     positive = logits.diagonal()
-    # DEVIATION (opt-in, --contrastive ntxent): the authors' code keeps the positive in the denominator.
+    # DEVIATION (opt-in, --contrastive ntxent): the authors' code keeps the positive in the
+    # denominator.
     if not positive_in_denominator:
         # the indicator 1[j != i] of Eqs. (15)-(16)
         logits = logits.masked_fill(
@@ -307,11 +320,12 @@ def mdcl_loss(z, z_hat, tau, reduction="mean", positive_in_denominator=False):
 
 
 def contrastive_view(x, no_md, mix_delta):
-    """The perturbed copy x^ of a normalised batch: MixDistribution (Eqs. 11-12) with lambda ~ Beta(delta,
-    delta) and a random partner, or (--no-md) a standard random crop (pad H/8) + horizontal flip."""
+    """The perturbed copy x^ of a normalised batch: MixDistribution (Eqs. 11-12) with lambda ~
+    Beta(delta, delta) and a random partner, or (--no-md) a standard random crop (pad H/8) +
+    horizontal flip."""
     if no_md:
-        # DEVIATION: Table 2's "No MD" replaces MixDistribution by "data augmentations as in [46]" (mixup);
-        # here by standard crop + flip, which keeps each positive pair one image.
+        # DEVIATION: Table 2's "No MD" replaces MixDistribution by "data augmentations as in [46]"
+        # (mixup); here by standard crop + flip, which keeps each positive pair one image.
         return data.augment_batch(x, crop_pad=max(1, x.shape[-1] // 8), flip=True)
     b = len(x)
     concentration = torch.full((b,), mix_delta, device=x.device)
@@ -325,11 +339,13 @@ def contrastive_view(x, no_md, mix_delta):
 
 
 class SharedClassifierStudent(nn.Module):
-    """N_S(x) = g_T(phi_S(x)) (Eq. 2, Sec. 3.3): the student's feature extractor, a connector to the teacher's
-    feature size, and the teacher's classifier g_T, shared: a frozen copy that training never updates.
+    """N_S(x) = g_T(phi_S(x)) (Eq. 2, Sec. 3.3): the student's feature extractor, a connector to the
+    teacher's feature size, and the teacher's classifier g_T, shared: a frozen copy that training
+    never updates.
 
-    Exposes the models.py interface (features, classifier, feat_dim), so runtime.predict/evaluate work on it;
-    `folded()` is the plain student network whose own classifier is g_T o connector (identical logits).
+    Exposes the models.py interface (features, classifier, feat_dim), so runtime.predict/evaluate
+    work on it; `folded()` is the plain student network whose own classifier is g_T o connector
+    (identical logits).
     """
 
     def __init__(self, backbone, teacher_classifier):
@@ -337,16 +353,18 @@ class SharedClassifierStudent(nn.Module):
         self.backbone = backbone
         self.backbone.classifier.requires_grad_(False)  # unused in training; `folded` overwrites it
         self.feat_dim = teacher_classifier.in_features
-        # DEVIATION: a learnable linear connector (part of phi_S) when the feature sizes differ (lenet5_half
-        # 42-d -> lenet5 84-d); the paper's pairs have equal sizes, the authors' code uses a conv connector.
+        # DEVIATION: a learnable linear connector (part of phi_S) when the feature sizes differ
+        # (lenet5_half 42-d -> lenet5 84-d); the paper's pairs have equal sizes, the authors' code
+        # uses a conv connector.
         self.connector = (
             nn.Identity()
             if backbone.feat_dim == self.feat_dim
             else nn.Linear(backbone.feat_dim, self.feat_dim)
         )
-        # DEVIATION: He initialisation of the backbone and the connector (the paper does not say). With PyTorch's
-        # default initialisation the connector's output barely varies across images, L_wfa first fits the mean
-        # teacher feature, and g_T calls every test image one class after the first epoch (10%).
+        # DEVIATION: He initialisation of the backbone and the connector (the paper does not say).
+        # With PyTorch's default initialisation the connector's output barely varies across images,
+        # L_wfa first fits the mean teacher feature, and g_T calls every test image one class after
+        # the first epoch (10%).
         models.he_init(self.backbone)
         models.he_init(self.connector)
         self.classifier = copy.deepcopy(teacher_classifier).requires_grad_(False)
@@ -359,7 +377,8 @@ class SharedClassifierStudent(nn.Module):
 
     @torch.no_grad()
     def folded(self):
-        """A standalone copy of the backbone whose own classifier is classifier o connector (same logits)."""
+        """A standalone copy of the backbone whose own classifier is classifier o connector (same
+        logits)."""
         backbone = copy.deepcopy(self.backbone)
         weight, bias = self.classifier.weight, self.classifier.bias
         if isinstance(self.connector, nn.Linear):
@@ -370,7 +389,8 @@ class SharedClassifierStudent(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """Eqs. (13)-(14): z = Normalization(W_p phi(x) + b_p), a linear map to `out_dim` then L2 normalisation."""
+    """Eqs. (13)-(14): z = Normalization(W_p phi(x) + b_p), a linear map to `out_dim` then L2
+    normalisation."""
 
     def __init__(self, in_dim, out_dim=128):
         super().__init__()
@@ -382,9 +402,10 @@ class ProjectionHead(nn.Module):
 
 
 class KD3Networks(nn.Module):
-    """What Stage 2 trains, in one forward: the student and (with L_mdcl) the projection heads of both networks.
-    forward(inputs, t_feat) -> (phi_S(inputs), N_S logits, z^S, z^T); the heads' outputs are None without L_mdcl.
-    Only the teacher's projection head sees teacher features: phi_T itself stays frozen."""
+    """What Stage 2 trains, in one forward: the student and (with L_mdcl) the projection heads of
+    both networks. forward(inputs, t_feat) -> (phi_S(inputs), N_S logits, z^S, z^T); the heads'
+    outputs are None without L_mdcl. Only the teacher's projection head sees teacher features: phi_T
+    itself stays frozen."""
 
     def __init__(self, student, teacher_feat_dim, proj_dim, with_heads=True):
         super().__init__()
@@ -444,7 +465,8 @@ def select_web_instances(
     # lines 7-8, Eqs. (5)-(8)
     mask, pred = select_instances(combined, v_th, threshold)
     if selection == "random":
-        # Table 2 "random": as many images as the combined rule selects, drawn uniformly from the whole web set
+        # Table 2 "random": as many images as the combined rule selects, drawn uniformly from the
+        # whole web set
         k = int(mask.sum())
         return alpha_t, torch.randperm(len(web_x), generator=generator)[:k].to(web_x.device), pred
     return alpha_t, mask.nonzero().squeeze(1), pred
@@ -532,8 +554,8 @@ def train_step(
 
 
 def train(args, teacher, student, web, test, log):
-    """Algorithm 1: every epoch, Stage 1 selects D_s from the web set, Stage 2 trains the student on it.
-    Returns why training stopped early, or None."""
+    """Algorithm 1: every epoch, Stage 1 selects D_s from the web set, Stage 2 trains the student on
+    it. Returns why training stopped early, or None."""
     trained = KD3Networks(student, teacher.feat_dim, args.proj_dim, with_heads=not args.no_mdcl).to(
         web.x.device
     )
@@ -582,8 +604,8 @@ def train(args, teacher, student, web, test, log):
         training.end_epoch(test_acc=test_acc, alpha_t=alpha_t, **web.report(selected, pred))
         if len(selected) == 0 and alpha_t == 1:  # N_S no longer moves, so the selection stays empty
             return (
-                f"no web image was selected at epoch {epoch + 1} with alpha(t) = 1: the student did not change, "
-                f"so no later epoch can select one"
+                f"no web image was selected at epoch {epoch + 1} with alpha(t) = 1: the student "
+                f"did not change, so no later epoch can select one"
             )
     return None
 
@@ -595,9 +617,9 @@ def uses_shared_predictions(args):
 
 
 class WebSet:
-    """The webly collected data D-bar on the device: images (N, C, H, W) uint8, the index of the source each came
-    from, the teacher's softmax N_T(x) of every image (`label_with`), and how an epoch's selection is batched and
-    reported."""
+    """The webly collected data D-bar on the device: images (N, C, H, W) uint8, the index of the
+    source each came from, the teacher's softmax N_T(x) of every image (`label_with`), and how an
+    epoch's selection is batched and reported."""
 
     def __init__(self, args, device):
         self.args, self.meta = args, data.DATASETS[args.dataset]
@@ -615,8 +637,9 @@ class WebSet:
             if s.strip()
         ]
         self.source_sizes = torch.bincount(self.source, minlength=len(self.sources))
-        # Images whose labels are the teacher's own classes (the teacher's dataset itself, or style-shifted): there
-        # the truth is known, so the selection's preference for in-distribution images can be measured.
+        # Images whose labels are the teacher's own classes (the teacher's dataset itself, or
+        # style-shifted): there the truth is known, so the selection's preference for
+        # in-distribution images can be measured.
         truth = [
             data.parse_source(s)[0].removeprefix("shifted:") == args.dataset for s in self.sources
         ]
@@ -624,7 +647,8 @@ class WebSet:
         self.labels = labels.to(device)
 
     def label_with(self, teacher):
-        """N_T(x) of every web image (computed once: the teacher never changes) and what it says of them."""
+        """N_T(x) of every web image (computed once: the teacher never changes) and what it says of
+        them."""
         self.p_teacher = F.softmax(
             runtime.predict(teacher, self.x, self.meta["mean"], self.meta["std"]), dim=1
         )
@@ -720,8 +744,8 @@ def variant_name(args):
 
 
 def build_student(args, teacher, meta):
-    """N_S: the student network with the shared classifier (Sec. 3.3), or its own (Table 2 'No classifier
-    sharing': the same student whose classifier is a fresh linear layer, trained)."""
+    """N_S: the student network with the shared classifier (Sec. 3.3), or its own (Table 2 'No
+    classifier sharing': the same student whose classifier is a fresh linear layer, trained)."""
     student = SharedClassifierStudent(
         models.build_model(args.student_arch, meta["num_classes"], meta["channels"]),
         teacher.classifier,
@@ -749,8 +773,9 @@ def run(args):
     test = (test_x.to(device), test_y.to(device))
     teacher_acc = runtime.evaluate(teacher, *test, meta["mean"], meta["std"])
     print(
-        f"teacher {args.teacher_arch}: {teacher_acc:.2f}% test accuracy; web {args.web}: {len(web.x)} images "
-        f"{tuple(web.x.shape[1:])}, teacher-predicted classes {web.teacher_hist}; device {device}",
+        f"teacher {args.teacher_arch}: {teacher_acc:.2f}% test accuracy; web {args.web}: "
+        f"{len(web.x)} images {tuple(web.x.shape[1:])}, teacher-predicted classes "
+        f"{web.teacher_hist}; device {device}",
         flush=True,
     )
 

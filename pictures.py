@@ -1,8 +1,8 @@
-"""Labelled picture grids a reader can read, drawn with PIL (a torchvision dependency): every cell or row says
-what it is. Nothing here knows about distillation.
+"""Labelled picture grids a reader can read, drawn with PIL (a torchvision dependency): every cell
+or row says what it is. Nothing here knows about distillation.
 
-    class_rows(images, rows, class_names, path)          # one row per class, its name at the row start
-    captioned_grid(images, captions, path)               # a grid with a caption under every cell
+    class_rows(images, rows, class_names, path)       # one row per class, its name at the row start
+    captioned_grid(images, captions, path)            # a grid with a caption under every cell
 """
 
 import numpy as np
@@ -27,7 +27,8 @@ def _font():
 
 
 def captioned_grid(images, captions, path, columns=8, cell=CELL):
-    """images: uint8 (N, C, H, W); captions: N strings (up to two lines, '\\n'-separated, ~9 characters each)."""
+    """images: uint8 (N, C, H, W); captions: N strings (up to two lines, '\\n'-separated, ~9
+    characters each)."""
     n = len(images)
     rows = max(1, -(-n // columns))
     lines = max((c.count("\n") + 1 for c in captions), default=1)
@@ -44,8 +45,9 @@ def captioned_grid(images, captions, path, columns=8, cell=CELL):
 
 
 def class_rows(images, row_labels, class_names, path, cell=CELL, title=None):
-    """images: uint8 (R * K, C, H, W), K images per row; row_labels: R class indices; the class name (and index)
-    at the start of each row. An empty row (a class with no image) is drawn as a labelled gap."""
+    """images: uint8 (R * K, C, H, W), K images per row; row_labels: R class indices; the class name
+    (and index) at the start of each row. An empty row (a class with no image) is drawn as a
+    labelled gap."""
     per_row = len(images) // max(1, len(row_labels))
     names = [f"{c} {class_names[c] if class_names else ''}".strip() for c in row_labels]
     margin = PAD + 6 * max((len(s) for s in names), default=1) + PAD
@@ -68,7 +70,8 @@ def class_rows(images, row_labels, class_names, path, cell=CELL, title=None):
 
 
 def histogram_plot(counts, class_names, path, title):
-    """A bar chart of per-class counts (matplotlib, optional): returns the path, or None without matplotlib."""
+    """A bar chart of per-class counts (matplotlib, optional): returns the path, or None without
+    matplotlib."""
     try:
         import matplotlib
 

@@ -1,7 +1,7 @@
-"""What every training CLI here shares at run time, so that a method file holds only its paper: the device
-and seeds, batched prediction and evaluation, the optimiser and its step schedule, the run folder
-(config.json, metrics.jsonl, results.json, state.pt, --resume, Ctrl-C, non-finite stops) and multi-process
-training (torchrun + DistributedDataParallel). Nothing here knows about distillation.
+"""What every training CLI here shares at run time, so that a method file holds only its paper: the
+device and seeds, batched prediction and evaluation, the optimiser and its step schedule, the run
+folder (config.json, metrics.jsonl, results.json, state.pt, --resume, Ctrl-C, non-finite stops) and
+multi-process training (torchrun + DistributedDataParallel). Nothing here knows about distillation.
 
 A training loop written with it reads like its algorithm box:
 
@@ -14,9 +14,9 @@ A training loop written with it reads like its algorithm box:
         test_acc = runtime.evaluate(student, test_x, test_y, mean, std)
         training.end_epoch(test_acc=test_acc)     # log, step the lr schedule, write state.pt
 
-`training.record` keeps per-epoch sums on the device (no host sync in the batch loop); `end_epoch` turns them
-into epoch means with one sync (summed over the processes under torchrun), stops the run on a non-finite
-mean, prints the progress line with images/s and ETA, and saves the resumable state.
+`training.record` keeps per-epoch sums on the device (no host sync in the batch loop); `end_epoch`
+turns them into epoch means with one sync (summed over the processes under torchrun), stops the run
+on a non-finite mean, prints the progress line with images/s and ETA, and saves the resumable state.
 """
 
 import argparse
@@ -42,8 +42,8 @@ import models
 
 
 def get_device(name="auto"):
-    """The device of this process; under torchrun (WORLD_SIZE > 1) it also joins the process group and is
-    this rank's own GPU."""
+    """The device of this process; under torchrun (WORLD_SIZE > 1) it also joins the process group
+    and is this rank's own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -58,8 +58,9 @@ def get_device(name="auto"):
 
 
 def seed_everything(seed):
-    """Seed Python, numpy and torch with this process's seed (`rank_seed`: rank 0 keeps `seed`, so one process
-    is the single-process run; under torchrun the initial weights still agree, DDP broadcasts rank 0's)."""
+    """Seed Python, numpy and torch with this process's seed (`rank_seed`: rank 0 keeps `seed`, so
+    one process is the single-process run; under torchrun the initial weights still agree, DDP
+    broadcasts rank 0's)."""
     seed = rank_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -72,7 +73,8 @@ def rank_seed(seed):
 
 
 def autocast(device):
-    """bf16 autocast on CUDA; a no-op on CPU (fp32 there keeps CPU results exact and fast enough)."""
+    """bf16 autocast on CUDA; a no-op on CPU (fp32 there keeps CPU results exact and fast
+    enough)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -88,8 +90,8 @@ def prepare_model(model, device):
 
 
 def make_optimizer(params, args):
-    """The recipes' optimiser from args.optimizer, lr, momentum, weight_decay: SGD with momentum (CIFAR-like)
-    or Adam (MNIST family)."""
+    """The recipes' optimiser from args.optimizer, lr, momentum, weight_decay: SGD with momentum
+    (CIFAR-like) or Adam (MNIST family)."""
     if args.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
@@ -102,13 +104,13 @@ def make_optimizer(params, args):
 
 @torch.inference_mode()
 def predict(model, images, mean, std, batch_size=1024, features=False):
-    """Logits (and pooled features if `features`) of uint8 images, in eval mode, as float32 on the model's device.
-    `model` has the models.py interface (features, classifier, feat_dim).
+    """Logits (and pooled features if `features`) of uint8 images, in eval mode, as float32 on the
+    model's device. `model` has the models.py interface (features, classifier, feat_dim).
 
-    Under torchrun each rank predicts its slice of `images` with rank 0's BatchNorm statistics and every rank
-    gets the full result, so decisions taken from it (selection, accuracy) are the same on every rank. The
-    slices are whole batches of one process's run, so every image is predicted in the same batch, and
-    rounded the same way, as in a single process."""
+    Under torchrun each rank predicts its slice of `images` with rank 0's BatchNorm statistics and
+    every rank gets the full result, so decisions taken from it (selection, accuracy) are the same
+    on every rank. The slices are whole batches of one process's run, so every image is predicted in
+    the same batch, and rounded the same way, as in a single process."""
     device = next(model.parameters()).device
     broadcast_buffers(model)
     batches = -(-len(images) // batch_size)
@@ -139,8 +141,8 @@ def evaluate(model, images, labels, mean, std, batch_size=1024):
 
 
 class FeaturesAndLogits(torch.nn.Module):
-    """`forward(x) -> (features, logits)` of a models.py-style network: what a feature-alignment step needs from
-    one forward, in the one method DistributedDataParallel hooks."""
+    """`forward(x) -> (features, logits)` of a models.py-style network: what a feature-alignment
+    step needs from one forward, in the one method DistributedDataParallel hooks."""
 
     def __init__(self, net):
         super().__init__()
@@ -160,17 +162,19 @@ def format_seconds(s):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """An epoch's mean loss term is NaN or infinite (RunLog.check_finite): the run stops, its last state kept."""
+    """An epoch's mean loss term is NaN or infinite (RunLog.check_finite): the run stops, its last
+    state kept."""
 
 
 class RunLog:
-    """runs/<name>-<timestamp>/ with config.json (printed at start), metrics.jsonl (one line per epoch,
-    also printed as a progress line with images/s and the ETA of the current loop), state.pt (the resumable
-    state of the last completed epoch), results.json and a final RESULT line.
+    """runs/<name>-<timestamp>/ with config.json (printed at start), metrics.jsonl (one line per
+    epoch, also printed as a progress line with images/s and the ETA of the current loop), state.pt
+    (the resumable state of the last completed epoch), results.json and a final RESULT line.
 
-    With `args.resume` set (see `resume_config`) it reopens that folder instead: `self.state` is the saved
-    state and metrics.jsonl keeps exactly the lines written up to it. Under torchrun only rank 0 writes.
-    The newest RunLog of the process is `RunLog.current` (what `cli` reports on Ctrl-C or an error)."""
+    With `args.resume` set (see `resume_config`) it reopens that folder instead: `self.state` is the
+    saved state and metrics.jsonl keeps exactly the lines written up to it. Under torchrun only rank
+    0 writes. The newest RunLog of the process is `RunLog.current` (what `cli` reports on Ctrl-C or
+    an error)."""
 
     current = None
 
@@ -183,7 +187,8 @@ class RunLog:
             0,
             bool(self.config.get("resume")),
         )
-        self.last_record = {}  # the newest epoch record (restored on --resume): what a run reports at its end
+        # the newest epoch record (restored on --resume): what a run reports at its end
+        self.last_record = {}
         if self.resumed:
             self.dir = self.config["resume"]
             self.state = load_state(self.path("state.pt"))
@@ -221,7 +226,8 @@ class RunLog:
         return os.path.join(self.dir, filename)
 
     def log_epoch(self, epoch, epochs, metrics, num_images, seconds):
-        """Append metrics for `epoch` (0-based) and print a progress line; `num_images` were processed in `seconds`."""
+        """Append metrics for `epoch` (0-based) and print a progress line; `num_images` were
+        processed in `seconds`."""
         record = {
             "epoch": epoch + 1,
             **{k: _number(v) for k, v in metrics.items()},
@@ -255,8 +261,9 @@ class RunLog:
         return record
 
     def save_state(self, state, label):
-        """Write the resumable state of a just-completed epoch (`label`, e.g. "epoch 3/40") to state.pt, atomically.
-        `state["rng"]` is this rank's random state; under torchrun it is gathered from every rank."""
+        """Write the resumable state of a just-completed epoch (`label`, e.g. "epoch 3/40") to
+        state.pt, atomically. `state["rng"]` is this rank's random state; under torchrun it is
+        gathered from every rank."""
         state = {
             **state,
             "rng": gather_object(state["rng"]),
@@ -271,8 +278,8 @@ class RunLog:
         self.saved_label = label
 
     def check_finite(self, where, values):
-        """Stop the run when an epoch mean in `values` ({term: float}) is NaN or infinite; the state of the last
-        good epoch stays in state.pt (this epoch's state is not written)."""
+        """Stop the run when an epoch mean in `values` ({term: float}) is NaN or infinite; the state
+        of the last good epoch stays in state.pt (this epoch's state is not written)."""
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
             kept = (
@@ -322,8 +329,8 @@ def load_state(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a torch file at all
         raise ValueError(
-            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}) — the file is "
-            f"damaged; start a new run instead of --resume"
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}) — the "
+            f"file is damaged; start a new run instead of --resume"
         ) from None
     missing = [
         k
@@ -332,16 +339,17 @@ def load_state(path):
     ]
     if missing:
         raise ValueError(
-            f"{path} is not a state.pt written by this project (missing {', '.join(missing)}) — start a "
-            f"new run instead of --resume"
+            f"{path} is not a state.pt written by this project (missing {', '.join(missing)}) — "
+            f"start a new run instead of --resume"
         )
     return state
 
 
 def resume_config(args, parser, script):
-    """`--resume RUN_DIR`: the arguments of that run (its config.json) with `resume` set. The saved config wins;
-    a flag given now that differs from it (and from its default) is an error, since the run would no longer be
-    the one it continues. Checks that RUN_DIR holds config.json and state.pt and has not finished."""
+    """`--resume RUN_DIR`: the arguments of that run (its config.json) with `resume` set. The saved
+    config wins; a flag given now that differs from it (and from its default) is an error, since the
+    run would no longer be the one it continues. Checks that RUN_DIR holds config.json and state.pt
+    and has not finished."""
     run_dir = getattr(args, "resume", None)
     if run_dir is None:
         return args
@@ -353,8 +361,8 @@ def resume_config(args, parser, script):
     ):
         if not os.path.isfile(os.path.join(run_dir, filename)):
             raise ValueError(
-                f"--resume {run_dir}: expected {filename} ({what}, written by {script}) in that folder, "
-                f"found none — "
+                f"--resume {run_dir}: expected {filename} ({what}, written by {script}) in that "
+                f"folder, found none — "
                 + (
                     "the run stopped before its first epoch finished: start it again"
                     if filename == "state.pt"
@@ -379,8 +387,8 @@ def resume_config(args, parser, script):
     teacher_sha256 = saved.pop("teacher_sha256", None) if isinstance(saved, dict) else None
     if not isinstance(saved, dict) or set(saved) != set(vars(parser.parse_args([]))):
         raise ValueError(
-            f"--resume {run_dir}: its config.json was not written by {script} (other arguments) — resume it "
-            f"with the script that started it"
+            f"--resume {run_dir}: its config.json was not written by {script} (other arguments) — "
+            f"resume it with the script that started it"
         )
     conflicts = [
         f"--{k.replace('_', '-')} {models._plain(v)} (saved: {saved[k]})"
@@ -389,8 +397,8 @@ def resume_config(args, parser, script):
     ]
     if conflicts:
         raise ValueError(
-            f"--resume {run_dir}: these flags contradict the run's config.json: {', '.join(conflicts)} — "
-            f"leave them out (the saved config is used) or start a new run"
+            f"--resume {run_dir}: these flags contradict the run's config.json: "
+            f"{', '.join(conflicts)} — leave them out (the saved config is used) or start a new run"
         )
     return argparse.Namespace(
         **{**saved, "resume": run_dir},
@@ -402,18 +410,19 @@ def resume_config(args, parser, script):
 
 
 class Training:
-    """The epochs of one training loop of a run (`stage`, e.g. "train", "gan", "distill"; `what` names its epochs in
-    the log, e.g. "GAN epoch").
+    """The epochs of one training loop of a run (`stage`, e.g. "train", "gan", "distill"; `what`
+    names its epochs in the log, e.g. "GAN epoch").
 
     save: {name: object with state_dict/load_state_dict} (networks, optimisers) stored from rank 0.
-    rngs: {name: torch.Generator or data.DeviceLoader} whose random state is stored per rank, with the global
-          torch (and CUDA) generator.
-    extra: plain values stored with every state (what a later stage needs to rebuild itself on --resume).
+    rngs: {name: torch.Generator or data.DeviceLoader} whose random state is stored per rank, with
+          the global torch (and CUDA) generator.
+    extra: plain values stored with every state (what a later stage needs to rebuild itself on
+          --resume).
     lr_schedule: a torch lr scheduler (the methods' MultiStepLR), stepped once at the end of every
           epoch, after the epoch's lr is logged; saved and restored with `save`.
 
-    When the run's state.pt belongs to this stage, everything is restored from it and `epochs()` continues
-    after its last saved epoch."""
+    When the run's state.pt belongs to this stage, everything is restored from it and `epochs()`
+    continues after its last saved epoch."""
 
     def __init__(
         self,
@@ -467,8 +476,8 @@ class Training:
             yield epoch
 
     def record(self, n, **terms):
-        """Add one batch of n images: float 0-d tensors are batch means (averaged over the epoch, weighted by n),
-        integer tensors are counts (summed). Stays on the device."""
+        """Add one batch of n images: float 0-d tensors are batch means (averaged over the epoch,
+        weighted by n), integer tensors are counts (summed). Stays on the device."""
         for name, value in terms.items():
             value = value.detach()
             self.sums[name] = self.sums.get(name, 0) + (
@@ -477,9 +486,9 @@ class Training:
         self.seen += n
 
     def end_epoch(self, **metrics):
-        """Close the epoch: epoch means of the recorded terms (one sync, summed over the ranks), stop on a
-        non-finite one, log them with `metrics` (and the lr), step the lr schedule, save the state.
-        Returns the logged record."""
+        """Close the epoch: epoch means of the recorded terms (one sync, summed over the ranks),
+        stop on a non-finite one, log them with `metrics` (and the lr), step the lr schedule, save
+        the state. Returns the logged record."""
         names = list(self.sums)
         totals = _sum_over_ranks(
             [self.sums[k] for k in names] + [torch.tensor(float(self.seen))], self.device
@@ -523,8 +532,8 @@ def _counts(value):
 
 
 def _sum_over_ranks(tensors, device):
-    """0-d and 1-d tensors summed over the ranks (one all-reduce) and copied to the host with one sync ->
-    floats and lists. Called once per epoch, never inside the batch loop."""
+    """0-d and 1-d tensors summed over the ranks (one all-reduce) and copied to the host with one
+    sync -> floats and lists. Called once per epoch, never inside the batch loop."""
     parts = [torch.as_tensor(t, device=device).to(torch.float64).reshape(-1) for t in tensors]
     flat = all_reduce_sum(
         torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
@@ -537,7 +546,8 @@ def _sum_over_ranks(tensors, device):
 
 
 def rng_state(generators):
-    """This process's random state: the global torch RNG (and CUDA's when initialised) and each named generator."""
+    """This process's random state: the global torch RNG (and CUDA's when initialised) and each
+    named generator."""
     state = {
         "torch": torch.get_rng_state(),
         "generators": {name: g.get_state() for name, g in generators.items()},
@@ -549,7 +559,8 @@ def rng_state(generators):
 
 
 def restore_rng(states, generators):
-    """Restore `rng_state` from a saved state (one entry per rank) into this rank's RNGs and `generators`."""
+    """Restore `rng_state` from a saved state (one entry per rank) into this rank's RNGs and
+    `generators`."""
     if len(states) != world_size():
         raise ValueError(
             f"state.pt was written by {len(states)} process(es) and this run has {world_size()} — "
@@ -559,8 +570,9 @@ def restore_rng(states, generators):
     for name, g in generators.items():
         if state["devices"].get(name, g.device.type) != g.device.type:
             raise ValueError(
-                f"state.pt was written on {state['devices'][name]} and this run is on {g.device.type} — "
-                f"resume on {state['devices'][name]} (its random generators cannot move)"
+                f"state.pt was written on {state['devices'][name]} and this run is on "
+                f"{g.device.type} — resume on {state['devices'][name]} "
+                f"(its random generators cannot move)"
             )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -687,16 +699,17 @@ def reporting_write(path, log=None):
 #### The command line ####
 
 
-# The flags every CLI here shares, declared once. A flag whose default depends on the dataset family is
-# None in the parser; its value is written once, in the calling file's per-family table (SETTINGS of a
-# method, RECIPES of teacher.py), which --help shows and `complete_args` reads.
+# The flags every CLI here shares, declared once. A flag whose default depends on the dataset family
+# is None in the parser; its value is written once, in the calling file's per-family table (SETTINGS
+# of a method, RECIPES of teacher.py), which --help shows and `complete_args` reads.
 
 
 def method_parser(description, settings, seed, notes=None):
-    """The parser of a method CLI with the flags the three methods share, with one meaning: the teacher's
-    task and checkpoint, both networks, the seeds, the files, the student's optimisation and --resume.
-    `seed` says what --seed seeds; `notes` puts the paper's word on a shared flag before its help,
-    e.g. {"epochs": "I of Eq. (4)"}. The method adds its own flags, in a group of its own, after these."""
+    """The parser of a method CLI with the flags the three methods share, with one meaning: the
+    teacher's task and checkpoint, both networks, the seeds, the files, the student's optimisation
+    and --resume. `seed` says what --seed seeds; `notes` puts the paper's word on a shared flag
+    before its help, e.g. {"epochs": "I of Eq. (4)"}. The method adds its own flags, in a group of
+    its own, after these."""
     notes = notes or {}
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     task = p.add_argument_group("the teacher, the student and the run (every method)")
@@ -704,8 +717,8 @@ def method_parser(description, settings, seed, notes=None):
     task.add_argument(
         "--teacher",
         default=None,
-        help="teacher checkpoint (default: the recipe teacher of teacher.py: the committed one, the "
-        "cache, or trained with its recipe when missing)",
+        help="teacher checkpoint (default: the recipe teacher of teacher.py: the committed one, "
+        "the cache, or trained with its recipe when missing)",
     )
     family_flag(task, "--teacher-arch", settings, notes, "the teacher's network")
     family_flag(task, "--student-arch", settings, notes, "the student's network")
@@ -794,14 +807,16 @@ def complete_args(args, parser, script, settings, per_dataset=None):
 
 
 def cli(run, parser, script, argv=None):
-    """Parse argv and call run(args) for `script` (e.g. "kd3.py"). Bad input ends in one line `error: ...` (exit 1); Ctrl-C in one line that says
-    what was kept (exit 130). A new run folder that holds no saved epoch (no state.pt) is removed
-    when its run stops, so "nothing was saved" and the runs folder agree."""
+    """Parse argv and call run(args) for `script` (e.g. "kd3.py"). Bad input ends in one line
+    `error: ...` (exit 1); Ctrl-C in one line that says what was kept (exit 130). A new run folder
+    that holds no saved epoch (no state.pt) is removed when its run stops, so "nothing was saved"
+    and the runs folder agree."""
     args = parser.parse_args(argv)
     RunLog.current = None
     try:
         result = run(args)
-        barrier()  # every process done before the group is torn down (gloo aborts a process otherwise)
+        # every process done before the group is torn down (gloo aborts a process otherwise)
+        barrier()
         return result
     except (data.DatasetNotFoundError, ValueError, NonFiniteLossError) as e:
         _drop_empty_run_folder()
@@ -839,7 +854,8 @@ def _drop_empty_run_folder():
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """--help shows every default: a flag whose help does not already name its default gets "(default: ...)"."""
+    """--help shows every default: a flag whose help does not already name its default gets
+    "(default: ...)"."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -859,8 +875,8 @@ def download_if_asked(args):
 
 
 def family_default(table, key, unit=""):
-    """'default: 240 (cifar) / 40 (mnist) / 2 (synthetic)' for a per-family settings table {family: {key: value}};
-    one value when every family has the same."""
+    """'default: 240 (cifar) / 40 (mnist) / 2 (synthetic)' for a per-family settings table
+    {family: {key: value}}; one value when every family has the same."""
     values = {family: _show(settings[key]) for family, settings in table.items() if key in settings}
     if len(set(values.values())) == 1:
         return f"default: {next(iter(values.values()))}{unit}"
@@ -882,13 +898,14 @@ def _show(value):
 
 
 #### Distributed: torchrun + DistributedDataParallel ####
-# `torchrun --nproc_per_node=N <script>.py ...` starts N processes with RANK, WORLD_SIZE, LOCAL_RANK and
-# MASTER_ADDR/PORT in their environment; `get_device` joins them into one process group (nccl on CUDA, one GPU
-# per process; gloo on CPU). Each rank trains on its shard of every batch (data.DeviceLoader(rank=...,
-# world_size=...)); what a step trains is wrapped by `distribute` in torch's DistributedDataParallel, whose
-# hooks average the gradients during backward, so all ranks take the same step. `predict` and the epoch sums
-# are summed over the ranks, so every rank sees the same selection, accuracy and losses and takes the same
-# decisions. Only rank 0 prints and writes files. Without torchrun every helper here is a no-op.
+# `torchrun --nproc_per_node=N <script>.py ...` starts N processes with RANK, WORLD_SIZE, LOCAL_RANK
+# and MASTER_ADDR/PORT in their environment; `get_device` joins them into one process group (nccl on
+# CUDA, one GPU per process; gloo on CPU). Each rank trains on its shard of every batch
+# (data.DeviceLoader(rank=..., world_size=...)); what a step trains is wrapped by `distribute` in
+# torch's DistributedDataParallel, whose hooks average the gradients during backward, so all ranks
+# take the same step. `predict` and the epoch sums are summed over the ranks, so every rank sees the
+# same selection, accuracy and losses and takes the same decisions. Only rank 0 prints and writes
+# files. Without torchrun every helper here is a no-op.
 
 
 def init_distributed(device):
@@ -920,8 +937,9 @@ def is_main():
 
 
 def distribute(module):
-    """What a step trains, ready for backward: the module itself in one process; under torchrun wrapped in
-    DistributedDataParallel (rank 0's weights broadcast now; gradients averaged during backward)."""
+    """What a step trains, ready for backward: the module itself in one process; under torchrun
+    wrapped in DistributedDataParallel (rank 0's weights broadcast now; gradients averaged during
+    backward)."""
     if world_size() == 1:
         return module
     device = next(module.parameters()).device
@@ -945,7 +963,8 @@ def broadcast_buffers(module):
 
 
 def _assemble(local, lo, n):
-    """Rows [lo, lo + len(local)) of an (n, ...) result from each rank -> the full result on every rank."""
+    """Rows [lo, lo + len(local)) of an (n, ...) result from each rank -> the full result on every
+    rank."""
     if world_size() == 1:
         return local
     full = local.new_zeros((n,) + tuple(local.shape[1:]))

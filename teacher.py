@@ -1,16 +1,18 @@
-"""The teacher: the papers' training recipes, supervised training on the teacher's own data, and the cache of
-trained teachers that every method file loads.
+"""The teacher: the papers' training recipes, supervised training on the teacher's own data, and the
+cache of trained teachers that every method file loads.
 
-    python teacher.py --dataset fashionmnist --arch lenet5     # Adam 1e-3, 40 epochs -> ~90% test accuracy
-    python teacher.py --dataset cifar10 --arch resnet34        # SGD 0.05, 240 epochs, /10 at 150/180/210
+    # Adam 1e-3, 40 epochs -> ~90% test accuracy
+    python teacher.py --dataset fashionmnist --arch lenet5
+    # SGD 0.05, 240 epochs, /10 at 150/180/210
+    python teacher.py --dataset cifar10 --arch resnet34
 
-A teacher trained with its recipe is cached at checkpoints/<dataset>-<arch>-seed<seed>.pt; `get_teacher(...)`
-(used by kd3.py, hidfd.py and balanced_transfer.py) loads it; when it is missing, the committed
-teacher of teachers/ (COMMITTED), else it trains it with the recipe first.
-The cache holds only recipe teachers and is never replaced silently: a run with other settings keeps its
-checkpoint in its run folder, and a cached teacher is retrained only with --overwrite. Nothing here
-writes into teachers/. A lock file next to the checkpoint keeps two processes from training the same
-teacher at once.
+A teacher trained with its recipe is cached at checkpoints/<dataset>-<arch>-seed<seed>.pt;
+`get_teacher(...)` (used by kd3.py, hidfd.py and balanced_transfer.py) loads it; when it is missing,
+the committed teacher of teachers/ (COMMITTED), else it trains it with the recipe first.
+The cache holds only recipe teachers and is never replaced silently: a run with other settings keeps
+its checkpoint in its run folder, and a cached teacher is retrained only with --overwrite. Nothing
+here writes into teachers/. A lock file next to the checkpoint keeps two processes from training the
+same teacher at once.
 """
 
 import argparse
@@ -28,8 +30,8 @@ import models
 import runtime
 
 #### Recipes (the papers' teacher settings; every value is also a CLI flag) ####
-# cifar (KD3 Sec. 4.1, HiDFD, balanced transfer ResNet34): SGD lr 0.05, momentum 0.9, wd 5e-4, 240 epochs,
-#        lr / 10 at epochs 150, 180, 210.
+# cifar (KD3 Sec. 4.1, HiDFD, balanced transfer ResNet34): SGD lr 0.05, momentum 0.9, wd 5e-4,
+#        240 epochs, lr / 10 at epochs 150, 180, 210.
 # mnist (DAFL / KD3 MNIST setting; MNIST, Fashion-MNIST, KMNIST): Adam 1e-3, 40 epochs, batch 256.
 # synthetic: tiny settings so that the end-to-end tests take seconds.
 RECIPES = {
@@ -260,8 +262,9 @@ def teacher_path(dataset, arch, seed, checkpoint_dir="checkpoints"):
 
 
 class CacheLock:
-    """<checkpoint>.lock while a process trains a teacher into the cache. wait=True: wait for another process's lock
-    to go (then the caller loads what it wrote); wait=False: refuse. A lock whose process is gone is removed."""
+    """<checkpoint>.lock while a process trains a teacher into the cache. wait=True: wait for
+    another process's lock to go (then the caller loads what it wrote); wait=False: refuse. A lock
+    whose process is gone is removed."""
 
     def __init__(self, path, wait):
         self.path, self.lock, self.wait = path, path + ".lock", wait
@@ -279,8 +282,8 @@ class CacheLock:
                     continue
                 if not self.wait:
                     raise ValueError(
-                        f"process {owner} is training this teacher into {self.path} right now — wait for "
-                        f"it to finish (or remove {self.lock} if that process is gone)"
+                        f"process {owner} is training this teacher into {self.path} right now — "
+                        f"wait for it to finish (or remove {self.lock} if that process is gone)"
                     ) from None
                 if not said:
                     print(
@@ -311,13 +314,14 @@ def _lock_owner(lock):
 
 
 def check_teacher(ckpt, dataset, arch=None, source="teacher"):
-    """Clear error before any training when a checkpoint does not fit the dataset (or the asked architecture)."""
+    """Clear error before any training when a checkpoint does not fit the dataset (or the asked
+    architecture)."""
     meta = data.DATASETS[dataset]
     if ckpt["num_classes"] != meta["num_classes"] or ckpt["in_channels"] != meta["channels"]:
         raise ValueError(
-            f"{source} has {ckpt['num_classes']} classes and {ckpt['in_channels']} input channels, but "
-            f"{dataset} has {meta['num_classes']} classes and {meta['channels']} channels — pass a "
-            f"{dataset} teacher"
+            f"{source} has {ckpt['num_classes']} classes and {ckpt['in_channels']} input channels, "
+            f"but {dataset} has {meta['num_classes']} classes and {meta['channels']} channels — "
+            f"pass a {dataset} teacher"
         )
     if ckpt.get("image_size") not in (None, meta["size"]):
         raise ValueError(
@@ -331,8 +335,8 @@ def check_teacher(ckpt, dataset, arch=None, source="teacher"):
         )
     if arch is not None and ckpt["arch"] != arch:
         raise ValueError(
-            f"{source} is a {ckpt['arch']}, but --teacher-arch says {arch} — leave --teacher-arch out "
-            f"(the checkpoint's architecture is used) or pass a {arch} checkpoint"
+            f"{source} is a {ckpt['arch']}, but --teacher-arch says {arch} — leave --teacher-arch "
+            f"out (the checkpoint's architecture is used) or pass a {arch} checkpoint"
         )
 
 
@@ -451,7 +455,8 @@ def read_teacher_file(path, what="--teacher"):
 
 
 def train_missing_teacher(args, arch, path, device):
-    """Train the recipe teacher a method needs into the cache, after saying what runs and for about how long."""
+    """Train the recipe teacher a method needs into the cache, after saying what runs and for about
+    how long."""
     argv = [
         "--dataset",
         args.dataset,
@@ -490,7 +495,8 @@ def train_missing_teacher(args, arch, path, device):
 
 
 def estimate_seconds(args, device, steps=3):
-    """Wall time of the recipe's training on `device`, from a few timed steps on random images of the real shape."""
+    """Wall time of the recipe's training on `device`, from a few timed steps on random images of
+    the real shape."""
     meta = data.DATASETS[args.dataset]
     net = runtime.prepare_model(
         models.build_model(args.arch, meta["num_classes"], meta["channels"]), device

@@ -1,6 +1,6 @@
-"""All tests: `python -m pytest -q test_all.py`. Offline, CPU, tiny data; every expected value is computed
-independently of the code under test (hand computations, torchvision as a reference reader, or the
-documented on-disk layout re-derived by hand)."""
+"""All tests: `python -m pytest -q test_all.py`. Offline, CPU, tiny data; every expected value is
+computed independently of the code under test (hand computations, torchvision as a reference reader,
+or the documented on-disk layout re-derived by hand)."""
 
 import argparse
 import copy
@@ -35,7 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_cli(args, cwd, timeout=300):
-    """Run a CLI of this repository in `cwd`; return its stdout (fails the test with the output otherwise)."""
+    """Run a CLI of this repository in `cwd`; return its stdout (fails the test with the output
+    otherwise)."""
     proc = subprocess.run(
         [sys.executable] + [os.path.join(HERE, args[0])] + list(args[1:]),
         cwd=cwd,
@@ -54,7 +55,8 @@ def read_results(cwd):
 
 
 def student_acc_recomputed(res, cwd, dataset="synthetic"):
-    """The saved student's test accuracy, evaluated here from its checkpoint (as the run reports it: 5 decimals)."""
+    """The saved student's test accuracy, evaluated here from its checkpoint (as the run reports it:
+    5 decimals)."""
     student, _ = models.load_checkpoint(os.path.join(cwd, res["student_checkpoint"]))
     x, y = data.load_dataset(dataset, "test")
     meta = data.DATASETS[dataset]
@@ -63,8 +65,9 @@ def student_acc_recomputed(res, cwd, dataset="synthetic"):
 
 @pytest.fixture(scope="session")
 def synthetic_teacher(tmp_path_factory):
-    """A LeNet-5 teacher trained on the `synthetic` dataset for 3 epochs (a few seconds); returns its path (in its run
-    folder: 3 epochs are not the recipe's, so it does not go into the cache)."""
+    """A LeNet-5 teacher trained on the `synthetic` dataset for 3 epochs (a few seconds); returns
+    its path (in its run folder: 3 epochs are not the recipe's, so it does not go into the
+    cache)."""
     work = tmp_path_factory.mktemp("teacher")
     out = run_cli(
         [
@@ -157,7 +160,8 @@ def test_a_save_interrupted_mid_write_leaves_the_previous_file_loadable(
     else:
         log = runtime.RunLog("unit", {"lr": 0.1}, str(tmp_path))
         path = log.path("state.pt")
-        save = lambda: log.save_state({"stage": "train", "epoch": 1, "rng": {}}, "epoch 1/2")  # noqa: E731
+        state = {"stage": "train", "epoch": 1, "rng": {}}
+        save = lambda: log.save_state(dict(state), "epoch 1/2")  # noqa: E731
         load = lambda: runtime.load_state(path)["label"]  # noqa: E731
     save()
     expected = load()
@@ -353,6 +357,66 @@ def test_folder_and_imagenet32_readers(tmp_path):
     assert y.tolist() == [0, 999] and x[1, 2, 0, 5].item() == flat[1, 2048 + 5]
 
 
+def test_a_folder_lists_its_images_as_torchvisions_image_folder_does(tmp_path):
+    from torchvision.datasets import ImageFolder
+    from torchvision.utils import save_image
+
+    root = tmp_path / "web"
+    files = ["b/x.png", "b/deep/a.PNG", "a/2.jpg", "a/10.png", "c/notes.txt", "c/sub/1.png"]
+    for name in files:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".txt"):
+            path.write_text("not an image")
+        else:  # a different grey level per file, so the order of the images can be read back
+            level = (files.index(name) + 1) * 40
+            save_image(torch.full((3, 4, 4), level / 255), str(path), format="png")
+    x, y = data.load_images(f"folder:{root}")
+    reference = ImageFolder(str(root), is_valid_file=lambda p: not p.endswith(".txt"))
+    assert y.tolist() == [label for _, label in reference.samples] == [0, 0, 1, 1, 2]
+    levels = [int(x[i, 0, 0, 0]) for i in range(len(x))]
+    expected = [(files.index(os.path.relpath(p, root)) + 1) * 40 for p, _ in reference.samples]
+    assert levels == expected == [160, 120, 40, 80, 240]  # a/10, a/2; b/x, b/deep/a; c/sub/1
+
+
+FAMILY_SHOWN = {"cifar": 0, "mnist": 1}  # the order of "A / B" in the docs' flag tables
+
+
+@pytest.mark.parametrize("module", [kd3, hidfd, bt], ids=["kd3", "hidfd", "balanced_transfer"])
+def test_the_docs_flag_tables_show_the_defaults_the_parser_gives(module):
+    """Each default is written once, in the code; a method page's flag table must show the same
+    value (a per-family default as 'CIFAR-like / MNIST family')."""
+    page = open(os.path.join(os.path.dirname(__file__), "docs", f"{module.__name__}.md")).read()
+    parser = module.build_parser()
+    dests = {a.option_strings[0]: a.dest for a in parser._actions if a.option_strings}
+    checked = 0
+    for flag, cell in re.findall(
+        r"^\| `(--[a-z0-9-]+)(?: [A-Z_\[\]]+)?` \| ([^|]*) \|", page, re.M
+    ):
+        dest = dests[flag]  # a flag the page lists must exist
+        shown = [part.strip().strip("`") for part in cell.split(" / ")]
+        if dest in module.SETTINGS["cifar"]:
+            values = [module.SETTINGS[f][dest] for f in FAMILY_SHOWN]
+            if len(shown) == 1:  # one value for both families
+                values = values[:1] if values[0] == values[1] else values
+        else:
+            values = [parser.get_default(dest)]
+            if values[0] is None:  # a default the page explains in words (derived, per dataset)
+                continue
+        assert len(shown) == len(values), (flag, cell)
+        for text, value in zip(shown, values):
+            if isinstance(value, bool):
+                assert text == ("off" if not value else flag), (flag, cell)
+            elif isinstance(value, (int, float)):
+                assert float(text.replace(",", "")) == value, (flag, cell, value)
+            elif isinstance(value, (list, tuple)):
+                assert text == (" ".join(map(str, value)) or "none"), (flag, cell, value)
+            else:
+                assert text == value, (flag, cell, value)
+        checked += 1
+    assert checked >= 20, checked
+
+
 @pytest.mark.parametrize(
     "name,expected",
     [
@@ -460,7 +524,8 @@ def test_device_loader_seeded_shuffle_and_subset():
 
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_device_loader_shards_make_up_the_single_process_batches(drop_last):
-    # 11 samples, global batch 4, 2 ranks: step i of the two ranks together is the single-process batch i
+    # 11 samples, global batch 4, 2 ranks: step i of the two ranks together is the single-process
+    # batch i
     images = torch.zeros(11, 1, 1, 1, dtype=torch.uint8)
     ids = torch.arange(100, 111)
     kw = dict(batch_size=4, seed=5, drop_last=drop_last, indices=torch.arange(11))
@@ -543,15 +608,16 @@ def test_run_log_files(tmp_path, capsys):
 
 
 #### models.py: the remaining networks against the papers' tables ####
-# Network sizes against the papers' tables: parameter counts and forward cost of every network that KD3
-# (Table 1, Table 3), HiDFD (Table 3) and the balanced-transfer paper print figures for.
+# Network sizes against the papers' tables: parameter counts and forward cost of every network that
+# KD3 (Table 1, Table 3), HiDFD (Table 3) and the balanced-transfer paper print figures for.
 #
-# The papers' "FLOPs" are multiply-accumulates (MACs): FlopCounterMode counts 2 FLOPs per MAC, so we halve it
-# (ResNet32x4: 2.17 GFLOPs counted = 1.08 GMACs vs 1.09 G printed).
+# The papers' "FLOPs" are multiply-accumulates (MACs): FlopCounterMode counts 2 FLOPs per MAC, so we
+# halve it (ResNet32x4: 2.17 GFLOPs counted = 1.08 GMACs vs 1.09 G printed).
 
 
 def build_on_meta(name, num_classes, in_channels):
-    """Shapes only, no weights: counting needs no initialisation or arithmetic, which keeps these tests fast."""
+    """Shapes only, no weights: counting needs no initialisation or arithmetic, which keeps these
+    tests fast."""
     with torch.device("meta"):
         return models.build_model(name, num_classes, in_channels)
 
@@ -567,9 +633,9 @@ def count_macs(model, in_channels, size):
     return counter.get_total_flops() / 2
 
 
-# (name, num_classes, in_channels, millions of parameters as printed). KD3 Table 3 prints the 10-class
-# (CIFAR-10) count for the ResNets and ShuffleNets, but the 100-class count for MobileNetV2 (0.81 M; with
-# 10 classes its 1280-d classifier makes it 0.70 M).
+# (name, num_classes, in_channels, millions of parameters as printed). KD3 Table 3 prints the
+# 10-class (CIFAR-10) count for the ResNets and ShuffleNets, but the 100-class count for MobileNetV2
+# (0.81 M; with 10 classes its 1280-d classifier makes it 0.70 M).
 PAPER_PARAMS = [
     ("resnet32x4", 10, 3, 7.41),  # KD3 Table 3
     ("resnet8x4", 10, 3, 1.21),
@@ -595,10 +661,11 @@ def test_parameter_count_matches_paper(name, num_classes, in_channels, paper_mil
     )
 
 
-# (name, in_channels, input size, MACs as printed, relative tolerance). KD3 Table 3 is at 32x32; Table 1 at
-# 32x32 for CIFAR and 64x64 for TinyImageNet, 32x32 one-channel for MNIST. The depthwise-separable students
-# get 15%: their printed figures sit 5-13% above the convolution/linear MACs, the share that a counter
-# adding BatchNorm/ReLU element-wise ops contributes in networks this light (for the ResNets it is < 1%).
+# (name, in_channels, input size, MACs as printed, relative tolerance). KD3 Table 3 is at 32x32;
+# Table 1 at 32x32 for CIFAR and 64x64 for TinyImageNet, 32x32 one-channel for MNIST. The
+# depthwise-separable students get 15%: their printed figures sit 5-13% above the convolution/linear
+# MACs, the share that a counter adding BatchNorm/ReLU element-wise ops contributes in networks this
+# light (for the ResNets it is < 1%).
 PAPER_MACS = [
     ("resnet32x4", 3, 32, 1.09e9, 0.05),  # KD3 Table 3
     ("resnet8x4", 3, 32, 0.18e9, 0.05),
@@ -628,7 +695,8 @@ def test_forward_macs_match_paper(name, in_channels, size, paper_macs, tolerance
 
 
 def test_papers_count_multiply_adds_not_flops():
-    # Guard for the halving above: FlopCounterMode's count for ResNet18 at 64x64 is ~2x the printed 2.23 G.
+    # Guard for the halving above: FlopCounterMode's count for ResNet18 at 64x64 is ~2x the printed
+    # 2.23 G.
     flops = 2 * count_macs(build_on_meta("resnet18", 10, 3), 3, 64)
     assert flops == pytest.approx(2 * 2.23e9, rel=0.05) and abs(flops - 2.23e9) > 0.5 * 2.23e9
 
@@ -652,9 +720,10 @@ def test_inception_v3_cifar100_shapes():
 
 
 def test_heterogeneous_pair_through_the_connector():
-    # resnet8x4 teacher (256-d features) -> shufflenetv2 student (1024-d): both methods reach the teacher's
-    # frozen classifier through a learnable connector; one optimisation step must train the student, leave the
-    # teacher untouched, and the folded standalone student must give the same logits as the wrapped one.
+    # resnet8x4 teacher (256-d features) -> shufflenetv2 student (1024-d): both methods reach the
+    # teacher's frozen classifier through a learnable connector; one optimisation step must train
+    # the student, leave the teacher untouched, and the folded standalone student must give the same
+    # logits as the wrapped one.
     torch.manual_seed(0)
     t = models.build_model("resnet8x4", 10, 3).eval().requires_grad_(False)
     teacher_state = {k: v.clone() for k, v in t.state_dict().items()}
@@ -682,7 +751,8 @@ def test_heterogeneous_pair_through_the_connector():
 
 
 #### kd3.py ####
-# Every expected value is an independent hand computation (explicit loops and scalar formulas), never the function under test called another way.
+# Every expected value is an independent hand computation (explicit loops and scalar formulas),
+# never the function under test called another way.
 
 ## Losses and selection ##
 
@@ -731,7 +801,8 @@ def test_select_instances_strict_threshold():
         [[0.875, 0.125], [0.75, 0.25], [0.625, 0.375], [0.25, 0.75], [0.75, 0.25]]
     )
     v_th = 0.75
-    # by hand: predictions [0, 0, 0, 1, 0] -> n = [4, 1] -> T = [0.75, 0.1875]; keep p_i > T (0.75 is not > 0.75)
+    # by hand: predictions [0, 0, 0, 1, 0] -> n = [4, 1] -> T = [0.75, 0.1875];
+    # keep p_i > T (0.75 is not > 0.75)
     counts = [0, 0]
     for row in combined.tolist():
         counts[row.index(max(row))] += 1
@@ -797,8 +868,8 @@ def test_mix_distribution_eq11_eq12_by_hand():
             scale[i, c] = gamma / sigma
     assert torch.allclose(out, expected, atol=1e-4)
     assert torch.allclose(out[1], x[1], atol=1e-4)  # lambda = 1 keeps the image
-    # statistics are detached: d out / d x = gamma_mix / sigma, pixel by pixel (a weighted sum: a plain sum would
-    # hide a gradient through sigma, since sum(x - mu) = 0)
+    # statistics are detached: d out / d x = gamma_mix / sigma, pixel by pixel (a weighted sum: a
+    # plain sum would hide a gradient through sigma, since sum(x - mu) = 0)
     w = torch.rand(3, 2, 4, 5, generator=torch.Generator().manual_seed(1))
     (out * w).sum().backward()
     assert torch.allclose(x.grad, w * scale.expand_as(x), atol=1e-5)
@@ -857,7 +928,8 @@ def _args(**kw):
 
 
 def _kd3_step(student, teacher, x, args, lr=0.1):
-    """One kd3.train_step of `student` (and fresh projection heads) on x; returns its terms (+ the networks)."""
+    """One kd3.train_step of `student` (and fresh projection heads) on x; returns its terms (+ the
+    networks)."""
     nets = kd3.KD3Networks(student, teacher.feat_dim, args.proj_dim, with_heads=not args.no_mdcl)
     opt = torch.optim.SGD(
         [p for p in nets.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=5e-4
@@ -1036,8 +1108,8 @@ def test_cli_ablations_change_what_they_say(synthetic_teacher, tmp_path):
     ablation = read_results(tmp_path)  # "random-..." last
     assert combined["variant"] == "no-cls-share-onehot-no-md-flexmatch-ntxent"
     assert ablation["variant"] == "random-no-cls-share-onehot-no-md-flexmatch-ntxent"
-    # random selection: as many images as the combined rule keeps with the same student and the same other
-    # flags (its own classifier's N_S, not KD3's), other ones
+    # random selection: as many images as the combined rule keeps with the same student and the same
+    # other flags (its own classifier's N_S, not KD3's), other ones
     assert ablation["selected"] == combined["selected"] > 0
     assert ablation["selected_per_source"] != combined["selected_per_source"]
     # no classifier sharing: a classifier of its own was trained (a "cls" term) and is the saved one
@@ -1053,7 +1125,8 @@ def test_cli_ablations_change_what_they_say(synthetic_teacher, tmp_path):
     own = torch.load(os.path.join(tmp_path, ablation["student_checkpoint"]), weights_only=True)[
         "state_dict"
     ]
-    # the saved (folded) classifier is g_T o connector for KD3 and the trained head o connector for the ablation
+    # the saved (folded) classifier is g_T o connector for KD3 and the trained head o connector for
+    # the ablation
     assert shared["classifier.weight"].shape == own["classifier.weight"].shape == (10, 42)
     assert not torch.allclose(own["classifier.weight"], shared["classifier.weight"], atol=1e-3)
     assert teacher_classifier.shape == (10, 84)
@@ -1062,8 +1135,9 @@ def test_cli_ablations_change_what_they_say(synthetic_teacher, tmp_path):
 def test_empty_selection_at_alpha_one_stops_with_a_clear_error(
     synthetic_teacher, tmp_path, monkeypatch
 ):
-    # epochs 1-2 (alpha < 1) select nothing and go on; epoch 3 has alpha(2, 4) = 1: the selection can never change
-    # again (the student gets no update), so the run stops there, marked in results.json, instead of "finishing"
+    # epochs 1-2 (alpha < 1) select nothing and go on; epoch 3 has alpha(2, 4) = 1: the selection
+    # can never change again (the student gets no update), so the run stops there, marked in
+    # results.json, instead of "finishing"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(
         kd3,
@@ -1114,7 +1188,8 @@ def test_channel_mismatch_is_a_clear_error_before_training(synthetic_teacher, tm
 
 
 #### hidfd.py ####
-# Every expected value is an independent hand computation (plain Python loops and math) on tiny tensors.
+# Every expected value is an independent hand computation (plain Python loops and math) on tiny
+# tensors.
 
 
 def log_softmax_row(row, k):
@@ -1262,7 +1337,8 @@ def test_reg_loss_by_hand():
     assert hidfd.reg_loss(torch.tensor(logits), torch.tensor(freq)).item() == pytest.approx(
         expected, rel=1e-5
     )
-    # a class with vanished frequency gets the floored share min_share / C = 0.1 / 3 instead of an infinite weight
+    # a class with vanished frequency gets the floored share min_share / C = 0.1 / 3 instead of an
+    # infinite weight
     floored = [0.1 / 3, 0.5, 0.5]  # n_hat of [0, 1, 1]: 0 -> floor, the others 1/2
     expected = sum(p_t[c] * math.log(p_t[c]) / floored[c] for c in range(3))
     assert hidfd.reg_loss(
@@ -1314,8 +1390,9 @@ def test_feature_integration_trains_the_discriminator_not_the_generator():
 
 
 def test_generator_step_conditions_on_the_labels_it_scores():
-    # every class the step samples must reach G's class-conditional BN rows (and no other class): a step that fed
-    # G other labels than the ones L_adc_g scores (e.g. all zeros) trains the wrong rows
+    # every class the step samples must reach G's class-conditional BN rows (and no other class): a
+    # step that fed G other labels than the ones L_adc_g scores (e.g. all zeros) trains the wrong
+    # rows
     torch.manual_seed(0)
     teacher = hidfd.models.build_model("lenet5", 10, 1).eval().requires_grad_(False)
     gan_teacher = hidfd.GanRangeTeacher(teacher, (0.5,), (0.5,))
@@ -1386,8 +1463,9 @@ def test_shared_classifier_and_folded_student_agree():
 
 
 def test_cli_heterogeneous_pair_kd3_and_hidfd(synthetic_teacher, tmp_path):
-    # LeNet-5 teacher (84-d features) -> ShuffleNetV2 student (1024-d): both CLIs train through the connector
-    # and save a standalone student whose folded classifier reproduces the wrapped model's logits.
+    # LeNet-5 teacher (84-d features) -> ShuffleNetV2 student (1024-d): both CLIs train through the
+    # connector and save a standalone student whose folded classifier reproduces the wrapped model's
+    # logits.
     common = [
         "--dataset",
         "synthetic",
@@ -1469,7 +1547,8 @@ def test_cli_two_stages_and_collected_only(synthetic_teacher, tmp_path):
     assert res["student_acc"] == student_acc_recomputed(res, tmp_path)
     assert res["teacher_acc"] > 60
 
-    # the collection-only arm in-process (same code path as the CLI, without another interpreter start-up)
+    # the collection-only arm in-process (same code path as the CLI, without another interpreter
+    # start-up)
     hidfd.main(
         [
             "--stage",
@@ -1503,8 +1582,8 @@ def test_cli_two_stages_and_collected_only(synthetic_teacher, tmp_path):
 
 
 #### balanced_transfer.py ####
-# Expected values come from independent hand computations: a literal per-sample transcription of Algorithm 1, explicit loops for the KL, closed-form
-# noise statistics.
+# Expected values come from independent hand computations: a literal per-sample transcription of
+# Algorithm 1, explicit loops for the KL, closed-form noise statistics.
 
 ## Algorithm 1: balanced_indices ##
 
@@ -1609,7 +1688,8 @@ def test_algorithm1_literal_keeps_what_the_vectorised_versions_keep():
 
 
 class IndexTeacher(torch.nn.Module):
-    """A stand-in teacher for a source whose image i has pixel value i: class = i // per_class (class-ordered)."""
+    """A stand-in teacher for a source whose image i has pixel value i: class = i // per_class
+    (class-ordered)."""
 
     def __init__(self, per_class, num_classes=10):
         super().__init__()
@@ -1707,7 +1787,8 @@ def test_random_noise_ranges_and_statistics():
 
 
 def noise_teacher(seed=0):
-    """A LeNet-5 with random weights that calls uniform noise every class, some rarely, like a trained teacher."""
+    """A LeNet-5 with random weights that calls uniform noise every class, some rarely, like a
+    trained teacher."""
     torch.manual_seed(seed)
     net = models.build_model("lenet5", 10, 1).eval()
     x = bt.draw_noise(4096, (1, 32, 32), "uniform", torch.Generator().manual_seed(seed))
@@ -1760,7 +1841,8 @@ def test_pairwise_max_pool_equals_max_pool2d_on_even_and_odd_sizes():
 def test_screen_candidates_by_hand():
     logits = torch.tensor([[5.0, 4.5, 0.0], [5.0, 3.0, 4.2], [1.0, 2.0, 3.0]])
     open_classes = torch.tensor([False, True, False])
-    # row 0: class 1 is 0.5 below the top (within the margin 1); row 1: 2.0 below; row 2: class 1 is 1.0 below
+    # row 0: class 1 is 0.5 below the top (within the margin 1); row 1: 2.0 below;
+    # row 2: class 1 is 1.0 below
     assert bt.screen_candidates(logits, open_classes, 1.0).tolist() == [True, False, True]
     assert bt.screen_candidates(logits, torch.tensor([True, False, False]), 1.0).tolist() == [
         True,
@@ -1799,7 +1881,8 @@ def test_the_screen_changes_no_kept_image_or_label():
     assert a["made"] == b["made"] and torch.equal(a["counts"], b["counts"])
     for key in ("images", "labels", "kept_at"):
         assert torch.equal(a[key], b[key]), key
-    # the kept images are the first `quota` draws of each class in draw order: their fp32 labels by hand
+    # the kept images are the first `quota` draws of each class in draw order: their fp32 labels by
+    # hand
     labels = runtime.predict(teacher, b["images"], (0.5,), (0.25,), 512).argmax(1)
     assert torch.equal(labels, b["labels"])
 
@@ -2037,8 +2120,9 @@ def test_cli_unbalanced_short_source_and_strict(synthetic_teacher, tmp_path):
 
 
 #### Long runs: resume, faults, multi-process ####
-# Ctrl-C is simulated by a KeyboardInterrupt raised while the state of epoch k + 1 is being saved: the worst
-# moment, after that epoch's metrics line was written, so the resumed run must also drop that line.
+# Ctrl-C is simulated by a KeyboardInterrupt raised while the state of epoch k + 1 is being saved:
+# the worst moment, after that epoch's metrics line was written, so the resumed run must also drop
+# that line.
 
 TIMING_KEYS = ("images_per_s", "epoch_s", "select_s", "wall_time_s", "compose_s", "draw_seconds")
 
@@ -2068,8 +2152,9 @@ def interrupt_at(monkeypatch, save_number):
 
 
 def assert_resume_matches(module, argv, save_number, tmp_path, monkeypatch, capsys, whole=None):
-    """Run `argv` uninterrupted (unless `whole` is given) and interrupted at save `save_number`, resume the
-    latter; both must end with the same metrics, results and weights. Returns (whole, cut) run folders."""
+    """Run `argv` uninterrupted (unless `whole` is given) and interrupted at save `save_number`,
+    resume the latter; both must end with the same metrics, results and weights. Returns (whole,
+    cut) run folders."""
     script = module.__name__ + ".py"
 
     def fresh(name):
@@ -2104,7 +2189,8 @@ def assert_resume_matches(module, argv, save_number, tmp_path, monkeypatch, caps
     with open(os.path.join(cut, "results.json")) as f:
         got = json.load(f)
     paths = ("student_checkpoint", "checkpoint", "generator")
-    # teacher.py's teacher_sha256: that of the file it wrote, whose stored args name the run's folders
+    # teacher.py's teacher_sha256: that of the file it wrote, whose stored args name the run's
+    # folders
     skip = TIMING_KEYS + paths + (("teacher_sha256",) if module is teacher else ())
     assert {k: v for k, v in got.items() if k not in skip} == {
         k: v for k, v in expected.items() if k not in skip
@@ -2214,7 +2300,8 @@ def test_rng_state_refuses_another_world_size_or_device():
         runtime.restore_rng([{**state, "devices": {"extra": "cuda"}}], {"extra": g})
 
 
-NAN_CASES = {  # script: (extra flags, (module, loss function), term, where it stops, last good state)
+# script: (extra flags, (module, loss function), term, where it stops, last good state)
+NAN_CASES = {
     "teacher": (
         ["--epochs", "2", "--batch-size", "256"],
         (teacher.F, "cross_entropy"),
@@ -2377,8 +2464,9 @@ def test_two_process_gloo_run_selects_like_one_process(synthetic_teacher, tmp_pa
         "--epochs",
         "2",
     ]
-    # both runs in processes of one thread each: another thread count may round the predictions differently,
-    # and an image within a rounding error of its class threshold would then flip the comparison below
+    # both runs in processes of one thread each: another thread count may round the predictions
+    # differently, and an image within a rounding error of its class threshold would then flip the
+    # comparison below
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
         [sys.executable, os.path.join(HERE, "kd3.py")]
@@ -2411,8 +2499,9 @@ def test_two_process_gloo_run_selects_like_one_process(synthetic_teacher, tmp_pa
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("RESULT method=kd3") == 1  # only rank 0 prints
     one, two = run_records(only_run(tmp_path / "one")), run_records(only_run(tmp_path / "two"))
-    # epoch 1 selects with the initial student (the same weights on both ranks, predictions assembled from
-    # both shards); later epochs follow students trained on other per-rank augmentations, so they may differ
+    # epoch 1 selects with the initial student (the same weights on both ranks, predictions
+    # assembled from both shards); later epochs follow students trained on other per-rank
+    # augmentations, so they may differ
     assert two[0]["selected_per_class"] == one[0]["selected_per_class"] and two[0]["selected"] > 0
     state = torch.load(os.path.join(only_run(tmp_path / "two"), "state.pt"), weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["label"] == "epoch 2/2"
@@ -2904,7 +2993,8 @@ def _bt_run(run, t, transfer_set):
 
 
 def _bad_inputs(tmp, synthetic_teacher):
-    """(module, argv, expected message) per bad input; files the cases need are written under tmp."""
+    """(module, argv, expected message) per bad input; files the cases need are written under
+    tmp."""
     header = torch.load(synthetic_teacher, weights_only=True)
     torch.save({**header, "num_classes": 7}, tmp / "seven.pt")  # header says 7, weights 10
     torch.save({**header, "dataset": "cifar10"}, tmp / "cifar-teacher.pt")  # same shape, other task
@@ -3091,7 +3181,8 @@ def test_ctrl_c_before_the_first_epoch_ends_in_one_line(
         )
     assert stop.value.code == 130
     assert capsys.readouterr().out.endswith(
-        "\ninterrupted before the first epoch finished: no run state was saved, nothing to --resume\n"
+        "\ninterrupted before the first epoch finished: no run state was saved, "
+        "nothing to --resume\n"
     )
     assert os.listdir(tmp_path / "runs") == []  # the run folder held no epoch: removed
 
@@ -3482,10 +3573,11 @@ def test_generator_from_another_setting_is_refused_unless_named(
 
 #### bench.py ####
 
-# Hand counts (multiply-adds) at 1x32x32, 10 classes. LeNet5: conv1 6*1*25*28*28 = 117,600; conv2 16*6*25*10*10
-# = 240,000; conv3 120*16*25 = 48,000; fc 120*84 = 10,080 (features: 415,680); classifier 84*10 = 840.
-# LeNet5-half: 3*1*25*784 = 58,800; 8*3*25*100 = 60,000; 60*8*25 = 12,000; 60*42 = 2,520 (features: 133,320);
-# classifier 42*10 = 420; KD3/HiDFD connector 42*84 = 3,528; KD3 projection head 84*128 = 10,752 (x2 heads).
+# Hand counts (multiply-adds) at 1x32x32, 10 classes. LeNet5: conv1 6*1*25*28*28 = 117,600; conv2
+# 16*6*25*10*10 = 240,000; conv3 120*16*25 = 48,000; fc 120*84 = 10,080 (features: 415,680);
+# classifier 84*10 = 840. LeNet5-half: 3*1*25*784 = 58,800; 8*3*25*100 = 60,000; 60*8*25 = 12,000;
+# 60*42 = 2,520 (features: 133,320); classifier 42*10 = 420; KD3/HiDFD connector 42*84 = 3,528; KD3
+# projection head 84*128 = 10,752 (x2 heads).
 LENET5_FEATURES, LENET5_FORWARD = 2 * 415_680, 2 * (415_680 + 840)
 HALF_FEATURES, HALF_FORWARD = 2 * 133_320, 2 * (133_320 + 420)
 CONNECTOR, HEAD = 2 * 3_528, 2 * 10_752
@@ -3498,9 +3590,9 @@ def _counted(fn):
 
 
 def _hidfd_gan_flops(b):
-    """One D step + one G step at the MNIST-family GAN (z 64, width 64) with a LeNet-5 teacher, from the networks'
-    own FlopCounterMode counts: D step G 1x, teacher features 1x, D 3x on real + fake; G step G 3x, D 3x,
-    teacher 2x (back-propagated to its input)."""
+    """One D step + one G step at the MNIST-family GAN (z 64, width 64) with a LeNet-5 teacher, from
+    the networks' own FlopCounterMode counts: D step G 1x, teacher features 1x, D 3x on real + fake;
+    G step G 3x, D 3x, teacher 2x (back-propagated to its input)."""
     torch.manual_seed(0)
     G, D = hidfd.Generator(10, 1, 32, 64, 64).eval(), hidfd.Discriminator(10, 1, 32, 84, 64).eval()
     t = models.build_model("lenet5", 10, 1).eval()
@@ -3515,7 +3607,8 @@ def _hidfd_gan_flops(b):
 
 
 B = 4  # the bench tests' batch
-FLOPS_PER_STEP = {  # the documented convention: 1x no-grad forward, 3x trained network, per image through it
+# the documented convention: 1x no-grad forward, 3x trained network, per image through it
+FLOPS_PER_STEP = {
     # clean + MD views; the student's forward includes g_T (84 x 10 multiply-adds) on every view
     "kd3": 2 * B * (LENET5_FEATURES + 3 * (HALF_FEATURES + CONNECTOR + 2 * 840 + 2 * HEAD)),
     "hidfd-gan": _hidfd_gan_flops(B),
@@ -3709,9 +3802,9 @@ def test_experiments_fill_docs_replaces_the_marked_table_and_nothing_else(monkey
     page = tmp_path / "page.md"
     page.write_text("intro\n<!-- TABLE:t -->\nafter\n<!-- TABLE:other -->\n")
     runner.fill_docs("t", "| a |\n|---|\n| 1 |\n", docs=str(tmp_path))
-    assert (
-        page.read_text()
-        == "intro\n<!-- TABLE:t -->\n| a |\n|---|\n| 1 |\n<!-- /TABLE:t -->\nafter\n<!-- TABLE:other -->\n"
+    assert page.read_text() == (
+        "intro\n<!-- TABLE:t -->\n| a |\n|---|\n| 1 |\n<!-- /TABLE:t -->\n"
+        "after\n<!-- TABLE:other -->\n"
     )
     runner.fill_docs(
         "t", "| a |\n|---|\n| 2 |\n", docs=str(tmp_path)
@@ -3725,14 +3818,16 @@ def test_experiments_fill_docs_replaces_the_marked_table_and_nothing_else(monkey
 
 
 def _anchor(heading):
-    """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to
+    hyphens."""
     text = re.sub(r"[`*]", "", heading.strip().lower())
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
 def test_every_link_in_the_readme_and_docs_resolves():
-    """Every relative link of README.md and docs/*.md names a file of the repository, and every #anchor one of
-    that page's headings (external http links are not followed: the tests run offline)."""
+    """Every relative link of README.md and docs/*.md names a file of the repository, and every
+    #anchor one of that page's headings (external http links are not followed: the tests run
+    offline)."""
     here = os.path.dirname(os.path.abspath(__file__))
     pages = ["README.md"] + [
         os.path.join("docs", f)
