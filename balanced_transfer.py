@@ -1252,15 +1252,16 @@ def run(args):
         images, labels, report = compose_transfer_set(teacher, args, device, teacher_ckpt["sha256"])
         compose_s = time.time() - start
         if runtime.is_main():
-            models.atomic_save(
-                {
-                    "images": images.cpu(),
-                    "labels": labels.cpu(),
-                    "report": report,
-                    "compose_s": compose_s,
-                },
-                log.path("transfer_set.pt"),
-            )
+            with runtime.reporting_write(log.path("transfer_set.pt"), log):
+                models.atomic_save(
+                    {
+                        "images": images.cpu(),
+                        "labels": labels.cpu(),
+                        "report": report,
+                        "compose_s": compose_s,
+                    },
+                    log.path("transfer_set.pt"),
+                )
     print_composition(report, meta["classes"])
     print(f"composition took {runtime.format_seconds(compose_s)}", flush=True)
     check_composition(report, args, meta["classes"])
@@ -1283,17 +1284,18 @@ def run(args):
     last = log.last_record
     path = log.path("student.pt")
     if runtime.is_main():
-        models.save_checkpoint(
-            path,
-            student,
-            args.student_arch,
-            meta["num_classes"],
-            meta["channels"],
-            args,
-            last["test_acc"],
-            dataset=args.dataset,
-            image_size=meta["size"],
-        )
+        with runtime.reporting_write(path, log):
+            models.save_checkpoint(
+                path,
+                student,
+                args.student_arch,
+                meta["num_classes"],
+                meta["channels"],
+                args,
+                last["test_acc"],
+                dataset=args.dataset,
+                image_size=meta["size"],
+            )
     print(f"saved student to {path}", flush=True)
     return log.finish(
         "balanced_transfer",

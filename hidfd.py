@@ -1206,7 +1206,8 @@ def run(args):
         G = train_gan(args, teacher, collected, log)
         gan = log.last_record
         if runtime.is_main():
-            save_generator(args, G, collected, gan["probe_agree"])
+            with runtime.reporting_write(generator_path(args), log):
+                save_generator(args, G, collected, gan["probe_agree"])
         print(f"saved generator to {generator_path(args)} (samples in {log.dir})", flush=True)
         results.update(
             gan_epochs=args.gan_epochs,
@@ -1246,17 +1247,18 @@ def run(args):
         student_acc = log.last_record["test_acc"]
         path = log.path("student.pt")
         if runtime.is_main():
-            models.save_checkpoint(
-                path,
-                student.folded(),
-                args.student_arch,
-                meta["num_classes"],
-                meta["channels"],
-                args,
-                student_acc,
-                dataset=args.dataset,
-                image_size=meta["size"],
-            )
+            with runtime.reporting_write(path, log):
+                models.save_checkpoint(
+                    path,
+                    student.folded(),
+                    args.student_arch,
+                    meta["num_classes"],
+                    meta["channels"],
+                    args,
+                    student_acc,
+                    dataset=args.dataset,
+                    image_size=meta["size"],
+                )
         print(f"saved student to {path}", flush=True)
         results.update(
             hybrid, student_acc=student_acc, n_synthetic=len(synthetic_x), student_checkpoint=path

@@ -785,17 +785,18 @@ def run(args):
     last = log.last_record  # the final epoch
     path = log.path("student.pt")
     if runtime.is_main():
-        models.save_checkpoint(
-            path,
-            student.folded(),
-            args.student_arch,
-            meta["num_classes"],
-            meta["channels"],
-            args,
-            last["test_acc"],
-            dataset=args.dataset,
-            image_size=meta["size"],
-        )
+        with runtime.reporting_write(path, log):
+            models.save_checkpoint(
+                path,
+                student.folded(),
+                args.student_arch,
+                meta["num_classes"],
+                meta["channels"],
+                args,
+                last["test_acc"],
+                dataset=args.dataset,
+                image_size=meta["size"],
+            )
     print(
         f"saved student to {path} (connector and shared classifier folded into its classifier)",
         flush=True,

@@ -3256,6 +3256,50 @@ def test_a_failed_write_ends_in_one_line_that_says_what_is_kept(
         assert runtime.load_state(str(run / "state.pt"))["epoch"] == 1
 
 
+FULL_DISK_RUNS = {  # a run of each method whose last epoch's state.pt is written
+    "kd3": (kd3, SMALL_KD3),
+    "hidfd": (
+        hidfd,
+        ["--dataset", "synthetic", "--device", "cpu", "--stage", "distill"]
+        + ["--no-synthetic", "--epochs", "2"],
+    ),
+    "balanced_transfer": (
+        bt,
+        ["--dataset", "synthetic", "--device", "cpu", "--epochs", "2"] + ["--no-augment"],
+    ),
+}
+
+
+@pytest.mark.parametrize("method", list(FULL_DISK_RUNS))
+def test_a_failed_student_write_keeps_the_run_resumable(
+    method, synthetic_teacher, tmp_path, monkeypatch
+):
+    import errno
+
+    module, argv = FULL_DISK_RUNS[method]
+    argv = argv + ["--teacher", synthetic_teacher, "--runs-dir", str(tmp_path / "runs")]
+    real_save = models.atomic_save
+
+    def disk_full_at_the_student(obj, path):
+        if path.endswith("student.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(models, "atomic_save", disk_full_at_the_student)
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    message = str(stop.value.code)
+    run = tmp_path / "runs" / os.listdir(tmp_path / "runs")[0]
+    assert message.startswith(f"error: writing {run / 'student.pt'} failed (No space left")
+    assert message.endswith(
+        f"epoch 2/2 is kept in {run / 'state.pt'}: make room "
+        f"(or fix the permissions) and resume with --resume {run}"
+    ), message
+    monkeypatch.setattr(models, "atomic_save", real_save)  # room made: the resumed run finishes
+    module.main(["--resume", str(run)])
+    assert os.path.isfile(run / "student.pt") and read_results(tmp_path)["student_acc"] > 0
+
+
 def test_damaged_dataset_files_are_named_in_one_line(tmp_path):
     def idx(magic_dims, payload):
         return struct.pack(f">HBB{len(magic_dims)}I", 0, 8, len(magic_dims), *magic_dims) + payload
@@ -3815,6 +3859,31 @@ def test_experiments_fill_docs_replaces_the_marked_table_and_nothing_else(monkey
         and "| 1 |" not in page.read_text()
     )
     assert page.read_text().endswith("<!-- /TABLE:t -->\nafter\n<!-- TABLE:other -->\n")
+
+
+def test_experiments_readme_results_blocks_match_the_kept_results(monkeypatch):
+    """README.md's script-written result rows (balanced transfer, KD3, HiDFD, families) are what
+    each table script's readme_block() builds from the committed results: a README number that
+    drifts from the kept runs fails here (no training: the blocks are read from
+    experiments/results/)."""
+    monkeypatch.syspath_prepend(os.path.join(HERE, "experiments"))
+    import table_bt_complete
+    import table_families
+    import table_hidfd_rho
+    import table_kd3_ablations
+
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    blocks = {  # each with the kept table's epochs and seeds (the scripts' defaults)
+        table_bt_complete: table_bt_complete.readme_block(40, [0, 1, 2]),
+        table_kd3_ablations: table_kd3_ablations.readme_block(),
+        table_hidfd_rho: table_hidfd_rho.readme_block(),
+        table_families: table_families.readme_block(),
+    }
+    for module, text in blocks.items():
+        start, end = f"<!-- RESULTS:{module.TABLE} -->\n", f"\n<!-- /RESULTS:{module.TABLE} -->"
+        assert readme.count(start) == 1 and readme.count(end) == 1, module.TABLE
+        assert readme.split(start)[1].split(end)[0] == text, module.TABLE
 
 
 def _anchor(heading):

@@ -169,18 +169,41 @@ def load(table, name, seed):
         return json.load(f)
 
 
-def mean_std(values, signed=False):
+def teacher_note(table, names, seeds):
+    """Which teacher the kept runs of `names` used, from what they recorded (not from --teacher):
+    the sha256 each results.json records, or, where none is recorded, the earlier teacher, not
+    kept."""
+    runs = [(n, s, load(table, n, s)) for n in names for s in seeds]
+    shas = [r.get("teacher_sha256") for _, _, r in runs if r]
+    recorded = sorted({sha[:16] for sha in shas if sha})
+    unrecorded = sum(1 for sha in shas if not sha)
+    parts = [
+        f"sha256 `{sha}` ({sum(1 for x in shas if x and x[:16] == sha)} runs)" for sha in recorded
+    ]
+    if unrecorded:
+        parts.append(f"the earlier teacher, not kept ({unrecorded} runs record no sha256)")
+    return "; ".join(parts) or "—"
+
+
+def mean(values):
+    """The mean over the finished seeds; None when none finished."""
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def mean_std(values, signed=False, digits=2, count=True):
     """'m ± s (n)' over the finished seeds (sample std); '—' when none finished. signed: '+m' for
-    differences."""
+    differences; digits: decimals of m and s; count=False leaves out the '(n)' (and '(1 seed)'),
+    for a text that gives the count once for several numbers."""
     values = [v for v in values if v is not None]
     if not values:
         return "—"
     m = sum(values) / len(values)
-    mean = f"{m:+.2f}" if signed else f"{m:.2f}"
+    mean = f"{m:+.{digits}f}" if signed else f"{m:.{digits}f}"
     if len(values) == 1:
-        return f"{mean} (1 seed)"
+        return f"{mean} (1 seed)" if count else mean
     s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean} ± {s:.2f} ({len(values)})"
+    return f"{mean} ± {s:.{digits}f}" + (f" ({len(values)})" if count else "")
 
 
 def write_table(table, header, rows, notes="", dry_run=False):
