@@ -709,6 +709,57 @@ def compose_generated(stream, draw, labeller, quota, max_draws, balanced=True, o
     return stream
 
 
+def kd_step(
+    trained,
+    teacher,
+    x,
+    cached_logits,
+    opt,
+    aug_gen,
+    normalize,
+    *,
+    tau,
+    augmentation=True,
+    aug_labels="relabel",
+):
+    """Line 15, Eq. (2), on one batch x (B, C, H, W) in [0, 1] of the transfer set: augment
+    (Sec. 4.2), the teacher's soft outputs as targets, one update of the student.
+
+    cached_logits: the teacher's logits of the composed images (B, C), or None; tau: the
+    temperature of Eq. (2). augmentation=False trains on the composed images as they are;
+    aug_labels: the targets of augmented images, "relabel" (the teacher labels each afresh),
+    "fixed" (cached_logits) or "with-originals" (the composed images beside their augmented
+    copies). Returns the batch's terms, with the histogram of the targets' argmax."""
+    if augmentation:
+        augmented = augment(x, aug_gen)  # a fresh augmentation each time
+        if aug_labels == "with-originals":
+            x, cached_logits = torch.cat([x, augmented]), None
+        else:
+            x = augmented
+    x = normalize(x)
+    if (
+        cached_logits is not None
+    ):  # no augmentation, or --aug-labels fixed: the composed images' outputs
+        t_logits = cached_logits
+    else:
+        with torch.inference_mode(), runtime.autocast(x.device):
+            t_logits = teacher(x).float()
+        t_logits = t_logits.clone()  # a normal tensor, usable by autograd
+    with runtime.autocast(x.device):
+        loss = kd_loss(trained(x).float(), t_logits, tau)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    num_classes = t_logits.shape[1]
+    return {
+        "kd_loss": loss,
+        "teacher_hist": F.one_hot(t_logits.argmax(1), num_classes).sum(0),
+    }  # no host sync
+
+
+#### Composing the transfer set: cache, progress, every source (around compose_generated) ####
+
+
 def open_share(stream, quota):
     """The share of the last batch's draws that fell in classes still below their quota (1 before
     any batch)."""
@@ -1031,54 +1082,6 @@ def compose_transfer_set(teacher, args, device, teacher_sha=None):
 # Under torchrun kd_step gets the student wrapped in DistributedDataParallel (`trained`: its
 # backward averages the gradients over the processes, so that every process takes the same step)
 # and the teacher, which it only reads, as it is: there is no gradient of the teacher to average.
-
-
-def kd_step(
-    trained,
-    teacher,
-    x,
-    cached_logits,
-    opt,
-    aug_gen,
-    normalize,
-    *,
-    tau,
-    augmentation=True,
-    aug_labels="relabel",
-):
-    """Line 15, Eq. (2), on one batch x (B, C, H, W) in [0, 1] of the transfer set: augment
-    (Sec. 4.2), the teacher's soft outputs as targets, one update of the student.
-
-    cached_logits: the teacher's logits of the composed images (B, C), or None; tau: the
-    temperature of Eq. (2). augmentation=False trains on the composed images as they are;
-    aug_labels: the targets of augmented images, "relabel" (the teacher labels each afresh),
-    "fixed" (cached_logits) or "with-originals" (the composed images beside their augmented
-    copies). Returns the batch's terms, with the histogram of the targets' argmax."""
-    if augmentation:
-        augmented = augment(x, aug_gen)  # a fresh augmentation each time
-        if aug_labels == "with-originals":
-            x, cached_logits = torch.cat([x, augmented]), None
-        else:
-            x = augmented
-    x = normalize(x)
-    if (
-        cached_logits is not None
-    ):  # no augmentation, or --aug-labels fixed: the composed images' outputs
-        t_logits = cached_logits
-    else:
-        with torch.inference_mode(), runtime.autocast(x.device):
-            t_logits = teacher(x).float()
-        t_logits = t_logits.clone()  # a normal tensor, usable by autograd
-    with runtime.autocast(x.device):
-        loss = kd_loss(trained(x).float(), t_logits, tau)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    num_classes = t_logits.shape[1]
-    return {
-        "kd_loss": loss,
-        "teacher_hist": F.one_hot(t_logits.argmax(1), num_classes).sum(0),
-    }  # no host sync
 
 
 #### Training ####

@@ -379,7 +379,7 @@ def trans_loss(t_real, t_fake, d_real, d_fake):
     return ((t_real - d_real).norm(dim=1) + (t_fake - d_fake).norm(dim=1)).mean()
 
 
-def update_class_frequency(n_prev, counts, gamma=0.5):
+def update_class_frequency(n_prev, counts, gamma):
     """Eq. (10): n^t = (1 - gamma) n^{t-1} + gamma * nbar^{t-1}; counts nbar = teacher-argmax
     histogram (C,)."""
     # Eq. (10)

@@ -1323,7 +1323,7 @@ def test_class_frequency_ema_sequence():
         == 6.0
     )
     assert (
-        hidfd.update_class_frequency(torch.tensor([8.0]), torch.tensor([2])).item() == 5.0
+        hidfd.update_class_frequency(torch.tensor([8.0]), torch.tensor([2]), 0.5).item() == 5.0
     )  # default gamma 0.5
 
 
