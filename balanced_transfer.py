@@ -709,6 +709,9 @@ def compose_generated(stream, draw, labeller, quota, max_draws, balanced=True, o
     return stream
 
 
+# Under torchrun kd_step gets the student wrapped in DistributedDataParallel (`trained`: its
+# backward averages the gradients over the processes, so that every process takes the same step)
+# and the teacher, which it only reads, as it is: there is no gradient of the teacher to average.
 def kd_step(
     trained,
     teacher,
@@ -1077,11 +1080,6 @@ def compose_transfer_set(teacher, args, device, teacher_sha=None):
         "teacher_sha256": teacher_sha,
     }
     return images, labels, report
-
-
-# Under torchrun kd_step gets the student wrapped in DistributedDataParallel (`trained`: its
-# backward averages the gradients over the processes, so that every process takes the same step)
-# and the teacher, which it only reads, as it is: there is no gradient of the teacher to average.
 
 
 #### Training ####
