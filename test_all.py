@@ -4143,6 +4143,8 @@ def test_kd3_step_matches_its_reference_and_updates_only_the_student_and_heads(
     )
     if hp.get("no_cls_share"):
         student.classifier = torch.nn.Linear(student.feat_dim, 10)
+        with torch.no_grad():  # the student's own argmax (class 0) is not the teacher's (9)
+            student.classifier.bias[0] += 20.0
     nets = kd3.KD3Networks(student, teacher.feat_dim, 16, with_heads=not hp.get("no_mdcl"))
     x = torch.randn(6, 1, 32, 32)
     x_hat = torch.randn(6, 1, 32, 32)  # the perturbed copy the step is handed (line 12)
@@ -4178,6 +4180,8 @@ def test_kd3_step_matches_its_reference_and_updates_only_the_student_and_heads(
     else:
         assert not views and nets.head_s is None
     if hp.get("no_cls_share") == "onehot":
+        # the targets are the teacher's argmax; here it differs from the student's on every image
+        assert (s_logits.argmax(1) != t_logits.argmax(1)).all()
         expected["cls"] = F.cross_entropy(s_logits, t_logits.argmax(1))
     elif hp.get("no_cls_share") == "soft":
         T = hp["kd_t"]
@@ -4691,6 +4695,15 @@ def test_kd3_loop_applies_the_milestones_and_trains_only_what_it_should(
     torch.manual_seed(12)
     student = kd3.build_student(args, teacher, data.DATASETS["synthetic"])
     before = _params(student)
+    built = []  # the networks train() builds (student + projection heads), as first built
+
+    def networks(*a, **k):
+        nets = real_networks(*a, **k)
+        built.append((nets, _params(nets)))
+        return nets
+
+    real_networks = kd3.KD3Networks
+    monkeypatch.setattr(kd3, "KD3Networks", networks)
     test = data.load_dataset("synthetic", "test")
     log = runtime.RunLog("kd3", args, str(tmp_path))
     assert kd3.train(args, teacher, student, web, (test[0][:50], test[1][:50]), log) is None
@@ -4708,6 +4721,9 @@ def test_kd3_loop_applies_the_milestones_and_trains_only_what_it_should(
     )
     state = torch.load(log.path("state.pt"), weights_only=True)
     assert {"head_s.linear.weight", "head_t.linear.weight"} <= {k for k in state["networks"]}
+    ((nets, initial),) = built  # the projection heads are in the optimiser: both trained
+    heads = {k.split(".")[0] for k in _changed(nets, initial) if k.startswith("head_")}
+    assert heads == {"head_s", "head_t"}
 
 
 def test_student_loops_of_hidfd_and_balanced_transfer_apply_the_milestones(tmp_path, one_thread):
