@@ -717,8 +717,8 @@ def method_parser(description, settings, seed, notes=None):
     task.add_argument(
         "--teacher",
         default=None,
-        help="teacher checkpoint (default: the recipe teacher of teacher.py: the committed one, "
-        "the cache, or trained with its recipe when missing)",
+        help="teacher checkpoint (default: the recipe teacher of teacher.py: its cache, else the "
+        "committed one, else trained with its recipe)",
     )
     family_flag(task, "--teacher-arch", settings, notes, "the teacher's network")
     family_flag(task, "--student-arch", settings, notes, "the student's network")
