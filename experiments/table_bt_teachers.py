@@ -1,9 +1,9 @@
 """Balanced transfer (WACV 2021): which classes uniform noise reaches is a property of the teacher.
 The Fashion-MNIST LeNet-5 recipe teacher trained with three seeds: its test accuracy, the
 teacher-predicted histogram of 10^6 uniform draws, the draws each class's quota of 6,000 would need,
-and Table 1's unbalanced-noise row (40 epochs of 60,000 draws, no augmentation, student seed 0)
-distilled from each teacher. Seed 0 is the committed teacher of the tables (its row's run is
-bt_complete's unbalanced row).
+and Table 1's unbalanced-noise row (40 epochs of 60,000 draws, no augmentation, student seeds
+--seeds) distilled from each teacher. Seed 0 is the committed teacher of the tables (its row's run
+is bt_complete's unbalanced row).
 
     python experiments/table_bt_teachers.py   # trains the seed-1 and seed-2 teachers if missing
 
