@@ -585,9 +585,8 @@ def _read_folder(path, size=None):
         raise DatasetNotFoundError(
             f"no class folders in {path} (expected <path>/<class>/<image>.png)"
         )
-    from torchvision.datasets.folder import (
-        make_dataset,
-    )  # here: torchvision takes a second to import
+    # imported here, where it is used: torchvision takes a second to import
+    from torchvision.datasets.folder import make_dataset
 
     class_index = {cls: label for label, cls in enumerate(classes)}
     samples = make_dataset(path, class_index, IMAGE_EXTENSIONS, allow_empty=True)  # ImageFolder's
@@ -630,7 +629,12 @@ def _read_tinyimagenet(split, root):
     if split == "train":  # train/<wnid>/images/*.JPEG, listed as ImageFolder(train/) lists it
         from torchvision.datasets.folder import make_dataset
 
-        files = make_dataset(os.path.join(base, "train"), index, (".jpeg",))
+        try:
+            files = make_dataset(os.path.join(base, "train"), index, (".jpeg",))
+        except FileNotFoundError as e:  # a class of wnids.txt with no train/<wnid>/images/*.JPEG
+            raise DatasetNotFoundError(
+                f"{os.path.join(base, 'train')}: {str(e)[:160]} — {REPLACE_DATA}"
+            ) from None
     else:
         ann = os.path.join(base, "val", "val_annotations.txt")
         if not os.path.isfile(ann):

@@ -379,6 +379,29 @@ def test_a_folder_lists_its_images_as_torchvisions_image_folder_does(tmp_path):
     assert levels == expected == [160, 120, 40, 80, 240]  # a/10, a/2; b/x, b/deep/a; c/sub/1
 
 
+def test_tinyimagenet_train_is_listed_by_wnid_and_a_class_without_images_is_named(tmp_path):
+    from PIL import Image
+
+    base = tmp_path / "tiny-imagenet-200"
+    wnids = ["n02", "n01"]  # sorted on reading: n01 is class 0
+    base.mkdir()
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for level, (wnid, name) in enumerate([("n02", "b.JPEG"), ("n01", "z.JPEG"), ("n01", "a.JPEG")]):
+        folder = base / "train" / wnid / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((64, 64, 3), 60 * (level + 1), dtype=np.uint8)).save(
+            folder / name, quality=100
+        )
+    (base / "train" / "n01" / "n01_boxes.txt").write_text("not an image")
+    x, y = data.load_images("tinyimagenet", "train", str(tmp_path))
+    assert y.tolist() == [0, 0, 1]  # n01/a, n01/z, n02/b
+    assert [round(int(x[i, 0, 0, 0]) / 60) for i in range(3)] == [3, 2, 1]
+    for f in (base / "train" / "n02" / "images").iterdir():
+        f.unlink()
+    with pytest.raises(data.DatasetNotFoundError, match=r"tiny-imagenet-200/train: .*n02"):
+        data.load_images("tinyimagenet", "train", str(tmp_path))
+
+
 FAMILY_SHOWN = {"cifar": 0, "mnist": 1}  # the order of "A / B" in the docs' flag tables
 
 
