@@ -196,13 +196,14 @@ def resolve_settings(args):
         runtime.SEED_MAX,
         fix=f"give a whole number from 0 to {runtime.SEED_MAX}",
     )
-    if args.out and os.path.isdir(args.out):
-        raise ValueError(
-            f"--out {args.out} is a folder — give a file path, e.g. "
-            f"{os.path.join(args.out, 'out.json')}"
-        )
-    if args.out:  # its folder is made when the file is written
-        runtime.check_writable_folder("--out", args.out, os.path.dirname(os.path.abspath(args.out)))
+    if args.out:  # a file path; its folder is made when the file is written
+        if os.path.isdir(args.out):
+            raise ValueError(
+                f"--out {args.out} is a folder — give a file path, e.g. "
+                f"{os.path.join(args.out, 'out.json')}"
+            )
+        folder = os.path.dirname(os.path.abspath(args.out))
+        runtime.check_writable_folder("--out", args.out, folder)
     args.pairs = [parse_pair(s) for s in args.arch_pair]
     for pair in args.pairs if args.image_size else ():  # each dataset's own size fits its pair
         check_input_size(pair, args.image_size)

@@ -185,6 +185,30 @@ def teacher_note(table, names, seeds):
     return "; ".join(parts) or "—"
 
 
+def seed_diffs(table, name_a, name_b, seeds):
+    """name_b - name_a, seed by seed (student_acc), over the seeds both runs have."""
+    a = field(table, name_a, seeds, "student_acc")
+    b = field(table, name_b, seeds, "student_acc")
+    return [y - x for x, y in zip(a, b) if x is not None and y is not None]
+
+
+def common_argv(args, teacher=None):
+    """The flags every table run of a method CLI starts with: Fashion-MNIST, the table's teacher
+    (or `teacher`), --data-root, --device and --epochs from the table script's own flags."""
+    return [
+        "--dataset",
+        "fashionmnist",
+        "--teacher",
+        teacher or args.teacher,
+        "--data-root",
+        args.data_root,
+        "--device",
+        args.device,
+        "--epochs",
+        str(args.epochs),
+    ]
+
+
 def mean(values):
     """The mean over the finished seeds; None when none finished."""
     values = [v for v in values if v is not None]

@@ -61,21 +61,7 @@ def main():
     args = p.parse_args()
     runner.check_only(args.only, [row_name(*row) for row in ROWS])
     runner.ensure_teacher(args)
-    common = [
-        "balanced_transfer.py",
-        "--dataset",
-        "fashionmnist",
-        "--teacher",
-        args.teacher,
-        "--data-root",
-        args.data_root,
-        "--device",
-        args.device,
-        "--epochs",
-        str(args.epochs),
-        "--epoch-images",
-        str(N),
-    ]
+    common = ["balanced_transfer.py"] + runner.common_argv(args) + ["--epoch-images", str(N)]
     jobs, rows = [], []
     for source, balance, targets in ROWS:
         row = row_name(source, balance, targets)

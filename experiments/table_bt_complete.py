@@ -70,10 +70,8 @@ ROWS = [  # (row name, balance, augmentation, flags)
 
 
 def seed_diffs(name_a, name_b, epochs, seeds):
-    """name_b - name_a, seed by seed, over the seeds both rows have."""
-    a = runner.field(TABLE, f"{name_a}-e{epochs}", seeds, "student_acc")
-    b = runner.field(TABLE, f"{name_b}-e{epochs}", seeds, "student_acc")
-    return [y - x for x, y in zip(a, b) if x is not None and y is not None]
+    """name_b - name_a at `epochs`, seed by seed, over the seeds both have."""
+    return runner.seed_diffs(TABLE, f"{name_a}-e{epochs}", f"{name_b}-e{epochs}", seeds)
 
 
 def verdict(diffs):
@@ -133,23 +131,11 @@ def main():
     args = p.parse_args()
     runner.check_only(args.only, [row[0] for row in ROWS])
     runner.ensure_teacher(args)
-    common = [
-        "balanced_transfer.py",
-        "--dataset",
-        "fashionmnist",
-        "--teacher",
-        args.teacher,
-        "--data-root",
-        args.data_root,
-        "--device",
-        args.device,
-        "--epochs",
-        str(args.epochs),
-        "--epoch-images",
-        str(N),
-        "--source",
-        "noise-uniform",
-    ]
+    common = (
+        ["balanced_transfer.py"]
+        + runner.common_argv(args)
+        + ["--epoch-images", str(N), "--source", "noise-uniform"]
+    )
     jobs, table = [], []
     for row, balance, augment, flags in ROWS:
         name = f"{row}-e{args.epochs}"

@@ -80,18 +80,9 @@ def main():
             (
                 name,
                 s,
-                [
-                    "balanced_transfer.py",
-                    "--dataset",
-                    "fashionmnist",
-                    "--teacher",
-                    path,
-                    "--data-root",
-                    args.data_root,
-                    "--device",
-                    args.device,
-                    "--epochs",
-                    str(args.epochs),
+                ["balanced_transfer.py"]
+                + runner.common_argv(args, teacher=path)
+                + [
                     "--epoch-images",
                     "60000",
                     "--source",

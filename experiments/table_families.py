@@ -44,18 +44,7 @@ README_WEB = {
 def rows(args):
     """(name, label, argv): argv is this table's command for the row, or (table, run name) of the
     other table's runs that the row reuses."""
-    kd = [
-        "--dataset",
-        "fashionmnist",
-        "--teacher",
-        args.teacher,
-        "--data-root",
-        args.data_root,
-        "--device",
-        args.device,
-        "--epochs",
-        str(args.epochs),
-    ]
+    kd = runner.common_argv(args)
     return [
         (
             "plain-kd",

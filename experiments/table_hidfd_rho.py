@@ -108,21 +108,7 @@ def main():
     p.add_argument("--collected", default=COLLECTION)
     args = p.parse_args()
     runner.ensure_teacher(args)
-    common = [
-        "hidfd.py",
-        "--dataset",
-        "fashionmnist",
-        "--teacher",
-        args.teacher,
-        "--collected",
-        args.collected,
-        "--data-root",
-        args.data_root,
-        "--device",
-        args.device,
-        "--epochs",
-        str(args.epochs),
-    ]
+    common = ["hidfd.py"] + runner.common_argv(args) + ["--collected", args.collected]
     jobs, rows = [], []
     for rho in args.rhos:
         iterations_per_epoch = math.ceil(rho * TRAIN_SIZE / GAN_BATCH)
@@ -158,7 +144,7 @@ def main():
     for rho, only, gan, gan_epochs, iterations in rows:
         a = runner.field(TABLE, only, args.seeds, "student_acc")
         b = runner.field(TABLE, gan, args.seeds, "student_acc")
-        gains = [y - x for x, y in zip(a, b) if x is not None and y is not None]
+        gains = runner.seed_diffs(TABLE, only, gan, args.seeds)
         first = runner.load(TABLE, gan, args.seeds[0]) or {}
         table.append(
             [

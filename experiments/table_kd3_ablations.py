@@ -58,10 +58,8 @@ LINK = "[kd3_ablations](docs/results.md#kd3_ablations)"
 
 
 def seed_diffs(name_a, name_b, epochs, seeds):
-    """name_b - name_a, seed by seed, over the seeds both variants have."""
-    a = runner.field(TABLE, f"{name_a}-e{epochs}", seeds, "student_acc")
-    b = runner.field(TABLE, f"{name_b}-e{epochs}", seeds, "student_acc")
-    return [y - x for x, y in zip(a, b) if x is not None and y is not None]
+    """name_b - name_a at `epochs`, seed by seed, over the seeds both have."""
+    return runner.seed_diffs(TABLE, f"{name_a}-e{epochs}", f"{name_b}-e{epochs}", seeds)
 
 
 def seeds_text(n):
@@ -203,21 +201,7 @@ def main():
     args = p.parse_args()
     runner.check_only(args.only, [v[0] for v in VARIANTS])
     runner.ensure_teacher(args)
-    common = [
-        "kd3.py",
-        "--dataset",
-        "fashionmnist",
-        "--teacher",
-        args.teacher,
-        "--web",
-        args.web,
-        "--data-root",
-        args.data_root,
-        "--device",
-        args.device,
-        "--epochs",
-        str(args.epochs),
-    ]
+    common = ["kd3.py"] + runner.common_argv(args) + ["--web", args.web]
     variants = [v for v in VARIANTS if args.only is None or v[0] in args.only]
     jobs = [
         (f"{name}-e{args.epochs}", s, common + flags)
